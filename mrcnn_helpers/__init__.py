@@ -1,0 +1,1 @@
+"""Mask R-CNN transfer-learning toolkit: spec -> data -> model -> train -> evaluate -> infer."""

@@ -1,0 +1,102 @@
+"""ResNet 10/18/34/50/101 + FPN backbone with TLT's freeze_blocks / freeze_bn semantics.
+
+Module names follow torchvision (`body.conv1`, `body.layer1`, `fpn.inner_blocks.0.0`, ...), so its
+ImageNet ResNets and COCO Mask R-CNN weights load by name.
+
+TLT block numbering: 0 = the stem (conv1 + bn1), 1..4 = layer1..layer4. A frozen block keeps its
+weights and, when BN is trainable, also its BN statistics (its BN layers stay in eval mode).
+freeze_bn replaces every BatchNorm with FrozenBatchNorm2d (fixed affine transform); that is the
+right choice for fine-tuning at small per-GPU batches, and the wrong one from random weights.
+"""
+
+from collections import OrderedDict
+
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+RESNET_LAYOUTS = {
+    10: (BasicBlock, [1, 1, 1, 1]),
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+}
+FPN_CHANNELS = 256
+# Levels of the FPN that come from ResNet stages: level l is layer(l - 1), stride 2**l.
+STAGE_LEVELS = (2, 3, 4, 5)
+
+
+class ResNetFPN(nn.Module):
+    """images (normalized float Tensor[B, 3, H, W]) -> list of FPN maps for min_level..max_level.
+
+    Level l has stride 2**l and FPN_CHANNELS channels; the level above 5 (P6) is a stride-2
+    max-pool of P5, used by the RPN only.
+    """
+
+    def __init__(self, nlayers: int, min_level: int, max_level: int, freeze_bn: bool,
+                 freeze_blocks: tuple[int, ...]):
+        super().__init__()
+        block, layers = RESNET_LAYOUTS[nlayers]
+        norm = FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
+        resnet = ResNet(block, layers, norm_layer=norm)
+        stage_levels = [lvl for lvl in STAGE_LEVELS if min_level <= lvl <= max_level]
+        # Keep only what the FPN reads: the stem and the stages up to the deepest used level.
+        keep = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{lvl - 1}" for lvl in STAGE_LEVELS
+                                                      if lvl <= stage_levels[-1]]
+        self.body = nn.ModuleDict(OrderedDict((name, getattr(resnet, name)) for name in keep))
+        expansion = block.expansion
+        in_channels = [64 * 2 ** (lvl - 2) * expansion for lvl in stage_levels]
+        extra = LastLevelMaxPool() if max_level > stage_levels[-1] else None
+        self.fpn = FeaturePyramidNetwork(in_channels, FPN_CHANNELS, extra_blocks=extra)
+        self.stage_levels = stage_levels
+        self.num_levels = max_level - min_level + 1
+        self.frozen_modules = self._freeze(freeze_blocks)
+        self.out_channels = FPN_CHANNELS
+
+    def _freeze(self, freeze_blocks: tuple[int, ...]) -> list[nn.Module]:
+        names = {0: ["conv1", "bn1"], 1: ["layer1"], 2: ["layer2"], 3: ["layer3"], 4: ["layer4"]}
+        frozen = []
+        for block in freeze_blocks:
+            for name in names[block]:
+                if name in self.body:
+                    module = self.body[name]
+                    module.requires_grad_(False)
+                    frozen.append(module)
+        return frozen
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen blocks must not update BN running statistics either.
+        for module in self.frozen_modules:
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = images
+        stages = OrderedDict()
+        for name, module in self.body.items():
+            x = module(x)
+            if name.startswith("layer"):
+                level = int(name[-1]) + 1
+                if level in self.stage_levels:
+                    stages[str(level)] = x
+        features = self.fpn(stages)
+        return list(features.values())[: self.num_levels]
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def backbone_from_spec(cfg) -> ResNetFPN:
+    """Build the backbone from a MaskRCNNConfig."""
+    return ResNetFPN(cfg.nlayers, cfg.min_level, cfg.max_level, cfg.freeze_bn,
+                     tuple(cfg.freeze_blocks))
+

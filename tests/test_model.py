@@ -1,0 +1,252 @@
+"""Model maths against hand-computed tensors, and the model's contracts (shapes, losses, weights)."""
+
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mrcnn_helpers.errors import CheckpointError
+from mrcnn_helpers.model import MaskRCNN, load_pretrained, paste_masks_in_image, project_masks_to_rois
+from mrcnn_helpers.model.anchors import cell_anchors, generate_anchors
+from mrcnn_helpers.model.box_ops import box_iou, clip_boxes, decode_boxes, encode_boxes
+from mrcnn_helpers.model.roi_heads import assign_roi_levels
+from mrcnn_helpers.model.sampling import label_proposals, label_rpn_anchors, sample_balanced
+
+
+def small_cfg(**overrides):
+    cfg = dict(
+        nlayers=10, arch="resnet", freeze_bn=False, freeze_blocks=(), gt_mask_size=28,
+        rpn_positive_overlap=0.7, rpn_negative_overlap=0.3, rpn_batch_size_per_im=64,
+        rpn_fg_fraction=0.5, rpn_min_size=0.0, batch_size_per_im=32, fg_fraction=0.25,
+        fg_thresh=0.5, bg_thresh_hi=0.5, bg_thresh_lo=0.0, fast_rcnn_mlp_head_dim=64,
+        bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), include_mask=True, mrcnn_resolution=8,
+        train_rpn_pre_nms_topn=200, train_rpn_post_nms_topn=50, train_rpn_nms_threshold=0.7,
+        test_detections_per_image=10, test_nms=0.5, test_rpn_pre_nms_topn=100,
+        test_rpn_post_nms_topn=30, test_rpn_nms_thresh=0.7, min_level=3, max_level=5,
+        num_scales=1, aspect_ratios=((1.0, 1.0), (1.4, 0.7), (0.7, 1.4)), anchor_scale=2.0,
+        rpn_box_loss_weight=1.0, fast_rcnn_box_loss_weight=1.0, mrcnn_weight_loss_mask=1.0,
+        test_score_thresh=0.0)
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+# ---------------- anchors ----------------
+def test_cell_anchors_follow_tlt_sizes_and_aspects():
+    # level 2: size = 8 * 4 = 32; (1.4, 0.7) -> 44.8 x 22.4, half-extents rounded.
+    a = cell_anchors(4, 8.0, 1, ((1.0, 1.0), (1.4, 0.7)))
+    assert a.tolist() == [[-16, -16, 16, 16], [-22, -11, 22, 11]]
+    two_scales = cell_anchors(8, 2.0, 2, ((1.0, 1.0),))
+    assert two_scales.tolist() == [[-8, -8, 8, 8], [-11, -11, 11, 11]]  # 16 and 16*sqrt(2)
+
+
+def test_generate_anchors_order_matches_head_flattening():
+    anchors = generate_anchors([(2, 3), (1, 2)], [4, 8], 1.0, 1, ((1.0, 1.0),))
+    assert anchors.shape == (2 * 3 + 1 * 2, 4)
+    # level 0, row 0: centres x = 0, 4, 8; row 1 starts at y = 4; anchors 4x4 -> half 2
+    assert anchors[:4].tolist() == [[-2, -2, 2, 2], [2, -2, 6, 2], [6, -2, 10, 2], [-2, 2, 2, 6]]
+    assert anchors[6].tolist() == [-4, -4, 4, 4] and anchors[7].tolist() == [4, -4, 12, 4]
+
+
+# ---------------- box coding ----------------
+def test_box_iou_hand_values():
+    a = torch.tensor([[0.0, 0, 10, 10], [0, 0, 0, 0]])
+    b = torch.tensor([[5.0, 5, 15, 15], [0, 0, 10, 10], [20, 20, 30, 30]])
+    iou = box_iou(a, b)
+    assert torch.allclose(iou[0], torch.tensor([25 / 175, 1.0, 0.0]))
+    assert iou[1].tolist() == [0.0, 0.0, 0.0]  # empty box: 0, not NaN
+
+
+def test_encode_decode_hand_values_and_round_trip():
+    ref = torch.tensor([[0.0, 0, 10, 20]])
+    tgt = torch.tensor([[5.0, 10, 25, 30]])
+    d = encode_boxes(tgt, ref, (10.0, 10.0, 5.0, 5.0))
+    # centres (5, 10) -> (15, 20): dx = 10 * 10/10, dy = 10 * 10/20; sizes 10x20 -> 20x20
+    assert torch.allclose(d, torch.tensor([[10.0, 5.0, 5 * math.log(2), 0.0]]), atol=1e-6)
+    assert torch.allclose(decode_boxes(d, ref, (10.0, 10.0, 5.0, 5.0)), tgt, atol=1e-4)
+
+
+def test_decode_clamps_huge_deltas_and_clip():
+    out = decode_boxes(torch.tensor([[0.0, 0, 100, 100]]), torch.tensor([[0.0, 0, 16, 16]]),
+                       (1.0, 1.0, 1.0, 1.0))
+    assert torch.isfinite(out).all() and (out[0, 2] - out[0, 0]).item() == pytest.approx(1000, rel=1e-3)
+    assert clip_boxes(torch.tensor([[-5.0, 3, 50, 70]]), 60, 40).tolist() == [[0, 3, 40, 60]]
+
+
+# ---------------- matching and sampling ----------------
+def test_rpn_labels_thresholds_and_low_quality_match():
+    iou = torch.tensor([[[0.8, 0.0], [0.5, 0.1], [0.1, 0.4], [0.2, 0.35], [0.1, 0.9]]])
+    valid = torch.tensor([[True, False]])  # second gt is padding
+    labels, matched = label_rpn_anchors(iou, valid, 0.7, 0.3)
+    assert labels.tolist() == [[1, -1, 0, 0, 0]] and matched[0, 0] == 0
+    # only 0.5 for the gt: the best anchor still becomes foreground
+    iou2 = torch.tensor([[[0.5], [0.2], [0.5]]])
+    labels2, _ = label_rpn_anchors(iou2, torch.tensor([[True]]), 0.7, 0.3)
+    assert labels2.tolist() == [[1, 0, 1]]
+
+
+def test_proposal_labels_and_image_without_objects():
+    iou = torch.tensor([[[0.6], [0.45], [0.05]]])
+    labels, _ = label_proposals(iou, torch.tensor([[True]]), 0.5, 0.5, 0.1)
+    assert labels.tolist() == [[1, 0, -1]]
+    empty, _ = label_proposals(torch.zeros(1, 3, 2), torch.zeros(1, 2, dtype=torch.bool), 0.5, 0.5, 0.0)
+    assert empty.tolist() == [[0, 0, 0]]
+
+
+def test_sampler_fixed_size_positives_first_and_quota():
+    labels = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, -1, -1], [0, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1]])
+    gen = torch.Generator().manual_seed(0)
+    idx, sampled = sample_balanced(labels, 6, 0.5, generator=gen)
+    assert idx.shape == (2, 6)
+    assert sampled[0].tolist() == [1, 1, 1, 0, 0, 0]  # quota of 3 positives
+    assert all(labels[0, i] == 1 for i in idx[0, :3]) and all(labels[0, i] == 0 for i in idx[0, 3:])
+    assert sampled[1].tolist() == [1, 0, 0, -1, -1, -1]  # not enough candidates: empty slots
+    assert idx[1, 0] == 11 and set(idx[1, 1:3].tolist()) == {0, 1}
+    assert len(set(idx[0].tolist())) == 6  # without replacement
+
+
+def test_roi_level_assignment():
+    boxes = torch.tensor([[0.0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 10, 10], [0, 0, 900, 900]])
+    assert assign_roi_levels(boxes, 2, 5).tolist() == [4, 3, 2, 5]
+
+
+# ---------------- masks ----------------
+def test_project_masks_identity_and_half_box():
+    gt_masks = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    gt_masks[0, 0, :, :2] = 255  # left half of the gt box is object
+    gt_boxes = torch.tensor([[[10.0, 10, 50, 50]]])
+    rois = torch.tensor([[[10.0, 10, 50, 50], [10, 10, 30, 50], [50, 10, 90, 50]]])
+    out = project_masks_to_rois(gt_masks, gt_boxes, rois, torch.zeros(1, 3, dtype=torch.long), 4)
+    # Same box: the same mask, anti-aliased by 2x2 bilinear samples per bin (1, 1/2*(1+3/4), ...).
+    assert torch.allclose(out[0, 0], torch.tensor([1.0, 0.875, 0.125, 0.0]).expand(4, 4))
+    # RoI = left half: object, but for the last bin that reaches the blurred mask edge.
+    assert torch.allclose(out[0, 1], torch.tensor([1.0, 1.0, 1.0, 0.75]).expand(4, 4))
+    assert out[0, 2].max() == 0  # RoI beside the gt box: background
+
+
+def test_paste_masks_hand_values():
+    masks = torch.ones(2, 4, 4)
+    masks[1, :, 2:] = 0  # right half empty
+    boxes = torch.tensor([[2.0, 1, 6, 3], [0, 0, 8, 8]])
+    out = paste_masks_in_image(masks, boxes, 8, 10)
+    assert out.shape == (2, 8, 10)
+    inside = out[0] > 0.5
+    expected = torch.zeros(8, 10, dtype=torch.bool)
+    expected[1:3, 2:6] = True
+    assert torch.equal(inside, expected)
+    assert (out[1, :, :3] > 0.5).all() and (out[1, :, 5:] < 0.5).all()
+    assert paste_masks_in_image(torch.zeros(0, 4, 4), torch.zeros(0, 4), 5, 5).shape == (0, 5, 5)
+
+
+# ---------------- whole model ----------------
+def make_targets(batch, m=5, size=28, with_objects=True):
+    boxes = torch.zeros(batch, m, 4)
+    classes = torch.zeros(batch, m, dtype=torch.long)
+    masks = torch.zeros(batch, m, size, size, dtype=torch.uint8)
+    if with_objects:
+        boxes[:, 0] = torch.tensor([8.0, 8, 40, 48])
+        boxes[:, 1] = torch.tensor([30.0, 20, 60, 60])
+        classes[:, 0], classes[:, 1] = 1, 2
+        masks[:, :2] = 255
+    return {"boxes": boxes, "classes": classes, "masks": masks}
+
+
+def test_training_losses_finite_and_empty_image_gives_zero_mask_loss():
+    torch.manual_seed(0)
+    model = MaskRCNN(small_cfg(), num_classes=3).train()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    losses = model(images, make_targets(2))
+    assert set(losses) == {"rpn_score_loss", "rpn_box_loss", "fast_rcnn_class_loss",
+                           "fast_rcnn_box_loss", "mask_loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["mask_loss"] > 0
+    sum(losses.values()).backward()
+    empty = model(images, make_targets(2, with_objects=False))
+    assert empty["mask_loss"].item() == 0.0 and empty["rpn_box_loss"].item() == 0.0
+    assert torch.isfinite(empty["rpn_score_loss"]) and empty["rpn_score_loss"] > 0
+
+
+def test_inference_outputs_fixed_shapes_and_padding():
+    torch.manual_seed(0)
+    model = MaskRCNN(small_cfg(), num_classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert out["boxes"].shape == (2, 10, 4) and out["masks"].shape == (2, 10, 8, 8)
+    for i in range(2):
+        n = int(out["num_detections"][i])
+        assert (out["classes"][i, n:] == 0).all() and (out["scores"][i, n:] == 0).all()
+        assert (out["classes"][i, :n] > 0).all()
+        assert (out["scores"][i, :n].diff() <= 1e-6).all()  # sorted descending
+
+
+def test_freeze_blocks_and_frozen_bn():
+    model = MaskRCNN(small_cfg(freeze_blocks=(0, 1), freeze_bn=True, nlayers=18), num_classes=3)
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body["conv1"].parameters())
+    assert not any(p.requires_grad for p in body["layer1"].parameters())
+    assert all(p.requires_grad for p in body["layer2"].parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    trainable_bn = MaskRCNN(small_cfg(freeze_blocks=(1,)), num_classes=3).train()
+    assert not trainable_bn.backbone.body["layer1"][0].bn1.training  # frozen block keeps BN stats
+    assert trainable_bn.backbone.body["layer2"][0].bn1.training
+
+
+def test_torchvision_maskrcnn_weights_load_by_name(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    path = tmp_path / "tv.pth"
+    torch.save(tv.state_dict(), path)
+    ours = MaskRCNN(small_cfg(nlayers=50, min_level=2, max_level=6, fast_rcnn_mlp_head_dim=1024,
+                              mrcnn_resolution=28, freeze_bn=True, anchor_scale=8.0), num_classes=5)
+    report = load_pretrained(ours, str(path))
+    # everything but the four class-specific tensors transfers
+    assert sorted(report.skipped_shape) == sorted([
+        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.mask_predictor.mask_fcn_logits.weight", "roi_heads.mask_predictor.mask_fcn_logits.bias"])
+    assert not report.unexpected
+    assert torch.equal(ours.state_dict()["rpn.head.conv.0.0.weight"], tv.state_dict()["rpn.head.conv.0.0.weight"])
+    assert len(report.missing) == 6  # the skipped heads stay initialized
+
+
+def test_legacy_torchvision_names_and_imagenet_backbone(tmp_path, monkeypatch):
+    ours = MaskRCNN(small_cfg(nlayers=18, min_level=2, max_level=6), num_classes=3)
+    legacy = {"backbone.fpn.inner_blocks.0.weight": torch.ones(256, 64, 1, 1),
+              "rpn.head.conv.weight": torch.ones(256, 256, 3, 3)}
+    torch.save(legacy, tmp_path / "legacy.pth")
+    report = load_pretrained(ours, str(tmp_path / "legacy.pth"))
+    assert set(report.loaded) == {"backbone.fpn.inner_blocks.0.0.weight", "rpn.head.conv.0.0.weight"}
+    assert ours.state_dict()["rpn.head.conv.0.0.weight"].eq(1).all()
+
+    from torchvision.models import resnet18
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(CheckpointError, match="not available offline"):
+        load_pretrained(ours, "torchvision://resnet18_imagenet")
+    from mrcnn_helpers.model.weights import torchvision_weights_file
+    path = torchvision_weights_file("resnet18_imagenet")
+    os.makedirs(os.path.dirname(path))
+    torch.save(resnet18().state_dict(), path)
+    report = load_pretrained(ours, "torchvision://resnet18_imagenet")
+    assert len(report.loaded) == len([k for k in resnet18().state_dict() if not k.startswith("fc.")])
+    with pytest.raises(CheckpointError, match="valid"):
+        load_pretrained(ours, "torchvision://resnet77_imagenet")
+
+
+def test_untrusted_or_unrelated_files_are_refused(tmp_path):
+    ours = MaskRCNN(small_cfg(), num_classes=3)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_pretrained(ours, str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"x.weight": torch.ones(3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no tensor matches"):
+        load_pretrained(ours, str(tmp_path / "other.pth"))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(ours, str(tmp_path / "missing.pth"))

@@ -1,0 +1,7 @@
+"""`python -m mrcnn_helpers ...` is the `mrcnn` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""COCO evaluation: box and mask AP/AR through pycocotools, per-class AP, metric reports.
+
+Metric names are TLT's (`AP`, `AP50`, ..., `ARl` for boxes, the same with a `mask_` prefix for
+masks). Every number comes from pycocotools' COCOeval; nothing here re-implements AP.
+
+Detections reach COCO as result dicts: `bbox` [x, y, w, h] in original-image pixels, `score`,
+`category_id` (the dataset's COCO id) and `segmentation` (compressed RLE with `counts` as str, so
+the list can be written as JSON).
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn_helpers.errors import DataError
+
+# Order of COCOeval.stats for boxes and masks (pycocotools' summarize()).
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl")
+IOU_TYPE_PREFIX = {"bbox": "", "segm": "mask_"}
+METRICS_HEADER = "=========== Metrics ==========="
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def detections_to_coco_results(image_id: int, boxes, scores, classes, masks=None,
+                               category_ids=None) -> list[dict]:
+    """COCO result dicts of one image's detections.
+
+    boxes: Tensor/array[N, 4] (x1, y1, x2, y2) in original-image pixels; scores: [N];
+    classes: int [N] contiguous labels 1..K; masks: bool [N, h, w] at original resolution, or None
+    (then no `segmentation` key). category_ids: COCO id of each contiguous label, index i-1 for
+    label i (the dataset's `category_ids`); None keeps the contiguous label as the id.
+    Returns [{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}].
+    """
+    boxes = _as_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    scores = _as_numpy(scores).astype(np.float64).reshape(-1)
+    classes = _as_numpy(classes).astype(np.int64).reshape(-1)
+    n = boxes.shape[0]
+    if scores.shape[0] != n or classes.shape[0] != n:
+        raise ValueError(f"boxes ({n}), scores ({scores.shape[0]}) and classes "
+                         f"({classes.shape[0]}) must have one row per detection")
+    if category_ids is not None:
+        bad = classes[(classes < 1) | (classes > len(category_ids))]
+        if bad.size:
+            raise ValueError(f"class label {int(bad[0])} has no COCO category: labels must be in "
+                             f"1..{len(category_ids)} (category_ids has {len(category_ids)} ids)")
+    rles = []
+    if masks is not None and n:
+        masks = _as_numpy(masks).astype(np.uint8)
+        if masks.ndim != 3 or masks.shape[0] != n:
+            raise ValueError(f"masks must be [N={n}, h, w], got shape {tuple(masks.shape)}")
+        # pycocotools encodes a column-major [h, w, N] stack in one call.
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    results = []
+    for i in range(n):
+        x1, y1, x2, y2 = boxes[i].tolist()
+        label = int(classes[i])
+        result = {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[label - 1]) if category_ids is not None else label,
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(scores[i]),
+        }
+        if rles:
+            rle = rles[i]
+            counts = rle["counts"]
+            result["segmentation"] = {
+                "size": [int(s) for s in rle["size"]],
+                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+            }
+        results.append(result)
+    return results
+
+
+def _results_for(results: list[dict], iou_type: str) -> list[dict]:
+    """Copies of the results fit for one iou type (loadRes mutates what it is given)."""
+    if iou_type == "bbox":
+        return [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    missing = [r for r in results if "segmentation" not in r]
+    if missing:
+        raise ValueError(f"segm evaluation needs a 'segmentation' in every result; "
+                         f"{len(missing)} of {len(results)} have none (image_id "
+                         f"{missing[0].get('image_id')}); evaluate iou_types=('bbox',) instead")
+    # Without `bbox`, loadRes takes each instance's area from its mask, so small/medium/large
+    # for mask AP follow the mask area as in the COCO reference, not the box area.
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+
+
+def _category_has_gt(coco_gt, cat_id: int, image_ids: list[int]) -> bool:
+    if not image_ids:
+        return False
+    anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids, catIds=[cat_id]))
+    return any(not a.get("iscrowd", 0) and not a.get("ignore", 0) for a in anns)
+
+
+def _per_class_ap(coco_eval: COCOeval) -> dict[int, float | None]:
+    """AP per category id: precision at IoU .5:.95, area 'all', maxDets 100, mean over recall
+    points; None where COCOeval marks the class absent (-1: no ground truth)."""
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
+    area = params.areaRngLbl.index("all")
+    max_det = params.maxDets.index(100) if 100 in params.maxDets else len(params.maxDets) - 1
+    out = {}
+    for k, cat_id in enumerate(params.catIds):
+        p = precision[:, :, k, area, max_det]
+        p = p[(p > -1) & ~np.isnan(p)]
+        out[int(cat_id)] = float(p.mean()) if p.size else None
+    return out
+
+
+def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), image_ids=None,
+                  *, verbose: bool = False) -> dict:
+    """COCO metrics of `results` against `coco_gt` (a pycocotools COCO).
+
+    results: COCO result dicts (see detections_to_coco_results); image_ids: the images evaluated
+    (None = all of coco_gt's); images without any result count as having no detections.
+    Returns {"AP": .., ..., "ARl": .., "mask_AP": .., ..., "per_class": {name: {"AP", "mask_AP"}}}
+    with one group of twelve per iou type. Summary values follow pycocotools: -1.0 where no ground
+    truth falls in that area range; per-class values are None where a class has no ground truth.
+    An empty results list gives 0.0 everywhere (pycocotools cannot load an empty result set).
+    verbose prints pycocotools' own summary; otherwise its output is swallowed.
+    """
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPE_PREFIX:
+            raise ValueError(f"unknown iou type {iou_type!r}; valid: {sorted(IOU_TYPE_PREFIX)}")
+    known = set(coco_gt.getImgIds())
+    image_ids = sorted(known) if image_ids is None else sorted({int(i) for i in image_ids})
+    unknown = sorted({int(r["image_id"]) for r in results} - known)
+    if unknown:
+        raise ValueError(f"results name image ids absent from the ground truth: {unknown[:5]}")
+    cats = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
+    per_class = {c["name"]: {} for c in cats}
+    metrics: dict = {}
+    for iou_type in iou_types:
+        prefix = IOU_TYPE_PREFIX[iou_type]
+        if not results or not image_ids:
+            stats = [0.0] * len(METRIC_NAMES)
+            class_ap = {c["id"]: 0.0 if _category_has_gt(coco_gt, c["id"], image_ids) else None
+                        for c in cats}
+        else:
+            quiet = contextlib.redirect_stdout(io.StringIO())
+            with contextlib.nullcontext() if verbose else quiet:
+                coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
+                coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+                coco_eval.params.imgIds = image_ids
+                coco_eval.evaluate()
+                coco_eval.accumulate()
+                coco_eval.summarize()
+            stats = [float(v) for v in coco_eval.stats]
+            class_ap = _per_class_ap(coco_eval)
+        for name, value in zip(METRIC_NAMES, stats, strict=True):
+            metrics[prefix + name] = value
+        for c in cats:
+            per_class[c["name"]][prefix + "AP"] = class_ap[c["id"]]
+    metrics["per_class"] = per_class
+    return metrics
+
+
+def _find_coco_dataset(dataset):
+    """The dataset holding `.coco` and `.category_ids`, looking through Subset-like wrappers."""
+    seen = dataset
+    while seen is not None:
+        if hasattr(seen, "coco") and hasattr(seen, "category_ids"):
+            return seen
+        seen = getattr(seen, "dataset", None)
+    raise DataError(f"evaluation needs a dataset with COCO ground truth (`.coco` and "
+                    f"`.category_ids`, like CocoInstanceDataset); got {type(dataset).__name__}")
+
+
+def evaluate_model(model, spec, *, device=None, max_images=None, progress: bool = True,
+                   dataset=None, verbose: bool = False) -> dict:
+    """COCO box (and mask) metrics of `model` on the spec's validation split.
+
+    Runs the model in eval mode over build_eval_loader(spec) (or over `dataset`, batched by
+    spec.eval_batch_size), maps detections back to original pixels, pastes masks at original
+    resolution, and scores them with coco_evaluate on the evaluated image ids only.
+    device: None = where the model's parameters are; otherwise the model is moved there.
+    max_images: stop after this many images. Returns coco_evaluate's dict plus
+    "eval_images" and "eval_images_per_sec" (the inference loop: loading, forward, pasting and
+    RLE encoding; COCOeval excluded). The model's train/eval mode is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    from mrcnn_helpers.data import build_eval_loader, collate_batch
+    from mrcnn_helpers.predict import infer_batch, postprocess_detections, resolve_device
+
+    if dataset is None:
+        loader = build_eval_loader(spec, max_images=max_images)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=spec.eval_batch_size,
+                                             shuffle=False, num_workers=0,
+                                             collate_fn=collate_batch)
+    gt_dataset = _find_coco_dataset(loader.dataset)
+    include_mask = bool(spec.maskrcnn_config.include_mask)
+    device = resolve_device(model, device)
+    model.to(device)
+    total = len(loader.dataset) if max_images is None else min(len(loader.dataset), max_images)
+
+    results, image_ids = [], []
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total, desc="evaluate", unit="img", disable=not progress,
+                  file=sys.stdout) as bar:
+            for batch in loader:
+                remaining = total - len(image_ids)
+                if remaining <= 0:
+                    break
+                images = batch["image"][:remaining].to(device, non_blocking=True)
+                dets = infer_batch(model, images, use_amp=spec.use_amp)
+                for i in range(images.shape[0]):
+                    image_id = int(batch["image_id"][i])
+                    out = postprocess_detections(dets, i, float(batch["scale"][i]),
+                                                 tuple(batch["orig_size"][i]),
+                                                 score_threshold=0.0, include_mask=include_mask)
+                    results.extend(detections_to_coco_results(
+                        image_id, out["boxes"], out["scores"], out["classes"], out["masks"],
+                        gt_dataset.category_ids))
+                    image_ids.append(image_id)
+                bar.update(images.shape[0])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+
+    iou_types = ("bbox", "segm") if include_mask else ("bbox",)
+    metrics = coco_evaluate(gt_dataset.coco, results, iou_types, image_ids=image_ids,
+                            verbose=verbose)
+    metrics["eval_images"] = len(image_ids)
+    metrics["eval_images_per_sec"] = len(image_ids) / elapsed if elapsed > 0 else 0.0
+    return metrics
+
+
+def _format_value(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{float(value):.9f}"
+
+
+def format_metrics(metrics: dict) -> str:
+    """TLT's metrics block: header, then `name: value` per line, COCO names sorted as TLT prints
+    them (AP, AP50, AP75, APl, ...), then any other scalar entries (e.g. eval_images_per_sec)."""
+    coco_names = {prefix + n for prefix in IOU_TYPE_PREFIX.values() for n in METRIC_NAMES}
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    ordered = sorted(k for k in scalars if k in coco_names)
+    ordered += sorted(k for k in scalars if k not in coco_names)
+    lines = [METRICS_HEADER] + [f"{k}: {_format_value(scalars[k])}" for k in ordered]
+    return "\n".join(lines)
+
+
+def format_per_class_table(metrics: dict) -> str:
+    """Aligned table of metrics["per_class"]: class, AP, mask_AP (4 decimals; '-' = no GT)."""
+    per_class = metrics.get("per_class", {})
+    columns = ["AP", "mask_AP"]
+    rows = [[name] + [("-" if values.get(c) is None else f"{values[c]:.4f}") for c in columns]
+            for name, values in per_class.items()]
+    header = ["class"] + columns
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+
+    def line(cells):
+        first = cells[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first] + rest)
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    return value
+
+
+def write_metrics_json(metrics: dict, path) -> Path:
+    """Write metrics as JSON atomically (a temporary file in the same folder, then os.replace),
+    so a reader never sees half a file. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(metrics), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,106 @@
+"""Drawing detections: translucent instance masks, box outlines and "name score" labels.
+
+Pure PIL + numpy so annotated images can be written anywhere (CLI, notebooks, servers) without a
+plotting library. Colors are fixed per class (PALETTE[label % len(PALETTE)]), so a class keeps its
+color across images and runs.
+"""
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# Twenty well-separated RGB colors; label 0 (background) is never drawn, so label 1 gets the first.
+PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """The fixed RGB color of contiguous label `label` (1 -> PALETTE[0])."""
+    return PALETTE[(int(label) - 1) % len(PALETTE)]
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _image_array(image) -> np.ndarray:
+    """PIL image, uint8 HWC array or uint8 CHW tensor -> uint8 [h, w, 3] RGB array (a copy)."""
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"tensor images must be [3, h, w], got {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise ValueError(f"images must be uint8 [h, w, 3], got {array.dtype} {tuple(array.shape)}")
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array.copy()
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _text_color(background) -> tuple[int, int, int]:
+    luminance = 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]
+    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+
+
+def draw_instances(image, boxes, scores, classes, class_names, masks=None,
+                   score_threshold: float = 0.0, mask_alpha: float = 0.5) -> Image.Image:
+    """Return a new RGB PIL image with detections drawn on `image`.
+
+    image: PIL image, uint8 [h, w, 3] array or uint8 [3, h, w] tensor; boxes: [N, 4]
+    (x1, y1, x2, y2) in that image's pixels; scores: [N] or None (labels show the name only);
+    classes: int [N] contiguous labels; class_names[label] names a label (index 0 = background;
+    a label beyond the list is shown as its number); masks: bool [N, h, w] or None.
+    Instances scoring below score_threshold are skipped. Each mask is blended with its class
+    color at mask_alpha; boxes are outlined in that color; labels sit on a filled background above
+    the box (inside it when the box touches the top edge).
+    """
+    canvas = _image_array(image)
+    height, width = canvas.shape[:2]
+    boxes = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    classes = _to_numpy(classes).astype(np.int64).reshape(-1)
+    n = boxes.shape[0]
+    scores_np = None if scores is None else _to_numpy(scores).astype(np.float64).reshape(-1)
+    keep = np.ones(n, dtype=bool) if scores_np is None else scores_np >= score_threshold
+    if masks is not None:
+        masks = _to_numpy(masks).astype(bool)
+        if masks.shape != (n, height, width):
+            raise ValueError(f"masks must be [N={n}, h={height}, w={width}] like the image, got "
+                             f"{tuple(masks.shape)}")
+        out = canvas.astype(np.float32)
+        for i in np.flatnonzero(keep):
+            m = masks[i]
+            color = np.array(class_color(classes[i]), dtype=np.float32)
+            out[m] = out[m] * (1.0 - mask_alpha) + color * mask_alpha
+        canvas = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    result = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(result)
+    line_width = max(1, round(min(height, width) / 200))
+    font = _font(max(10, round(min(height, width) / 40)))
+    for i in np.flatnonzero(keep):
+        color = class_color(classes[i])
+        x1, y1, x2, y2 = boxes[i].tolist()
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
+        label = int(classes[i])
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        text = name if scores_np is None else f"{name} {scores_np[i]:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        pad = 2
+        ty = y1 - th - 2 * pad if y1 - th - 2 * pad >= 0 else y1
+        draw.rectangle((x1, ty, x1 + tw + 2 * pad, ty + th + 2 * pad), fill=color)
+        draw.text((x1 + pad - left, ty + pad - top), text, fill=_text_color(color), font=font)
+    return result

@@ -1,0 +1,80 @@
+"""draw_instances: masks blended where they are, boxes and labels in the class color, no more."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrcnn_helpers.visualize import PALETTE, class_color, draw_instances
+
+CLASS_NAMES = ["background", "cat", "dog"]
+
+
+def _scene():
+    image = np.zeros((60, 80, 3), dtype=np.uint8)
+    mask = np.zeros((1, 60, 80), dtype=bool)
+    mask[0, 20:40, 30:60] = True
+    boxes = np.array([[30.0, 20.0, 60.0, 40.0]])
+    return image, boxes, mask
+
+
+def test_mask_region_blended_and_far_pixels_untouched():
+    image, boxes, mask = _scene()
+    out = np.asarray(draw_instances(image, boxes, [0.93], [1], CLASS_NAMES, masks=mask,
+                                    mask_alpha=0.5))
+    assert out.shape == (60, 80, 3) and out.dtype == np.uint8
+    color = np.array(class_color(1), dtype=np.float32)
+    expected = np.rint(color * 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(out[30, 45], expected)  # inside the mask, away from edges
+    np.testing.assert_array_equal(out[25:36, 35:56].reshape(-1, 3),
+                                  np.broadcast_to(expected, (11 * 21, 3)))
+    # Box outline in the class color.
+    np.testing.assert_array_equal(out[30, 30], np.array(class_color(1), dtype=np.uint8))
+    # Left of the box and below it nothing is drawn (the label sits above the box's left corner).
+    assert not out[:, :28].any() and not out[43:].any()
+    # The label background above the box is filled with the class color.
+    assert (out[5:19, 31:40] == np.array(class_color(1), dtype=np.uint8)).all(axis=-1).any()
+
+
+def test_input_kinds_and_input_left_unchanged():
+    image, boxes, mask = _scene()
+    original = image.copy()
+    from_array = np.asarray(draw_instances(image, boxes, [0.9], [2], CLASS_NAMES, masks=mask))
+    np.testing.assert_array_equal(image, original)  # drawing works on a copy
+    from_pil = np.asarray(draw_instances(Image.fromarray(image), boxes, [0.9], [2], CLASS_NAMES,
+                                         masks=torch.from_numpy(mask)))
+    from_tensor = np.asarray(draw_instances(torch.from_numpy(image).permute(2, 0, 1),
+                                            torch.from_numpy(boxes), torch.tensor([0.9]),
+                                            torch.tensor([2]), CLASS_NAMES, masks=mask))
+    np.testing.assert_array_equal(from_array, from_pil)
+    np.testing.assert_array_equal(from_array, from_tensor)
+
+
+def test_score_threshold_and_colors_per_class():
+    image, boxes, mask = _scene()
+    below = draw_instances(image, boxes, [0.4], [1], CLASS_NAMES, masks=mask, score_threshold=0.5)
+    np.testing.assert_array_equal(np.asarray(below), image)
+    assert class_color(1) == class_color(1 + len(PALETTE)) and class_color(1) != class_color(2)
+    cat = np.asarray(draw_instances(image, boxes, [0.9], [1], CLASS_NAMES, masks=mask))
+    dog = np.asarray(draw_instances(image, boxes, [0.9], [2], CLASS_NAMES, masks=mask))
+    assert not np.array_equal(cat[30, 45], dog[30, 45])
+    again = np.asarray(draw_instances(image, boxes, [0.9], [1], CLASS_NAMES, masks=mask))
+    np.testing.assert_array_equal(cat, again)  # deterministic
+
+
+def test_boxes_only_no_scores_and_unknown_label():
+    image, boxes, _ = _scene()
+    out = np.asarray(draw_instances(image, boxes, None, [7], CLASS_NAMES))
+    assert not out[30, 45].any()  # no mask: the box interior stays black
+    np.testing.assert_array_equal(out[30, 30], np.array(class_color(7), dtype=np.uint8))
+    empty = draw_instances(image, np.zeros((0, 4)), [], [], CLASS_NAMES,
+                           masks=np.zeros((0, 60, 80)))
+    np.testing.assert_array_equal(np.asarray(empty), image)
+
+
+def test_mask_shape_must_match_image():
+    image, boxes, _ = _scene()
+    with pytest.raises(ValueError, match="masks must be"):
+        draw_instances(image, boxes, [0.9], [1], CLASS_NAMES, masks=np.zeros((1, 30, 40), bool))
+    with pytest.raises(ValueError, match="uint8"):
+        draw_instances(image.astype(np.float32), boxes, [0.9], [1], CLASS_NAMES)

@@ -171,4 +171,6 @@ def experiment_message_class() -> type:
     pool = descriptor_pool.DescriptorPool()  # private pool: never clashes with other protos
     pool.Add(file_proto)
     descriptor = pool.FindMessageTypeByName(f"{PACKAGE}.{_MESSAGE_NAMES['']}")
-    return message_factory.GetMessageClass(descriptor)
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.21
+        return message_factory.GetMessageClass(descriptor)
+    return message_factory.MessageFactory(pool).GetPrototype(descriptor)

@@ -2,6 +2,7 @@
 # The whole workflow on the embedded synthetic dataset, as TLT's steps:
 # prepare data -> check the spec -> train -> evaluate -> infer. Re-running resumes or reports done.
 set -euo pipefail
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")"
 python3 -m pip install -q -e .
 mrcnn="python3 -m mrcnn_helpers"

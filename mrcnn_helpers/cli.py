@@ -53,12 +53,32 @@ def cmd_train(args) -> int:
     from .evaluate import format_metrics
     from .spec import load_spec
 
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from .engine.distributed import launch_processes
+
+        load_spec(args.experiment_spec)  # fail here, once, on a bad spec
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        return launch_processes(args.gpus, _without_option(argv, "--gpus"))
     spec = load_spec(args.experiment_spec)
-    result = train(spec, args.results_dir, device=_device(args.device), max_steps=args.max_steps)
+    result = train(spec, args.results_dir, device=_device(args.device), max_steps=args.max_steps,
+                   sync_bn=args.sync_bn)
     if result.get("metrics"):
         print(format_metrics(result["metrics"]))
     print(f"checkpoint: {result['checkpoint']}")
     return 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE` (the launcher passes the rest to each rank)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def _resolve_model_path(path: str) -> str:
@@ -155,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--results-dir", required=True)
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this step (the schedule still follows total_steps)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="data-parallel processes on this node, one per GPU (torchrun underneath; "
+                        "with --device cpu, CPU processes on gloo)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="with --gpus > 1 on CUDA: BatchNorm statistics over the global batch")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO box and mask metrics on the validation set")
@@ -179,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return args.func(args)

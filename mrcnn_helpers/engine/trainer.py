@@ -34,6 +34,13 @@ from mrcnn_helpers.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from mrcnn_helpers.engine.distributed import (
+    DistContext,
+    all_mean,
+    init_distributed,
+    shutdown,
+    wait_for_main,
+)
 from mrcnn_helpers.engine.logging import MetricLogger
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
 from mrcnn_helpers.engine.schedule import learning_rate_at
@@ -144,6 +151,7 @@ def train(
     evaluate_fn: Callable[..., dict] | None = None,
     on_log: Callable[[dict], Any] | None = None,
     verbose: bool = True,
+    sync_bn: bool = False,
 ) -> dict:
     """Train (or resume training) the model of `spec`, writing checkpoints to `results_dir`.
 
@@ -158,6 +166,13 @@ def train(
       `evaluate_fn(model, spec, device=...)` returns a metrics dict ("AP", "mask_AP", ...).
     - on_log: called with a plain dict at every log and evaluation (see MetricLogger).
     - verbose: TLT's full metric blocks (True) or one line per log (False).
+    - sync_bn: with several processes on CUDA, BatchNorm statistics over the global batch.
+
+    Data-parallel: when launched by torchrun (WORLD_SIZE > 1, see engine.distributed) every
+    process trains on its shard of the data with spec.train_batch_size images per step; gradients
+    are averaged by DistributedDataParallel, the logged losses over ranks. Rank 0 alone prints,
+    writes checkpoints and metrics, and evaluates while the others wait. Checkpoints hold the plain
+    model, so a run can resume with any number of processes.
 
     Every num_steps_per_eval steps and at total_steps a checkpoint `model.step-<N>.pth` is written,
     old ones are pruned to spec.num_checkpoints_to_keep, and the model is evaluated; the metrics go
@@ -176,8 +191,22 @@ def train(
     total_steps = int(spec.total_steps)
     stop_step = total_steps if max_steps is None else min(int(max_steps), total_steps)
 
+    owns_group = not torch.distributed.is_initialized()
+    ctx, device = init_distributed(device)
+    try:
+        return _train(spec, results_dir, device, ctx, total_steps, stop_step, model, train_loader,
+                      evaluate_fn, on_log, verbose, sync_bn)
+    finally:
+        if owns_group:
+            shutdown(ctx)
+
+
+def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, total_steps: int,
+           stop_step: int, model, train_loader, evaluate_fn, on_log, verbose: bool,
+           sync_bn: bool) -> dict:
     def say(text: str) -> None:
-        print(text, flush=True)
+        if ctx.is_main:
+            print(text, flush=True)
 
     seed_everything(int(spec.seed))
     resumed = load_latest_checkpoint(results_dir, map_location="cpu")
@@ -211,7 +240,7 @@ def train(
     if train_loader is None:
         from mrcnn_helpers.data import build_train_loader
 
-        train_loader = build_train_loader(spec)
+        train_loader = build_train_loader(spec, rank=ctx.rank, world_size=ctx.world_size)
     if evaluate_fn is None:
         from mrcnn_helpers.evaluate import evaluate_model
 
@@ -235,17 +264,31 @@ def train(
             say("note: the spec differs from the checkpoint's in fields that keep the network "
                 "(schedule, data, ...); training continues with the current spec")
     spec_file = results_dir / "spec.txt"
-    if not spec_file.is_file() or spec_file.read_text(encoding="utf-8") != text:
+
+    if ctx.is_main and (not spec_file.is_file() or spec_file.read_text(encoding="utf-8") != text):
         write_text_atomic(spec_file, text)
+    forward_model = model
+    if ctx.enabled:
+        if sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            forward_model = model
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        say(f"Data-parallel training on {ctx.world_size} processes, {spec.train_batch_size} "
+            f"images each ({spec.train_batch_size * ctx.world_size} per step)")
 
     logger = MetricLogger(
         total_steps=total_steps, logging_frequency=spec.logging_frequency,
-        batch_size=spec.train_batch_size, start_step=start_step,
-        tensorboard_dir=results_dir / "tensorboard", verbose=verbose, on_log=on_log)
+        batch_size=spec.train_batch_size * ctx.world_size, start_step=start_step,
+        tensorboard_dir=results_dir / "tensorboard", verbose=verbose, on_log=on_log,
+        rank=ctx.rank)
     # Restored last: everything above may draw random numbers (model init, logger set-up), and
     # the run must continue with exactly the stream the interrupted run would have seen.
     if ckpt is not None:
         restore_rng_state(ckpt["rng"])
+    if ctx.enabled:
+        # Each rank draws its own anchor / RoI samples (the checkpoint's RNG is rank 0's).
+        torch.manual_seed(int(spec.seed) + 7919 * ctx.rank + start_step)
     del ckpt
 
     def make_state(step: int) -> dict:
@@ -272,14 +315,15 @@ def train(
             targets = {k: batch[k].to(device, non_blocking=True) for k in TARGET_KEYS if k in batch}
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
-                losses = model(images, targets)
+                losses = forward_model(images, targets)
             if not isinstance(losses, dict) or not losses:
                 raise TrainingError(f"the model returned {type(losses).__name__} in train mode; "
                                     "expected a dict of scalar loss tensors")
             names = sorted(losses)
             total = sum(losses[name].float() for name in names)
             # One host transfer per step for all terms: needed for the finiteness check anyway.
-            values = torch.stack([losses[n].detach().float() for n in names]).cpu().tolist()
+            values = all_mean(torch.stack([losses[n].detach().float() for n in names]),
+                              ctx).cpu().tolist()
             terms = dict(zip(names, values))
             if not all(math.isfinite(v) for v in values):
                 shown = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
@@ -304,12 +348,14 @@ def train(
             at_eval = step % int(spec.num_steps_per_eval) == 0 or step == total_steps
             if at_eval or step == stop_step:
                 paused = time.perf_counter()
-                last_checkpoint = save_checkpoint(checkpoint_path(results_dir, step),
-                                                  make_state(step))
-                prune_checkpoints(results_dir, int(spec.num_checkpoints_to_keep))
-                if at_eval:
-                    metrics = _evaluate(model, spec, device, evaluate_fn, results_dir, step,
-                                        logger)
+                last_checkpoint = checkpoint_path(results_dir, step)
+                if ctx.is_main:
+                    save_checkpoint(last_checkpoint, make_state(step))
+                    prune_checkpoints(results_dir, int(spec.num_checkpoints_to_keep))
+                    if at_eval:
+                        metrics = _evaluate(model, spec, device, evaluate_fn, results_dir, step,
+                                            logger)
+                wait_for_main(ctx)
                 logger.exclude_time(time.perf_counter() - paused)  # throughput of training only
     finally:
         logger.close()

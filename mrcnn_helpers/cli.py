@@ -3,8 +3,12 @@
     mrcnn spec validate|show SPEC
     mrcnn data synthetic OUT_DIR
     mrcnn train    -e SPEC -r RESULTS_DIR              (re-run to resume)
-    mrcnn evaluate -e SPEC -m MODEL                    (MODEL: checkpoint or results dir)
+    mrcnn evaluate -e SPEC -m MODEL
     mrcnn infer    -i IMAGES -o OUT -m MODEL -t 0.5 [--include-mask] [--json RESULTS.json]
+    mrcnn export   -m MODEL -e SPEC -o model.onnx [--engine model.plan --data-type int8 ...]
+    mrcnn deploy   -m MODEL|model.onnx|model.plan -i VIDEO|DIR|RTSP -o OUT.mp4
+
+MODEL is a checkpoint, a results directory (its latest checkpoint), an .onnx or a TensorRT engine.
 
 Bad input (spec, data, checkpoint) ends with one line naming the problem and exit status 2.
 """
@@ -81,25 +85,15 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _resolve_model_path(path: str) -> str:
-    from .engine.checkpoint import latest_checkpoint
-
-    if os.path.isdir(path):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise MrcnnError(f"{path}: no checkpoint (model.step-N.pth) in this directory")
-        return found
-    return path
-
-
 def _load(args):
-    from .engine import load_model_for_inference
+    """The model behind -m: a checkpoint, a results directory, an .onnx or a TensorRT engine."""
+    from .export.backends import load_inference_model
     from .spec import load_spec
 
     spec = load_spec(args.experiment_spec) if getattr(args, "experiment_spec", None) else None
     device = _device(args.device)
-    model, spec, class_names, category_ids = load_model_for_inference(
-        _resolve_model_path(args.model), spec=spec, device=device)
+    model, spec, class_names, category_ids = load_inference_model(
+        args.model, spec=spec, device=device, key=args.key)
     return model, spec, class_names, category_ids, device
 
 
@@ -184,14 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="COCO box and mask metrics on the validation set")
     common(p, False)
-    p.add_argument("-m", "--model", required=True, help="checkpoint file or results directory")
+    p.add_argument("-m", "--model", required=True,
+                   help="checkpoint, results directory, exported .onnx or TensorRT .plan")
+    p.add_argument("-k", "--key", default=None, help="key of an encrypted model file")
     p.add_argument("--json", default=None, help="also write the metrics here")
     p.add_argument("--max-images", type=int, default=None)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("infer", help="annotate images and write COCO results")
     common(p, False)
-    p.add_argument("-m", "--model", required=True, help="checkpoint file or results directory")
+    p.add_argument("-m", "--model", required=True,
+                   help="checkpoint, results directory, exported .onnx or TensorRT .plan")
+    p.add_argument("-k", "--key", default=None, help="key of an encrypted model file")
     p.add_argument("-i", "--input", required=True, help="directory of images")
     p.add_argument("-o", "--output", required=True, help="directory for annotated images")
     p.add_argument("-t", "--threshold", type=float, default=0.5)
@@ -199,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="COCO results JSON (RLE masks)")
     p.add_argument("-l", "--labels", default=None, help="class names file, one per line")
     p.set_defaults(func=cmd_infer)
+
+    from .export.commands import add_export_commands
+
+    add_export_commands(sub)
     return parser
 
 

@@ -40,7 +40,7 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.wait_group is not None
 
 
 def _env_int(*names: str) -> int | None:
@@ -51,13 +51,16 @@ def _env_int(*names: str) -> int | None:
 
 
 def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group when launched with WORLD_SIZE > 1; returns (context, device).
+    """Join the process group when launched by torchrun or srun; returns (context, device).
+
+    A launch with one process still takes the distributed path (DDP over one rank), so its cost
+    can be compared with plain training.
 
     On CUDA each process takes GPU `local_rank`. Already-initialized groups are reused (a notebook
     or a caller may have set one up).
     """
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-    if world <= 1:
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    if world is None:  # not launched by torchrun / srun: plain single-process training
         return DistContext(), device
     rank = _env_int("RANK", "SLURM_PROCID") or 0
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0

@@ -1,7 +1,7 @@
 """`mrcnn` command line: thin wrappers over the same functions the notebooks call.
 
     mrcnn spec validate|show SPEC
-    mrcnn data synthetic OUT_DIR
+    mrcnn data synthetic|download-coco|convert-*|coco-subset|coco-merge|check|to-tfrecord ...
     mrcnn train    -e SPEC -r RESULTS_DIR              (re-run to resume)
     mrcnn evaluate -e SPEC -m MODEL
     mrcnn infer    -i IMAGES -o OUT -m MODEL -t 0.5 [--include-mask] [--json RESULTS.json]
@@ -38,17 +38,6 @@ def cmd_spec(args) -> int:
         print(format_spec(spec), end="")
     else:
         print(f"{args.spec}: valid")
-    return 0
-
-
-def cmd_data_synthetic(args) -> int:
-    from .data import generate_synthetic_dataset
-
-    h, w = args.image_size
-    paths = generate_synthetic_dataset(args.out_dir, num_train=args.num_train, num_val=args.num_val,
-                                       image_size=(h, w), seed=args.seed)
-    for key, value in paths.items():
-        print(f"{key}: {value}")
     return 0
 
 
@@ -149,15 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.set_defaults(func=cmd_spec)
 
-    p = sub.add_parser("data", help="prepare datasets")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    s = data_sub.add_parser("synthetic", help="write the embedded synthetic COCO dataset")
-    s.add_argument("out_dir")
-    s.add_argument("--num-train", type=int, default=400)
-    s.add_argument("--num-val", type=int, default=50)
-    s.add_argument("--image-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_data_synthetic)
+    from .data.commands import add_data_commands
+
+    add_data_commands(sub)
 
     def common(p, spec_required):
         p.add_argument("-e", "--experiment-spec", required=spec_required,

@@ -153,10 +153,11 @@ def test_demo_spec_values():
     assert d.image_size == (256, 256) and d.num_classes == 4 and d.max_num_instances == 20
     assert d.train_json_file == "data/synthetic/annotations/instances_train.json"
     assert d.val_image_dir == "data/synthetic/val"
-    assert (m.nlayers, m.freeze_bn, m.freeze_blocks, m.anchor_scale) == (18, False, (), 4.0)
-    assert spec.learning_rate_steps == (900, 1100)
+    assert (m.nlayers, m.freeze_bn, m.freeze_blocks, m.anchor_scale) == (10, False, (), 2.0)
+    assert (m.min_level, m.max_level, m.mrcnn_resolution) == (3, 6, 16)
+    assert spec.learning_rate_steps == (450, 550)
     assert spec.learning_rate_decay_levels == (0.1, 0.01)
-    assert spec.checkpoint == "" and spec.total_steps == 1200
+    assert spec.checkpoint == "" and spec.total_steps == 600
 
 
 def test_coco_spec_matches_seed_values(seed_env):
@@ -396,7 +397,7 @@ def test_spec_table_marks_defaults():
     spec = load_spec(SPECS_DIR / "demo_synthetic.txt")
     rows = {(block, name): (value, is_default) for block, name, value, is_default
             in spec_table(spec)}
-    assert rows[("experiment", "total_steps")] == (1200, False)
+    assert rows[("experiment", "total_steps")] == (600, False)
     assert rows[("experiment", "momentum")] == (0.9, True)
     assert rows[("data_config", "image_size")] == ((256, 256), False)
     assert rows[("maskrcnn_config", "aspect_ratios")] == (
@@ -433,16 +434,16 @@ def test_ignored_tlt_fields_are_accepted_and_warn_only_when_set():
 def test_validate_spec_after_replace():
     spec = load_spec(SPECS_DIR / "demo_synthetic.txt")
     with pytest.raises(SpecError) as info:
-        validate_spec(dataclasses.replace(spec, total_steps=1000))
+        validate_spec(dataclasses.replace(spec, total_steps=spec.learning_rate_steps[-1]))
     assert str(info.value).startswith(f"{spec.source}: learning_rate_steps = ")
     # Lists become tuples, ints become floats, TLT strings are parsed: the result is canonical.
     fixed = validate_spec(dataclasses.replace(
-        spec, learning_rate_steps=[900, 1100], momentum=0,
+        spec, learning_rate_steps=[450, 550], momentum=0,
         data_config=dataclasses.replace(spec.data_config, image_size="(128, 192)")))
-    assert fixed.learning_rate_steps == (900, 1100) and isinstance(fixed.momentum, float)
+    assert fixed.learning_rate_steps == (450, 550) and isinstance(fixed.momentum, float)
     assert fixed.data_config.image_size == (128, 192)
-    with pytest.raises(SpecError, match="total_steps = '1200': expected an integer"):
-        validate_spec(dataclasses.replace(spec, total_steps="1200"))
+    with pytest.raises(SpecError, match="total_steps = '600': expected an integer"):
+        validate_spec(dataclasses.replace(spec, total_steps="600"))
     with pytest.raises(SpecError, match="use_amp"):
         validate_spec(dataclasses.replace(spec, use_amp=1))
 

@@ -1,14 +1,7 @@
 """COCO instance-segmentation dataset producing fixed-shape samples for Mask R-CNN.
 
-Sample format (a contract other modules rely on), with M = max_num_instances, S = gt_mask_size
-and (H, W) = image_size:
-  "image"          uint8 Tensor[3, H, W]   resized (aspect kept) and zero-padded bottom / right
-  "boxes"          float32 Tensor[M, 4]    (x1, y1, x2, y2) in padded-input pixels; rows >= n are 0
-  "classes"        int64 Tensor[M]         contiguous labels 1..K; 0 for padding rows
-  "masks"          uint8 Tensor[M, S, S]   each gt mask cropped to its box, resampled to S x S,
-                                           0..255 (area-averaged); 0 for padding rows
-  "num_instances"  int,  "image_id": int (COCO id),  "scale": float (resized / original),
-  "orig_size"      (h, w) of the original image
+The sample format (a contract other modules rely on) is documented in instances.py, which builds
+the samples of every dataset kind the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +10,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -25,22 +17,22 @@ import pycocotools.mask as mask_utils
 import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset
 
 from ..errors import DataError
-from . import transforms as T
+from .instances import InstanceSampleDataset, box_pixel_window, clip_box
 
 log = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
+# Said wherever a defect is found that the dataset doctor finds (and fixes) everywhere at once.
+DOCTOR_HINT = ("run `mrcnn data check JSON --images DIR` for a full report, and add "
+               "`--fix OUT_DIR` to write a cleaned copy")
 
 
-def load_coco(json_file: str | os.PathLike) -> COCO:
-    """Read and check a COCO instances JSON; returns a pycocotools COCO object (quietly).
-
-    Raises DataError naming the file when it is missing, not JSON, or not COCO instances (missing
-    "images" / "annotations" / "categories", entries without their ids, unknown references).
-    """
+def read_coco_json(json_file: str | os.PathLike) -> dict:
+    """The parsed top-level object of a COCO instances JSON, with "images", "annotations" and
+    "categories" lists. Raises DataError naming the file when it is missing, not JSON, or lacks
+    those keys."""
     path = os.fspath(json_file)
     if not os.path.isfile(path):
         raise DataError(f"annotation file not found: {path}")
@@ -58,12 +50,29 @@ def load_coco(json_file: str | os.PathLike) -> COCO:
     if missing:
         raise DataError(f"{path}: not a COCO instances file: missing or non-list keys {missing} "
                         f"(expected {list(_REQUIRED_KEYS)})")
-    _check_entries(path, data)
+    return data
+
+
+def coco_from_dict(data: dict) -> COCO:
+    """A pycocotools COCO object indexing `data` (no file, no printing)."""
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def load_coco(json_file: str | os.PathLike) -> COCO:
+    """Read and check a COCO instances JSON; returns a pycocotools COCO object (quietly).
+
+    Raises DataError naming the file when it is missing, not JSON, or not COCO instances (missing
+    "images" / "annotations" / "categories", entries without their ids, unknown references,
+    duplicate ids: pycocotools would silently keep only one of each).
+    """
+    path = os.fspath(json_file)
+    data = read_coco_json(path)
+    _check_entries(path, data)
+    return coco_from_dict(data)
 
 
 def _check_entries(path: str, data: dict) -> None:
@@ -83,6 +92,31 @@ def _check_entries(path: str, data: dict) -> None:
         if ann["category_id"] not in category_ids:
             raise DataError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, "
                             f"not one of the categories {sorted(category_ids)}")
+    for key, count in (("images", len(image_ids)), ("categories", len(category_ids)),
+                       ("annotations", len({a["id"] for a in data["annotations"]}))):
+        if count != len(data[key]):
+            seen, dups = set(), []
+            for entry in data[key]:
+                if entry["id"] in seen and entry["id"] not in dups:
+                    dups.append(entry["id"])
+                seen.add(entry["id"])
+            raise DataError(f"{path}: {len(data[key]) - count} duplicate id(s) in '{key}' (e.g. "
+                            f"{dups[:5]}); every id must be unique; {DOCTOR_HINT}")
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """uint8 [h, w, 3] RGB pixels of a loaded PIL image (see load_image for the conversions)."""
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        gray = np.asarray(im, dtype=np.float64) / 257.0
+        return np.repeat(np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None], 3, 2)
+    if im.mode == "F":
+        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, 2)
+    return np.array(im.convert("RGB"))
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 
 def load_image(path: str, image_id: int | None = None) -> torch.Tensor:
@@ -97,30 +131,112 @@ def load_image(path: str, image_id: int | None = None) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-                gray = np.asarray(im, dtype=np.float64) / 257.0
-                array = np.repeat(np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None], 3, 2)
-            elif im.mode == "F":
-                gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
-                array = np.repeat(gray[..., None], 3, 2)
-            else:
-                array = np.array(im.convert("RGB"))
+            array = _to_rgb_array(im)
     except FileNotFoundError as e:
-        raise DataError(f"image file not found: {where}") from e
+        raise DataError(f"image file not found: {where}; {DOCTOR_HINT}") from e
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {where}: {e}") from e
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        raise DataError(f"cannot read image {where}: {e}; {DOCTOR_HINT}") from e
+    return _as_tensor(array)
 
 
-class CocoInstanceDataset(Dataset):
-    """COCO instances (JSON + image folder) as fixed-shape Mask R-CNN samples (see module doc).
+def decode_image(data: bytes, where: str) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> RGB uint8 Tensor[3, h, w], converted as load_image.
+    Raises DataError naming `where` when the bytes are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            array = _to_rgb_array(im)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode the image of {where}: {e}") from e
+    return _as_tensor(array)
+
+
+def usable_instances(coco: COCO, image_id: int, source: str, skip_crowd: bool):
+    """The annotations of an image that can give a training target, in file order.
+
+    Returns (picked, dropped): picked is a list of (area, box, ann) with box float64
+    (x1, y1, x2, y2) clipped to the image; dropped counts the annotations with an empty box or no
+    polygon of >= 3 points (left out). Crowd annotations are left out, uncounted, when
+    skip_crowd. Raises DataError naming `source` for a segmentation that is neither polygons nor
+    RLE. The dataset and the TFRecord writer both select with this, so they keep the same ones.
+    """
+    info = coco.imgs[image_id]
+    picked, dropped = [], 0
+    for ann in coco.imgToAnns.get(image_id, []):
+        if ann.get("iscrowd", 0) and skip_crowd:
+            continue
+        segm = ann["segmentation"]
+        if isinstance(segm, list):
+            # Polygons need >= 3 points; an annotation with none cannot give a mask.
+            if not polygons_of(segm):
+                dropped += 1
+                continue
+        elif not (isinstance(segm, dict) and "counts" in segm and "size" in segm):
+            raise DataError(f"{source}: annotation {ann['id']} has a segmentation that is "
+                            f"neither a list of polygons nor an RLE dict with 'size' and 'counts'")
+        box = _box_of(ann, info, source)
+        if box is None:
+            dropped += 1
+            continue
+        area = float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1])))
+        picked.append((area, box, ann))
+    return picked, dropped
+
+
+def _box_of(ann: dict, info: dict, source: str) -> np.ndarray | None:
+    bbox = ann.get("bbox")
+    if bbox is None:  # some converters omit it: take the mask's own box
+        bbox = mask_utils.toBbox(full_rle(ann, info, source)).tolist()
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{source}: annotation {ann['id']} has bbox {bbox!r}; "
+                        f"expected [x, y, width, height]") from e
+    return clip_box(x, y, w, h, info["width"], info["height"])
+
+
+def full_rle(ann: dict, info: dict, source: str) -> dict:
+    """Compressed RLE of an annotation's whole-image mask (polygons merged; RLE checked)."""
+    segm = ann["segmentation"]
+    height, width = int(info["height"]), int(info["width"])
+    if isinstance(segm, list):
+        return mask_utils.merge(mask_utils.frPyObjects(polygons_of(segm), height, width))
+    if list(segm["size"]) != [height, width]:
+        raise DataError(f"{source}: annotation {ann['id']} has an RLE of size "
+                        f"{list(segm['size'])}, but image {info['id']} is {[height, width]} (h, w)")
+    if isinstance(segm["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segm, height, width)
+    return segm
+
+
+def annotation_mask_crop(ann: dict, info: dict, box: np.ndarray,
+                         source: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """Binary mask of `ann` inside its (integer-expanded) box: (uint8 [h', w'], origin (x, y))."""
+    x0, y0, x1, y1 = box_pixel_window(box, info["width"], info["height"])
+    # Rasterized on the image's own grid cut at the box's bottom-right corner: pycocotools fills
+    # there exactly the pixels it fills on the whole image (the COCO reference mask, which is
+    # also what TFRecords store), at a fraction of a full-image decode. Shifting the polygons
+    # into the box's frame would be cheaper still but not exact: shifted coordinates round
+    # differently on pycocotools' 5x sub-pixel grid (vertices with one decimal, e.g. 45.9).
+    segm = ann["segmentation"]
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons_of(segm), y1, x1))
+        return mask_utils.decode(rle)[y0:y1, x0:x1], (x0, y0)
+    full = mask_utils.decode(full_rle(ann, info, source))
+    return full[y0:y1, x0:x1], (x0, y0)
+
+
+class CocoInstanceDataset(InstanceSampleDataset):
+    """COCO instances (JSON + image folder) as fixed-shape Mask R-CNN samples (see instances.py).
 
     Category ids map to contiguous labels 1..K in sorted-id order: `category_ids[i - 1]` is the COCO
     id of label i and `class_names[i]` its name (`class_names[0]` = "background"). Crowd
     annotations are skipped when training with skip_crowd, and always in eval mode (the
     evaluator reads them from the JSON). Per image at most max_num_instances instances are kept,
     the largest by area; `truncated_image_ids` lists the images that had more. Annotations with
-    an empty box or no usable segmentation are dropped. With train and augment, each sample gets
+    an empty box or no usable segmentation are dropped and counted (`num_dropped_annotations`).
+    A JSON with duplicate ids or dangling references is refused (DataError) at construction; a
+    missing or corrupt image when its sample is read. With train and augment, each sample gets
     a random horizontal flip and a random scale in scale_range on top of the fit-to-image_size
     scale, then a random crop / pad to image_size; instances left with a box under 1 px are
     dropped. Randomness comes from torch's RNG, which DataLoader seeds per worker.
@@ -129,19 +245,12 @@ class CocoInstanceDataset(Dataset):
     def __init__(self, json_file, image_dir, image_size=(512, 512), train=True, augment=False,
                  skip_crowd=True, gt_mask_size=112, max_num_instances=200, scale_range=(0.8, 1.25),
                  max_images=None):
+        super().__init__(image_size=image_size, train=train, augment=augment,
+                         skip_crowd=skip_crowd, gt_mask_size=gt_mask_size,
+                         max_num_instances=max_num_instances, scale_range=scale_range)
         self.json_file = os.fspath(json_file)
+        self.source = self.json_file
         self.image_dir = os.fspath(image_dir)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.train = bool(train)
-        self.augment = bool(augment) and self.train
-        self.skip_crowd = bool(skip_crowd) if self.train else True
-        self.gt_mask_size = int(gt_mask_size)
-        self.max_num_instances = int(max_num_instances)
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        if self.max_num_instances < 1 or self.gt_mask_size < 1:
-            raise ValueError("max_num_instances and gt_mask_size must be >= 1")
-        if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"scale_range must satisfy 0 < min <= max, got {scale_range}")
 
         self.coco = load_coco(self.json_file)
         cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
@@ -156,7 +265,13 @@ class CocoInstanceDataset(Dataset):
         self.truncated_image_ids = []
         self.num_dropped_annotations = 0
         for image_id in self.image_ids:
-            self._instances[image_id] = self._select(image_id)
+            picked, dropped = usable_instances(self.coco, image_id, self.json_file, self.skip_crowd)
+            self.num_dropped_annotations += dropped
+            kept, truncated = self._keep_largest(
+                [(area, box, self._label_of[ann["category_id"]], ann) for area, box, ann in picked])
+            self._instances[image_id] = kept
+            if truncated:
+                self.truncated_image_ids.append(image_id)
         if self.num_dropped_annotations:
             log.warning("%s: dropped %d annotations with an empty box or no polygon of >= 3 points",
                         self.json_file, self.num_dropped_annotations)
@@ -170,77 +285,8 @@ class CocoInstanceDataset(Dataset):
                 raise DataError(f"image file not found: {path} (image id {first['id']}, listed in "
                                 f"{self.json_file}); check the image directory '{self.image_dir}'")
 
-    def _select(self, image_id: int) -> list[tuple[np.ndarray, int, dict]]:
-        """Usable annotations of one image as (box (x1, y1, x2, y2) original px, label, ann)."""
-        picked = []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0) and self.skip_crowd:
-                continue
-            segm = ann["segmentation"]
-            if isinstance(segm, list):
-                # Polygons need >= 3 points; an annotation with none cannot give a mask.
-                if not _polygons(segm):
-                    self.num_dropped_annotations += 1
-                    continue
-            elif not (isinstance(segm, dict) and "counts" in segm and "size" in segm):
-                raise DataError(f"{self.json_file}: annotation {ann['id']} has a segmentation that is "
-                                f"neither a list of polygons nor an RLE dict with 'size' and 'counts'")
-            box = self._box_of(ann)
-            if box is None:
-                self.num_dropped_annotations += 1
-                continue
-            area = float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1])))
-            picked.append((area, box, self._label_of[ann["category_id"]], ann))
-        if len(picked) > self.max_num_instances:
-            self.truncated_image_ids.append(image_id)
-            # Stable sort: equal areas keep the file's order.
-            picked = sorted(picked, key=lambda p: -p[0])[:self.max_num_instances]
-        return [(box, label, ann) for _, box, label, ann in picked]
-
-    def _box_of(self, ann: dict) -> np.ndarray | None:
-        info = self.coco.imgs[ann["image_id"]]
-        bbox = ann.get("bbox")
-        if bbox is None:  # some converters omit it: take the mask's own box
-            bbox = mask_utils.toBbox(self._full_rle(ann, info)).tolist()
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{self.json_file}: annotation {ann['id']} has bbox {bbox!r}; "
-                            f"expected [x, y, width, height]") from e
-        x1, y1 = max(0.0, x), max(0.0, y)
-        x2, y2 = min(float(info["width"]), x + w), min(float(info["height"]), y + h)
-        if not (x2 > x1 and y2 > y1):
-            return None
-        return np.array([x1, y1, x2, y2], dtype=np.float64)
-
-    def _full_rle(self, ann: dict, info: dict) -> dict:
-        segm = ann["segmentation"]
-        height, width = int(info["height"]), int(info["width"])
-        if isinstance(segm, list):
-            return mask_utils.merge(mask_utils.frPyObjects(_polygons(segm), height, width))
-        if list(segm["size"]) != [height, width]:
-            raise DataError(f"{self.json_file}: annotation {ann['id']} has an RLE of size "
-                            f"{list(segm['size'])}, but image {info['id']} is {[height, width]} (h, w)")
-        if isinstance(segm["counts"], list):  # uncompressed RLE
-            return mask_utils.frPyObjects(segm, height, width)
-        return segm
-
-    def _mask_crop(self, ann: dict, box: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """Binary mask of `ann` inside its (integer-expanded) box: (uint8 [h', w'], origin (x, y))."""
-        info = self.coco.imgs[ann["image_id"]]
-        x0, y0 = math.floor(box[0]), math.floor(box[1])
-        x1 = min(int(info["width"]), math.ceil(box[2]))
-        y1 = min(int(info["height"]), math.ceil(box[3]))
-        segm = ann["segmentation"]
-        if isinstance(segm, list):
-            # Rasterize the polygons in the box's own frame: an integer shift does not change which
-            # pixels pycocotools fills, and it avoids a full-image mask per instance.
-            polys = [[v - (x0 if k % 2 == 0 else y0) for k, v in enumerate(p)]
-                     for p in _polygons(segm)]
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, y1 - y0, x1 - x0))
-            return mask_utils.decode(rle), (x0, y0)
-        full = mask_utils.decode(self._full_rle(ann, info))
-        return full[y0:y1, x0:x1], (x0, y0)
+    def _mask_crop(self, source, box):
+        return annotation_mask_crop(source, self.coco.imgs[source["image_id"]], box, self.json_file)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -253,101 +299,10 @@ class CocoInstanceDataset(Dataset):
         height, width = int(image.shape[1]), int(image.shape[2])
         if (height, width) != (int(info["height"]), int(info["width"])):
             raise DataError(f"image {path} (image id {image_id}) is {height}x{width} (h x w) but "
-                            f"{self.json_file} says {info['height']}x{info['width']}")
-
-        flip, offset = False, (0, 0)
-        if self.augment:
-            flip = bool(torch.rand(()) < 0.5)
-            lo, hi = self.scale_range
-            jitter = lo + (hi - lo) * float(torch.rand(()))
-            frac = torch.rand(2).tolist()
-            scale, resized, offset = T.jitter_geometry(height, width, self.image_size, jitter, frac)
-            if flip:
-                image = T.flip_image(image)
-            image = T.crop_and_pad(T.resize_image(image, resized, scale), offset, self.image_size)
-        else:
-            image, scale = T.resize_and_pad(image, self.image_size)
-            resized = T.resized_shape(height, width, scale)
-        limits = (min(self.image_size[1], resized[1] - offset[0]),
-                  min(self.image_size[0], resized[0] - offset[1]))
-
-        boxes, classes, masks = self._targets(self._instances[image_id], width, scale, offset,
-                                              limits, flip)
-        m, s = self.max_num_instances, self.gt_mask_size
-        n = len(classes)
-        out_boxes = torch.zeros((m, 4), dtype=torch.float32)
-        out_classes = torch.zeros((m,), dtype=torch.int64)
-        out_masks = torch.zeros((m, s, s), dtype=torch.uint8)
-        if n:
-            out_boxes[:n] = boxes
-            out_classes[:n] = torch.as_tensor(classes, dtype=torch.int64)
-            out_masks[:n] = torch.from_numpy(np.stack(masks))
-        return {"image": image, "boxes": out_boxes, "classes": out_classes, "masks": out_masks,
-                "num_instances": n, "image_id": int(image_id), "scale": float(scale),
-                "orig_size": (height, width)}
-
-    def _targets(self, instances, width, scale, offset, limits, flip):
-        """Boxes (output frame), labels and S x S masks of the instances that survive the geometry.
-
-        A box cut by the crop is shrunk to the visible part of its mask (so gt boxes stay tight),
-        and an instance with no mask pixel left in view is dropped.
-        """
-        if not instances:
-            return torch.zeros((0, 4)), [], []
-        src = torch.from_numpy(np.stack([box for box, _, _ in instances]))
-        if flip:
-            src = T.flip_boxes(src, width)
-        out = T.transform_boxes(src, scale, offset, limits)
-        clipped = ((out - T.transform_boxes(src, scale, offset, None)).abs() > 1e-6).any(dim=1)
-        # The part of each original box that is still in view, in original (unflipped) pixels.
-        regions = T.boxes_to_source(out, scale, offset)
-        if flip:
-            regions = T.flip_boxes(regions, width)
-        boxes, classes, masks = [], [], []
-        for i in range(len(instances)):
-            box_out = out[i]
-            if box_out[2] - box_out[0] < 1.0 or box_out[3] - box_out[1] < 1.0:
-                continue  # degenerate (or out of view) at the input resolution
-            _, label, ann = instances[i]
-            crop, origin = self._mask_crop(ann, instances[i][0])
-            region = regions[i].tolist()
-            if clipped[i]:
-                region = _tight_region(crop, origin, region)
-                if region is None:
-                    continue
-                tight = torch.tensor([region], dtype=torch.float64)
-                box_out = T.transform_boxes(T.flip_boxes(tight, width) if flip else tight,
-                                            scale, offset, limits)[0]
-                if box_out[2] - box_out[0] < 1.0 or box_out[3] - box_out[1] < 1.0:
-                    continue
-            mask = T.crop_and_resize_mask(crop, region, self.gt_mask_size, origin)
-            masks.append(np.ascontiguousarray(mask[:, ::-1]) if flip else mask)
-            boxes.append(box_out)
-            classes.append(label)
-        if not boxes:
-            return torch.zeros((0, 4)), [], []
-        return torch.stack(boxes).float(), classes, masks
+                            f"{self.json_file} says {info['height']}x{info['width']}; {DOCTOR_HINT}")
+        return self._sample(image, image_id, self._instances[image_id])
 
 
-def _polygons(segm: list) -> list[list[float]]:
+def polygons_of(segm: list) -> list[list[float]]:
     """The polygons of a COCO polygon segmentation that have at least 3 points."""
     return [p for p in segm if isinstance(p, list) and len(p) >= 6]
-
-
-def _tight_region(crop: np.ndarray, origin: tuple[int, int], region: list[float]) -> list[float] | None:
-    """`region` (x1, y1, x2, y2) shrunk to the extent of the mask pixels inside it; None if none.
-
-    crop: binary mask [h, w] whose pixel [0, 0] is at `origin` (x, y) in the region's frame.
-    """
-    ox, oy = origin
-    x1, y1, x2, y2 = region
-    c0, c1 = max(0, math.floor(x1) - ox), min(crop.shape[1], math.ceil(x2) - ox)
-    r0, r1 = max(0, math.floor(y1) - oy), min(crop.shape[0], math.ceil(y2) - oy)
-    if c1 <= c0 or r1 <= r0:
-        return None
-    sub = crop[r0:r1, c0:c1]
-    cols, rows = np.flatnonzero(sub.any(axis=0)), np.flatnonzero(sub.any(axis=1))
-    if cols.size == 0:
-        return None
-    return [max(x1, ox + c0 + cols[0]), max(y1, oy + r0 + rows[0]),
-            min(x2, ox + c0 + cols[-1] + 1), min(y2, oy + r0 + rows[-1] + 1)]

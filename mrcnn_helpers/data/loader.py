@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import DataError
-from .coco import CocoInstanceDataset
+from .coco import CocoInstanceDataset, load_coco
+from .coco_tfrecord import TfRecordInstanceDataset, tfrecord_files
 
 
 def collate_batch(samples: list[dict]) -> dict:
@@ -54,31 +55,64 @@ class EpochShuffleSampler(DistributedSampler):
 def _json_source(json_file: str, pattern: str, json_field: str, pattern_field: str) -> str:
     if json_file:
         return json_file
-    if pattern:
-        raise DataError(f"data_config.{pattern_field} = '{pattern}' asks for TFRecord input, which is "
-                        f"not supported yet; set data_config.{json_field} (and the image directory) "
-                        f"to a COCO instances JSON instead")
-    raise DataError(f"data_config.{json_field} is empty; set it to a COCO instances JSON file")
+    raise DataError(f"data_config.{json_field} is empty; set it to a COCO instances JSON file, or "
+                    f"set data_config.{pattern_field} to TFRecord files")
 
 
-def _check_num_classes(spec, dataset: CocoInstanceDataset) -> None:
+def _check_num_classes(spec, dataset) -> None:
     num_classes = int(spec.data_config.num_classes)
     if num_classes < len(dataset.class_names):
-        raise DataError(f"data_config.num_classes = {num_classes}, but {dataset.json_file} has "
+        raise DataError(f"data_config.num_classes = {num_classes}, but {dataset.source} has "
                         f"{len(dataset.class_names) - 1} categories; num_classes must be at least "
                         f"{len(dataset.class_names)} (categories + background)")
 
 
-def build_train_dataset(spec) -> CocoInstanceDataset:
-    """The training CocoInstanceDataset described by the spec (augmentation as configured)."""
+def _sample_options(spec, train: bool) -> dict:
     dc = spec.data_config
-    json_file = _json_source(dc.train_json_file, dc.training_file_pattern, "train_json_file",
-                             "training_file_pattern")
-    dataset = CocoInstanceDataset(
-        json_file, dc.train_image_dir, image_size=tuple(dc.image_size), train=True,
-        augment=dc.augment_input_data, skip_crowd=dc.skip_crowd_during_training,
-        gt_mask_size=spec.maskrcnn_config.gt_mask_size, max_num_instances=dc.max_num_instances,
-        scale_range=(dc.aug_scale_min, dc.aug_scale_max))
+    options = {"image_size": tuple(dc.image_size), "gt_mask_size": spec.maskrcnn_config.gt_mask_size,
+               "max_num_instances": dc.max_num_instances, "train": train}
+    if train:
+        options.update(augment=dc.augment_input_data, skip_crowd=dc.skip_crowd_during_training,
+                       scale_range=(dc.aug_scale_min, dc.aug_scale_max))
+    else:
+        options.update(augment=False, skip_crowd=True)
+    return options
+
+
+def _tfrecord_categories(spec) -> tuple[list[dict] | None, object]:
+    """(categories, ground-truth COCO) from data_config.val_json_file, or (None, None) if unset.
+
+    As in TLT, the validation JSON names the categories: its sorted ids define the contiguous
+    labels for training from TFRecords too, so training and evaluation agree.
+    """
+    json_file = spec.data_config.val_json_file
+    if not json_file:
+        return None, None
+    coco = load_coco(json_file)
+    return list(coco.dataset["categories"]), coco
+
+
+def build_train_dataset(spec, *, rank: int = 0, world_size: int = 1):
+    """The training dataset described by the spec (augmentation as configured).
+
+    data_config.train_json_file (+ train_image_dir) gives a CocoInstanceDataset; when it is empty
+    and training_file_pattern is set, a TfRecordInstanceDataset over the matching files. With
+    several data-parallel ranks and at least as many files as ranks, rank r reads only files
+    r, r + world_size, ... (as TLT shards its input); the dataset's `rank_shard` attribute is then
+    True and the loader must not split it again.
+    """
+    dc = spec.data_config
+    if not dc.train_json_file and dc.training_file_pattern:
+        files = tfrecord_files(dc.training_file_pattern, "data_config.training_file_pattern")
+        rank_shard = world_size > 1 and len(files) >= world_size
+        categories, _ = _tfrecord_categories(spec)
+        dataset = TfRecordInstanceDataset(files[rank::world_size] if rank_shard else files,
+                                          categories=categories, **_sample_options(spec, True))
+        dataset.rank_shard = rank_shard
+    else:
+        json_file = _json_source(dc.train_json_file, dc.training_file_pattern, "train_json_file",
+                                 "training_file_pattern")
+        dataset = CocoInstanceDataset(json_file, dc.train_image_dir, **_sample_options(spec, True))
     _check_num_classes(spec, dataset)
     return dataset
 
@@ -86,22 +120,25 @@ def build_train_dataset(spec) -> CocoInstanceDataset:
 def build_train_loader(spec, *, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Shuffled, drop_last training DataLoader of batches of spec.train_batch_size (per rank).
 
-    Each rank gets a disjoint shard (DistributedSampler semantics; the permutation is seeded from
-    spec.seed and changes every pass). Augmentation draws from torch's RNG: in workers it is
-    seeded from spec.seed and rank; with n_workers = 0 it is the process's global RNG.
-    Iterate it repeatedly for as many steps as needed. loader.sampler.set_epoch(e) restarts the
-    shuffle sequence at epoch e (for resuming).
+    Each rank gets a disjoint shard: whole TFRecord files when the dataset was split by file
+    (see build_train_dataset), otherwise every world_size-th index of one permutation
+    (DistributedSampler semantics). The permutation is seeded from spec.seed and changes every
+    pass. Augmentation draws from torch's RNG: in workers it is seeded from spec.seed and rank;
+    with n_workers = 0 it is the process's global RNG. Iterate it repeatedly for as many steps
+    as needed. loader.sampler.set_epoch(e) restarts the shuffle sequence at epoch e (resuming).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-    dataset = build_train_dataset(spec)
+    dataset = build_train_dataset(spec, rank=rank, world_size=world_size)
     batch_size = int(spec.train_batch_size)
-    per_rank = len(dataset) // world_size
+    split_here = not getattr(dataset, "rank_shard", False)
+    replicas = world_size if split_here else 1
+    per_rank = len(dataset) // replicas
     if per_rank < batch_size:
-        raise DataError(f"{dataset.json_file} has {len(dataset)} images: {per_rank} per rank for "
-                        f"{world_size} rank(s), fewer than train_batch_size = {batch_size}")
-    sampler = EpochShuffleSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                  seed=int(spec.seed), drop_last=True)
+        raise DataError(f"{dataset.source} has {len(dataset)} images: {per_rank} for rank {rank} "
+                        f"of {world_size}, fewer than train_batch_size = {batch_size}")
+    sampler = EpochShuffleSampler(dataset, num_replicas=replicas, rank=rank if split_here else 0,
+                                  shuffle=True, seed=int(spec.seed), drop_last=True)
     generator = torch.Generator().manual_seed(int(spec.seed) * 1000 + rank)
     workers = int(spec.data_config.n_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -110,27 +147,40 @@ def build_train_loader(spec, *, rank: int = 0, world_size: int = 1) -> DataLoade
                       pin_memory=torch.cuda.is_available())
 
 
-def build_eval_dataset(spec, max_images: int | None = None) -> CocoInstanceDataset:
-    """The validation CocoInstanceDataset (no augmentation), capped at data_config.eval_samples when
-    > 0 and at max_images when given (the first images in id order)."""
+def build_eval_dataset(spec, max_images: int | None = None):
+    """The validation dataset (no augmentation), capped at data_config.eval_samples when > 0 and
+    at max_images when given (the first images: in id order for JSON, in record order for
+    TFRecords).
+
+    val_json_file + val_image_dir give a CocoInstanceDataset. With val_image_dir empty and
+    validation_file_pattern set (TLT's specs), the images come from the TFRecords and
+    val_json_file is the ground truth for the metrics, as in TLT.
+    """
     dc = spec.data_config
-    json_file = _json_source(dc.val_json_file, dc.validation_file_pattern, "val_json_file",
-                             "validation_file_pattern")
     limit = int(dc.eval_samples) if int(dc.eval_samples) > 0 else None
     if max_images is not None:
         limit = int(max_images) if limit is None else min(limit, int(max_images))
-    dataset = CocoInstanceDataset(
-        json_file, dc.val_image_dir, image_size=tuple(dc.image_size), train=False, augment=False,
-        skip_crowd=True, gt_mask_size=spec.maskrcnn_config.gt_mask_size,
-        max_num_instances=dc.max_num_instances, max_images=limit)
+    if dc.validation_file_pattern and not dc.val_image_dir:
+        if not dc.val_json_file:
+            raise DataError("evaluating from data_config.validation_file_pattern needs "
+                            "data_config.val_json_file: the COCO ground truth of those records")
+        files = tfrecord_files(dc.validation_file_pattern, "data_config.validation_file_pattern")
+        categories, coco = _tfrecord_categories(spec)
+        dataset = TfRecordInstanceDataset(files, categories=categories, coco=coco,
+                                          max_images=limit, **_sample_options(spec, False))
+    else:
+        json_file = _json_source(dc.val_json_file, dc.validation_file_pattern, "val_json_file",
+                                 "validation_file_pattern")
+        dataset = CocoInstanceDataset(json_file, dc.val_image_dir, max_images=limit,
+                                      **_sample_options(spec, False))
     _check_num_classes(spec, dataset)
     return dataset
 
 
 def build_eval_loader(spec, max_images: int | None = None) -> DataLoader:
     """DataLoader over the validation split in image-id order, batches of spec.eval_batch_size
-    (the last one may be smaller). loader.dataset is the CocoInstanceDataset (its .coco is the
-    ground truth for evaluation)."""
+    (the last one may be smaller). loader.dataset is the CocoInstanceDataset or
+    TfRecordInstanceDataset (its .coco is the ground truth for evaluation)."""
     dataset = build_eval_dataset(spec, max_images)
     workers = int(spec.data_config.n_workers)
     return DataLoader(dataset, batch_size=int(spec.eval_batch_size), shuffle=False, drop_last=False,

@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    """The message of an error, without the worker traceback that DataLoader wraps around it."""
+    text = str(exc)
+    if "Original Traceback" in text:  # raised in a DataLoader worker and re-raised here
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if "Error: " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MrcnnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

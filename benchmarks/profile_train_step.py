@@ -1,0 +1,85 @@
+"""Where the time of one training step goes: per stage (backbone, RPN, RoI heads, backward,
+optimizer) and the top CUDA kernels, for the seed spec at 832x1344, batch 8, bf16.
+
+    python benchmarks/profile_train_step.py [--batch 8] [--objects 8]
+
+Stages are marked with forward hooks on the model's top-level modules, so the model code carries
+no profiling calls. Needs a CUDA GPU.
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from bench_maskrcnn import SEED_SPEC, synthetic_batch
+from mrcnn_helpers.model import build_model
+from mrcnn_helpers.spec import load_spec, replace_spec
+
+
+def mark_stages(model):
+    """Wrap backbone / rpn / roi_heads forwards in profiler ranges named after them."""
+    ranges = {}
+    for name in ("backbone", "rpn", "roi_heads"):
+        module = getattr(model, name)
+
+        def pre(mod, args, name=name):
+            ranges[name] = record_function(f"stage::{name}")
+            ranges[name].__enter__()
+
+        def post(mod, args, out, name=name):
+            ranges[name].__exit__(None, None, None)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--objects", type=int, default=8)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
+        "data_config.max_num_instances": 100, "maskrcnn_config.test_score_thresh": 0.0})
+    h, w = spec.data_config.image_size
+    gen = torch.Generator().manual_seed(0)
+    images, boxes, classes, rel_masks, _ = synthetic_batch(
+        args.batch, h, w, args.objects, spec.maskrcnn_config.gt_mask_size, device, gen)
+    pad = spec.data_config.max_num_instances - args.objects
+    F = torch.nn.functional
+    targets = {"boxes": F.pad(boxes, (0, 0, 0, pad)), "classes": F.pad(classes, (0, pad)),
+               "masks": F.pad(rel_masks, (0, 0, 0, 0, 0, pad))}
+    model = build_model(spec).to(device).train()
+    mark_stages(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses = model(images, targets)
+        with record_function("stage::backward"):
+            sum(losses.values()).backward()
+        with record_function("stage::optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, "
+          f"{h}x{w}, bf16; times per step (3 steps profiled)")
+    print("| stage | CPU ms (wall in range) | CUDA ms (kernels launched in range) |")
+    print("|---|---|---|")
+    for e in events:
+        if e.key.startswith("stage::"):
+            print(f"| {e.key[7:]} | {e.cpu_time_total / 3e3:.1f} | {e.device_time_total / 3e3:.1f} |")
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,3 +129,14 @@ def test_cli_reports_bad_input_in_one_line(workdir):
 
     out = mrcnn("spec", "show", str(workdir / "spec.txt"), cwd=workdir)
     assert "rpn_positive_overlap: 0.7" in out.stdout  # defaults are resolved and shown
+
+
+def test_worker_errors_are_reported_without_their_traceback():
+    from mrcnn_helpers.cli import _one_line
+    from mrcnn_helpers.errors import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback "
+                        "(most recent call last):\n  File \"x.py\", line 1, in f\n"
+                        "mrcnn_helpers.errors.DataError: data/a.png: cannot read image 3")
+    assert _one_line(wrapped) == "data/a.png: cannot read image 3"
+    assert _one_line(DataError("plain message")) == "plain message"

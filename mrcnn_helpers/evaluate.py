@@ -182,17 +182,15 @@ def _find_coco_dataset(dataset):
                     f"`.category_ids`, like CocoInstanceDataset); got {type(dataset).__name__}")
 
 
-def evaluate_model(model, spec, *, device=None, max_images=None, progress: bool = True,
-                   dataset=None, verbose: bool = False) -> dict:
-    """COCO box (and mask) metrics of `model` on the spec's validation split.
+def predict_coco_results(model, spec, *, device=None, max_images=None, progress: bool = True,
+                         dataset=None) -> tuple[list[dict], list[int], object, float]:
+    """Run `model` over the spec's validation split and return its detections as COCO results.
 
-    Runs the model in eval mode over build_eval_loader(spec) (or over `dataset`, batched by
-    spec.eval_batch_size), maps detections back to original pixels, pastes masks at original
-    resolution, and scores them with coco_evaluate on the evaluated image ids only.
-    device: None = where the model's parameters are; otherwise the model is moved there.
-    max_images: stop after this many images. Returns coco_evaluate's dict plus
-    "eval_images" and "eval_images_per_sec" (the inference loop: loading, forward, pasting and
-    RLE encoding; COCOeval excluded). The model's train/eval mode is restored afterwards.
+    Iterates build_eval_loader(spec) (or `dataset`, batched by spec.eval_batch_size), maps
+    detections back to original pixels, pastes masks at original resolution and encodes them as
+    RLE. Returns (results, evaluated image ids, the dataset holding the COCO ground truth,
+    seconds spent). device: None = where the model's parameters are; otherwise the model is moved
+    there. The model's train/eval mode is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -239,8 +237,21 @@ def evaluate_model(model, spec, *, device=None, max_images=None, progress: bool 
         elapsed = time.perf_counter() - start
     finally:
         model.train(was_training)
+    return results, image_ids, gt_dataset, elapsed
 
-    iou_types = ("bbox", "segm") if include_mask else ("bbox",)
+
+def evaluate_model(model, spec, *, device=None, max_images=None, progress: bool = True,
+                   dataset=None, verbose: bool = False) -> dict:
+    """COCO box (and mask) metrics of `model` on the spec's validation split.
+
+    The detections of predict_coco_results (same arguments) scored with coco_evaluate on the
+    evaluated image ids only. Returns coco_evaluate's dict plus "eval_images" and
+    "eval_images_per_sec" (the inference loop: loading, forward, pasting and RLE encoding;
+    COCOeval excluded).
+    """
+    results, image_ids, gt_dataset, elapsed = predict_coco_results(
+        model, spec, device=device, max_images=max_images, progress=progress, dataset=dataset)
+    iou_types = ("bbox", "segm") if spec.maskrcnn_config.include_mask else ("bbox",)
     metrics = coco_evaluate(gt_dataset.coco, results, iou_types, image_ids=image_ids,
                             verbose=verbose)
     metrics["eval_images"] = len(image_ids)

@@ -1,0 +1,116 @@
+"""Helpers the notebooks call: tables, figures, a live training plot and an image viewer.
+
+    from mrcnn_helpers import notebook as nb
+    nb.use_repo_root("..")                 # spec paths are relative to the repository root
+    nb.spec_table(spec)                    # every spec field, changes in bold
+    monitor = nb.TrainingMonitor(results_dir)
+    train(spec, results_dir, on_log=monitor)
+    result = nb.evaluate_detailed(model, spec)
+    nb.metrics_table(result.metrics); nb.plot_per_class_ap(result.metrics); nb.plot_pr_curves(result)
+    nb.InstanceViewer(predictor, val_json, val_images)
+
+Figures are matplotlib Figures (no pyplot), tables render as HTML in Jupyter and as text
+elsewhere. Needs the `notebooks` extra (matplotlib, ipywidgets; IPython comes with ipykernel).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mrcnn_helpers.errors import CheckpointError
+
+from .analysis import EvalResult, evaluate_detailed, masks_to_rles, match_instances
+from .monitor import TrainingMonitor
+from .plots import (
+    draw_ground_truth,
+    image_grid,
+    load_ground_truth,
+    plot_dataset_stats,
+    plot_per_class_ap,
+    plot_pr_curves,
+    show_ground_truth,
+    show_predictions,
+)
+from .tables import Table, dataset_summary, metrics_table, spec_changes, spec_table
+from .viewer import InstanceViewer
+
+__all__ = [
+    "EvalResult",
+    "InstanceViewer",
+    "Table",
+    "TrainingMonitor",
+    "dataset_summary",
+    "draw_ground_truth",
+    "evaluate_detailed",
+    "image_grid",
+    "load_experiment",
+    "load_ground_truth",
+    "masks_to_rles",
+    "match_instances",
+    "metrics_table",
+    "plot_dataset_stats",
+    "plot_per_class_ap",
+    "plot_pr_curves",
+    "show_ground_truth",
+    "show_predictions",
+    "spec_changes",
+    "spec_table",
+    "use_repo_root",
+]
+
+# The directory the kernel started in (the notebook's folder), remembered at the first call of
+# use_repo_root so that re-running the cell does not climb one more level each time.
+_start_dir: Path | None = None
+
+
+def use_repo_root(root: str | os.PathLike = "..") -> Path:
+    """Change the working directory to `root`, resolved against the directory the kernel started
+    in (not the current one: calling it again is harmless). Spec files name their data paths
+    relative to the repository root, as the CLI does. Returns the absolute root.
+    Raises FileNotFoundError naming the resolved path when it is not a directory.
+    """
+    global _start_dir
+    if _start_dir is None:
+        _start_dir = Path.cwd()
+    target = (_start_dir / root).resolve()
+    if not target.is_dir():
+        raise FileNotFoundError(f"root {root!r} resolves to {target}, which is not a directory; "
+                                f"set `root` to the repository folder (the notebooks' parent)")
+    os.chdir(target)
+    return target
+
+
+def load_experiment(results_dir: str | os.PathLike, device=None):
+    """The newest checkpoint of a training run, ready for inference.
+
+    Returns (model in eval mode, spec stored in the checkpoint, class_names, category_ids), as
+    engine.load_model_for_inference. Raises CheckpointError when results_dir holds no
+    checkpoint (naming the directory and how to make one).
+    """
+    from mrcnn_helpers.engine import latest_checkpoint, load_model_for_inference
+
+    path = latest_checkpoint(results_dir) if Path(results_dir).is_dir() else None
+    if path is None:
+        raise CheckpointError(f"no checkpoint (model.step-N.pth) in {results_dir}: train first "
+                              f"(notebook 03_train or `mrcnn train -e SPEC -r {results_dir}`)")
+    return load_model_for_inference(path, device=device)
+
+
+def _register_figure_formatter() -> None:
+    """Let Jupyter show a returned matplotlib Figure as PNG without pyplot being imported
+    (matplotlib's inline backend registers this only when pyplot is)."""
+    try:
+        from IPython import get_ipython
+        from IPython.core.pylabtools import print_figure
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    formatter = shell.display_formatter.formatters["image/png"]
+    formatter.for_type(Figure, lambda fig: print_figure(fig, "png", bbox_inches="tight"))
+
+
+_register_figure_formatter()

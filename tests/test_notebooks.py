@@ -1,0 +1,295 @@
+"""The notebooks: committed clean and thin, run end to end on CPU with tiny budgets, and the
+Dockerfile / environment.yml naming the same dependencies as pyproject.toml.
+
+The execution test runs 01 -> 05 in order through papermill (03 twice: stopped by max_steps, then
+resumed), injecting small values into each notebook's `parameters` cell; everything is written
+under a temporary directory, nothing into the repository.
+"""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = REPO / "notebooks"
+NOTEBOOKS = ["01_data.ipynb", "02_spec.ipynb", "03_train.ipynb", "04_evaluate.ipynb",
+             "05_visualize.ipynb"]
+MAX_CODE_LINES = 15  # "a code cell of a few lines": anything longer belongs in the package
+
+
+def load(name: str) -> dict:
+    return json.loads((NOTEBOOK_DIR / name).read_text(encoding="utf-8"))
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def as_python(code: str) -> str:
+    """Cell source with IPython shell escapes / magics (`!cmd`, `%magic`) replaced by `pass`."""
+    return "\n".join(re.sub(r"^(\s*)[!%].*$", r"\1pass", line) for line in code.splitlines())
+
+
+# ----- committed form ---------------------------------------------------------------------------
+
+def test_the_notebook_set_is_complete():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == NOTEBOOKS
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    nb = load(name)
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [], f"{name}: a code cell has outputs; clear them"
+            assert cell["execution_count"] is None, f"{name}: execution counts left in"
+        assert "papermill" not in cell.get("metadata", {}), f"{name}: papermill metadata left in"
+    assert "papermill" not in nb["metadata"] and "widgets" not in nb["metadata"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_thin_and_tagged(name):
+    nb = load(name)
+    cells = nb["cells"]
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert cells[0]["cell_type"] == "markdown"
+    assert source(cells[0]).startswith(f"# {name[:2]} · "), "title: '# NN · Step'"
+    code_cells = [c for c in cells if c["cell_type"] == "code"]
+    tagged = [c for c in code_cells if "parameters" in c["metadata"].get("tags", [])]
+    assert tagged == [code_cells[0]], "exactly one parameters cell, the first code cell"
+    params = ast.parse(source(tagged[0]))
+    assert all(isinstance(node, ast.Assign) for node in params.body), \
+        "the parameters cell only assigns values"
+    assert "root" in {t.id for node in params.body for t in node.targets}
+    headings = [source(c) for c in cells if c["cell_type"] == "markdown"
+                and source(c).startswith("## ")]
+    numbers = [int(re.match(r"## (\d+)\. ", h).group(1)) for h in headings]
+    assert numbers == list(range(1, len(numbers) + 1)), "steps are numbered 1, 2, ..."
+    for cell in code_cells:
+        code = source(cell)
+        tree = ast.parse(as_python(code))
+        defined = [n for n in ast.walk(tree)
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                     ast.Lambda))]
+        assert not defined, f"{name}: define functions and classes in the package"
+        assert len(code.splitlines()) <= MAX_CODE_LINES + 5 * (cell is code_cells[0]), \
+            f"{name}: a code cell of {len(code.splitlines())} lines"
+    assert any("mrcnn_helpers" in source(c) for c in code_cells)
+    assert any("use_repo_root(root)" in source(c) for c in code_cells)
+
+
+def test_multi_gpu_launch_is_guarded_by_a_parameter():
+    code = [source(c) for c in load("03_train.ipynb")["cells"] if c["cell_type"] == "code"]
+    launch = [c for c in code if "--gpus" in c]
+    assert len(launch) == 1 and launch[0].startswith("if launch_multi_gpu:")
+    assert "launch_multi_gpu = False" in code[0]
+
+
+# ----- Dockerfile and environment.yml -------------------------------------------------------------
+
+def requirement_map(requirements) -> dict[str, str]:
+    """{normalized name: version specifier} of PEP 508 strings (no markers used here)."""
+    out = {}
+    for req in requirements:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(\[[^\]]*\])?\s*([<>=!~].*)?\s*", req)
+        assert match, f"cannot read requirement {req!r}"
+        out[re.sub(r"[-_.]+", "-", match.group(1).lower())] = (match.group(3) or "").replace(" ",
+                                                                                            "")
+    return out
+
+
+# conda-forge names of packages whose conda name differs from the PyPI name.
+CONDA_TO_PYPI = {"pytorch": "torch"}
+CONDA_ONLY = {"python", "pip"}
+
+
+def environment_yml() -> tuple[dict[str, str], list[str]]:
+    """(conda dependencies as {pypi name: specifier}, pip entries) of environment.yml.
+
+    A line reader for the file's simple layout (a `dependencies:` list with one `pip:` sublist),
+    so the check needs no YAML library.
+    """
+    conda, pip_entries, in_deps, in_pip = {}, [], False, False
+    for raw in (REPO / "environment.yml").read_text(encoding="utf-8").splitlines():
+        line = raw.split(" #")[0].rstrip()
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            in_deps, in_pip = line.startswith("dependencies:"), False
+            continue
+        item = re.match(r"^(\s*)- (.*)$", line)
+        if not (in_deps and item):
+            continue
+        indent, value = len(item.group(1)), item.group(2).strip()
+        if value == "pip:":
+            in_pip = True
+        elif in_pip and indent > 2:
+            pip_entries.append(value)
+        else:
+            in_pip = False
+            match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", value)
+            name = match.group(1).lower()
+            if name not in CONDA_ONLY:
+                conda[CONDA_TO_PYPI.get(name, name)] = match.group(2).replace(" ", "")
+    return conda, pip_entries
+
+
+def pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project.get("optional-dependencies", {})
+    if "notebooks" not in extras:
+        pytest.fail("pyproject.toml has no `notebooks` extra: add notebooks = [\"ipykernel\", "
+                    "\"ipywidgets>=8\", \"jupyterlab>=4\", \"matplotlib>=3.7\"] under "
+                    "[project.optional-dependencies]")
+    return requirement_map(project["dependencies"] + extras["notebooks"])
+
+
+def test_environment_yml_names_the_dependencies_of_pyproject():
+    conda, pip_entries = environment_yml()
+    assert conda == pyproject_requirements()
+    assert pip_entries == ["-e .[notebooks]"]
+    assert "python=3.11" in (REPO / "environment.yml").read_text(encoding="utf-8")
+
+
+def test_dockerfile_installs_the_package_with_the_notebooks_extra():
+    pyproject_requirements()  # the extra it installs exists
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    base = [line for line in lines if line.startswith(("FROM", "ARG BASE_IMAGE"))]
+    assert any("nvcr.io/nvidia/pytorch:" in line for line in base)
+    installs = [line for line in lines if "pip install" in line]
+    assert len(installs) == 1 and installs[0].rstrip().endswith('-e ".[notebooks]"'), \
+        "dependencies come from pyproject.toml only"
+    assert "EXPOSE 8888" in lines
+    assert any(line.startswith("CMD") and '"lab"' in line for line in lines)
+    ignored = (REPO / ".dockerignore").read_text(encoding="utf-8").split()
+    assert {".git", "data/", "results/"} <= set(ignored)
+
+
+# ----- execution --------------------------------------------------------------------------------
+
+def output_texts(nb) -> list[str]:
+    """Every text a notebook's cells produced (streams, text/plain, text/html), in order."""
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                texts.append(out.text)
+            elif out.output_type in ("execute_result", "display_data"):
+                texts += [out.data[k] for k in ("text/plain", "text/html") if k in out.data]
+    return texts
+
+
+def count_outputs(nb, mime: str) -> int:
+    return sum(1 for cell in nb.cells for out in cell.get("outputs", [])
+               if out.output_type in ("execute_result", "display_data") and mime in out.data)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Runs the notebooks in order with tiny budgets; returns (workdir, {run name: notebook})."""
+    pm = pytest.importorskip("papermill")
+    for module in ("ipykernel", "matplotlib", "ipywidgets"):
+        pytest.importorskip(module)
+    work = tmp_path_factory.mktemp("notebooks")
+    data, experiment = work / "data", work / "experiment"
+    common = {"root": str(REPO), "device": "cpu"}
+    runs = [
+        ("01_data", "01_data.ipynb", {"root": str(REPO), "data_dir": str(data), "num_train": 30,
+                                      "num_val": 6, "image_size": [128, 128], "num_show": 2}),
+        ("02_spec", "02_spec.ipynb", {
+            "root": str(REPO), "data_dir": str(data), "experiment_dir": str(experiment),
+            "total_steps": 4, "train_batch_size": 2, "num_steps_per_eval": 4,
+            "logging_frequency": 1, "learning_rate_steps": [], "learning_rate_decay_levels": [],
+            "image_size": [128, 128], "eval_samples": 3}),
+        ("03_train_part", "03_train.ipynb", {**common, "experiment_dir": str(experiment),
+                                             "max_steps": 2}),
+        ("03_train_resumed", "03_train.ipynb", {**common, "experiment_dir": str(experiment)}),
+        ("04_evaluate", "04_evaluate.ipynb", {**common, "experiment_dir": str(experiment),
+                                              "max_images": 3}),
+        ("05_visualize", "05_visualize.ipynb", {**common, "experiment_dir": str(experiment),
+                                                "num_images": 2, "viewer_images": 3}),
+    ]
+    done = {}
+    for run, name, parameters in runs:
+        done[run] = pm.execute_notebook(
+            str(NOTEBOOK_DIR / name), str(work / f"{run}.ipynb"), parameters=parameters,
+            cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False)
+    return work, done
+
+
+def test_01_makes_and_shows_the_data(executed):
+    work, done = executed
+    nb = done["01_data"]
+    assert (work / "data" / "annotations" / "instances_train.json").is_file()
+    assert len(list((work / "data" / "val").glob("*.png"))) == 6
+    assert count_outputs(nb, "image/png") == 2  # ground truth grid, statistics
+    assert any(text.startswith("30 images") for text in output_texts(nb))
+
+
+def test_02_saves_the_changed_spec(executed):
+    from mrcnn_helpers.spec import load_spec
+
+    work, done = executed
+    spec = load_spec(work / "experiment" / "experiment_spec.txt")
+    assert (spec.total_steps, spec.train_batch_size, spec.logging_frequency) == (4, 2, 1)
+    assert spec.data_config.image_size == (128, 128)
+    assert spec.data_config.val_image_dir == str(work / "data" / "val")
+    texts = output_texts(done["02_spec"])
+    assert any("data_config.image_size" in t and "multiples of 2^max_level" in t for t in texts)
+    assert any("reads back identical: True" in t for t in texts)
+
+
+def test_03_trains_stops_and_resumes(executed):
+    work, done = executed
+    experiment = work / "experiment"
+    first = "".join(output_texts(done["03_train_part"]))
+    assert "Stopped at step 2 of 4" in first and "no evaluation yet" in first
+    second = "".join(output_texts(done["03_train_resumed"]))
+    assert "Resuming from" in second and "model.step-2.pth at step 2" in second
+    assert (experiment / "model.step-4.pth").is_file()
+    assert (experiment / "metrics_step-4.json").is_file()
+    history = [json.loads(line) for line in
+               (experiment / "notebook_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if r["event"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in history if r["event"] == "eval"] == [4]
+    # The live plot is one display updated in place, in both runs.
+    for run in ("03_train_part", "03_train_resumed"):
+        assert count_outputs(done[run], "image/png") == 1
+
+
+def test_04_reports_metrics_and_plots(executed):
+    work, done = executed
+    metrics = json.loads((work / "experiment" / "eval_metrics.json").read_text())
+    assert metrics["eval_images"] == 3 and "mask_AP" in metrics and "per_class" in metrics
+    nb = done["04_evaluate"]
+    assert count_outputs(nb, "image/png") == 2  # per-class AP, PR curves
+    assert any("<table" in t and "AP50" in t and "mask" in t for t in output_texts(nb))
+
+
+def test_05_shows_predictions_and_the_viewer(executed):
+    _, done = executed
+    nb = done["05_visualize"]
+    assert count_outputs(nb, "application/vnd.jupyter.widget-view+json") >= 1
+    assert count_outputs(nb, "image/png") >= 1
+    texts = output_texts(nb)
+    assert any(t.startswith("Worst") or "no errors" in t for t in texts)
+
+
+def test_no_cell_failed_and_the_repository_is_untouched(executed):
+    _, done = executed
+    for run, nb in done.items():
+        errors = [out for cell in nb.cells for out in cell.get("outputs", [])
+                  if out.output_type == "error"]
+        assert not errors, f"{run}: {errors[0].ename}: {errors[0].evalue}"
+    for name in NOTEBOOKS:  # papermill wrote its outputs elsewhere
+        assert all(not c.get("outputs") for c in load(name)["cells"])
+    assert not (REPO / "notebooks" / "results").exists()

@@ -8,6 +8,8 @@
     result = nb.evaluate_detailed(model, spec)
     nb.metrics_table(result.metrics); nb.plot_per_class_ap(result.metrics); nb.plot_pr_curves(result)
     nb.InstanceViewer(predictor, val_json, val_images)
+    nb.onnx_io_table("model.onnx"); nb.parity_table(model, onnx_model, images)
+    nb.ap_table(compare_ap(models, spec)); nb.deploy_stats_table({"onnx": stats})
 
 Figures are matplotlib Figures (no pyplot), tables render as HTML in Jupyter and as text
 elsewhere. Needs the `notebooks` extra (matplotlib, ipywidgets; IPython comes with ipykernel).
@@ -21,6 +23,17 @@ from pathlib import Path
 from mrcnn_helpers.errors import CheckpointError
 
 from .analysis import EvalResult, evaluate_detailed, masks_to_rles, match_instances
+from .deployment import (
+    ap_table,
+    deploy_stats_table,
+    onnx_io_table,
+    opencv_available,
+    parity_table,
+    show_calibration_image,
+    show_frames,
+    tensorrt_choice,
+    write_video,
+)
 from .monitor import TrainingMonitor
 from .plots import (
     draw_ground_truth,
@@ -40,7 +53,9 @@ __all__ = [
     "InstanceViewer",
     "Table",
     "TrainingMonitor",
+    "ap_table",
     "dataset_summary",
+    "deploy_stats_table",
     "draw_ground_truth",
     "evaluate_detailed",
     "image_grid",
@@ -49,14 +64,21 @@ __all__ = [
     "masks_to_rles",
     "match_instances",
     "metrics_table",
+    "onnx_io_table",
+    "opencv_available",
+    "parity_table",
     "plot_dataset_stats",
     "plot_per_class_ap",
     "plot_pr_curves",
+    "show_calibration_image",
+    "show_frames",
     "show_ground_truth",
     "show_predictions",
     "spec_changes",
     "spec_table",
+    "tensorrt_choice",
     "use_repo_root",
+    "write_video",
 ]
 
 # The directory the kernel started in (the notebook's folder), remembered at the first call of

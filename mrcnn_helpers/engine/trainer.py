@@ -214,15 +214,20 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         ckpt_path, ckpt = resumed
         check_model_fields(model_fields(spec), ckpt.get("model_fields"), ckpt_path)
         start_step = int(ckpt["step"])
-        if start_step >= total_steps:
+        # A run stopped between writing a checkpoint and its evaluation (killed, disk full)
+        # evaluates that checkpoint when it comes back (below), so no evaluation goes missing.
+        unevaluated = (_is_eval_step(start_step, spec, total_steps)
+                       and _read_metrics(results_dir, start_step) is None)
+        if start_step >= total_steps and not unevaluated:
             say(f"Training is finished: {ckpt_path} is at step {start_step} of {total_steps}.")
             return {"step": start_step, "checkpoint": str(ckpt_path),
                     "metrics": _read_metrics(results_dir, start_step)}
-        if start_step >= stop_step:
+        if start_step >= stop_step and not unevaluated:
             say(f"Stopped: {ckpt_path} is at step {start_step}, max_steps is {stop_step}.")
             return {"step": start_step, "checkpoint": str(ckpt_path),
                     "metrics": _read_metrics(results_dir, start_step)}
-        say(f"Resuming from {ckpt_path} at step {start_step} of {total_steps}")
+        say(f"Resuming from {ckpt_path} at step {start_step} of {total_steps}"
+            + (" (evaluating it first: its evaluation is missing)" if unevaluated else ""))
     else:
         ckpt_path, ckpt, start_step = None, None, 0
 
@@ -272,8 +277,12 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         if sync_bn and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             forward_model = model
+        # Buffers (BN running statistics) stay per rank instead of being broadcast from rank 0
+        # before every forward (the checkpoint keeps rank 0's); gradients live in the all-reduce
+        # buckets themselves, saving a copy of every gradient per step.
         forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
         say(f"Data-parallel training on {ctx.world_size} processes, {spec.train_batch_size} "
             f"images each ({spec.train_batch_size * ctx.world_size} per step)")
 
@@ -301,6 +310,10 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         }
 
     metrics = _read_metrics(results_dir, start_step) if start_step else None
+    if metrics is None and start_step and _is_eval_step(start_step, spec, total_steps):
+        if ctx.is_main:
+            metrics = _evaluate(model, spec, device, evaluate_fn, results_dir, start_step, logger)
+        wait_for_main(ctx)
     last_checkpoint = ckpt_path
     step = start_step
     model.train()
@@ -345,7 +358,7 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
             if logger.should_log(step):
                 logger.log(step, learning_rate=lr,
                            l2_loss=l2_loss_of(decayed, float(spec.l2_weight_decay)))
-            at_eval = step % int(spec.num_steps_per_eval) == 0 or step == total_steps
+            at_eval = _is_eval_step(step, spec, total_steps)
             if at_eval or step == stop_step:
                 paused = time.perf_counter()
                 last_checkpoint = checkpoint_path(results_dir, step)
@@ -364,6 +377,11 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         say(f"Stopped at step {step} of {total_steps} (max_steps); run again to continue.")
     return {"step": step, "checkpoint": str(last_checkpoint) if last_checkpoint else None,
             "metrics": metrics}
+
+
+def _is_eval_step(step: int, spec, total_steps: int) -> bool:
+    """Whether training evaluates (and saves metrics_step-<step>.json) after `step`."""
+    return step % int(spec.num_steps_per_eval) == 0 or step == total_steps
 
 
 def _evaluate(model, spec, device, evaluate_fn, results_dir: Path, step: int,

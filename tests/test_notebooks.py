@@ -1,12 +1,14 @@
 """The notebooks: committed clean and thin, run end to end on CPU with tiny budgets, and the
 Dockerfile / environment.yml naming the same dependencies as pyproject.toml.
 
-The execution test runs 01 -> 05 in order through papermill (03 twice: stopped by max_steps, then
-resumed), injecting small values into each notebook's `parameters` cell; everything is written
-under a temporary directory, nothing into the repository.
+The execution test runs 01 -> 07 in order through papermill (03 twice: stopped by max_steps, then
+resumed; 06 exports what 03 trained, 07 deploys what 06 exported), injecting small values into
+each notebook's `parameters` cell; everything is written under a temporary directory, nothing
+into the repository.
 """
 
 import ast
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -21,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ["01_data.ipynb", "02_spec.ipynb", "03_train.ipynb", "04_evaluate.ipynb",
-             "05_visualize.ipynb"]
+             "05_visualize.ipynb", "06_export.ipynb", "07_tensorrt_deploy.ipynb"]
 MAX_CODE_LINES = 15  # "a code cell of a few lines": anything longer belongs in the package
 
 
@@ -200,7 +202,7 @@ def executed(tmp_path_factory):
     for module in ("ipykernel", "matplotlib", "ipywidgets"):
         pytest.importorskip(module)
     work = tmp_path_factory.mktemp("notebooks")
-    data, experiment = work / "data", work / "experiment"
+    data, experiment, export = work / "data", work / "experiment", work / "export"
     common = {"root": str(REPO), "device": "cpu"}
     runs = [
         ("01_data", "01_data.ipynb", {"root": str(REPO), "data_dir": str(data), "num_train": 30,
@@ -217,7 +219,18 @@ def executed(tmp_path_factory):
                                               "max_images": 3}),
         ("05_visualize", "05_visualize.ipynb", {**common, "experiment_dir": str(experiment),
                                                 "num_images": 2, "viewer_images": 3}),
+        ("06_export", "06_export.ipynb", {"root": str(REPO), "experiment_dir": str(experiment),
+                                          "export_dir": str(export), "verify_images": 2,
+                                          "cal_batches": 2}),
+        # threshold 0.05 = the spec's test_score_thresh: the briefly trained model's detections
+        # are drawn, so the ONNX and PyTorch frames can be compared.
+        ("07_tensorrt_deploy", "07_tensorrt_deploy.ipynb", {
+            **common, "experiment_dir": str(experiment), "export_dir": str(export),
+            "output_dir": str(work / "deploy"), "max_frames": 3, "threshold": 0.05,
+            "num_show": 2}),
     ]
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        runs = runs[:-2]  # 06 and 07 need the `export` extra; their tests skip
     done = {}
     for run, name, parameters in runs:
         done[run] = pm.execute_notebook(
@@ -282,6 +295,97 @@ def test_05_shows_predictions_and_the_viewer(executed):
     assert count_outputs(nb, "image/png") >= 1
     texts = output_texts(nb)
     assert any(t.startswith("Worst") or "no errors" in t for t in texts)
+
+
+def executed_run(executed, run):
+    """(workdir, notebook) of one run, skipping when it was not run (no onnx / onnxruntime)."""
+    work, done = executed
+    if run not in done:
+        pytest.skip(f"{run} needs onnx and onnxruntime (the `export` extra)")
+    return work, done[run]
+
+
+def test_06_exports_verifies_and_writes_deepstream_configs(executed):
+    from mrcnn_helpers.export import read_config
+
+    work, nb = executed_run(executed, "06_export")
+    export = work / "export"
+    assert (export / "model.onnx").is_file()
+    infer = read_config(export / "deepstream" / "config_infer_primary_mrcnn.txt")["property"]
+    assert (infer["network-type"], infer["output-instance-mask"], infer["infer-dims"]) == \
+        ("3", "1", "3;128;128")
+    assert (export / "deepstream" / infer["onnx-file"]).resolve() == (export / "model.onnx")
+    texts = output_texts(nb)
+    html = [t for t in texts if t.startswith("<table")]
+    io, parity, ap = html[:3]
+    assert "generate_detections" in io and "[1, 3, 128, 128]" in io and "[1, 50, 4, 16, 16]" in io
+    assert "2 validation images: all within tolerance" in parity
+    assert "onnx - pytorch" in ap and "mask_AP" in ap
+    assert any("network-type=3" in t for t in texts)  # the nvinfer config is shown
+    assert any(t.startswith("2 batches of float32 [1, 3, 128, 128]") for t in texts)
+    assert count_outputs(nb, "image/png") == 1  # one calibration image
+    if importlib.util.find_spec("tensorrt") is None:
+        assert any("TensorRT is not used" in t and "NGC" in t for t in texts)
+        assert not (export / "model.plan").exists()
+
+
+def test_07_deploys_with_onnx_and_pytorch(executed):
+    import numpy as np
+    from PIL import Image
+
+    work, nb = executed_run(executed, "07_tensorrt_deploy")
+    deploy = work / "deploy"
+    onnx_frames = sorted((deploy / "onnx_frames").glob("*.png"))
+    torch_frames = sorted((deploy / "pytorch_frames").glob("*.png"))
+    assert len(onnx_frames) == len(torch_frames) == 3
+    texts = output_texts(nb)
+    summaries = re.findall(r"3 frames in [\d.]+ s: [\d.]+ FPS \((\w+), batch \d+, (\d+) detections",
+                           "".join(texts))
+    assert [backend for backend, _ in summaries] == ["OnnxRuntimeModel", "pytorch"]
+    assert summaries[0][1] == summaries[1][1] != "0"  # same detections drawn by both backends
+    for onnx_frame, torch_frame in zip(onnx_frames, torch_frames, strict=True):
+        a = np.asarray(Image.open(onnx_frame), np.int16)
+        b = np.asarray(Image.open(torch_frame), np.int16)
+        # The same drawing, up to mask pixels flipped by fp32 rounding at the 0.5 threshold.
+        assert a.shape == b.shape and (np.abs(a - b) > 8).mean() < 0.01
+    table = next(t for t in texts if t.startswith("<table") and "FPS" in t)
+    assert "onnx, images" in table and "pytorch, images" in table
+    video = importlib.util.find_spec("cv2") is not None
+    assert ("onnx, video" in table) == video == (deploy / "clip_annotated.mp4").is_file()
+    assert count_outputs(nb, "image/png") == 1 + video  # annotated folder frames (+ video frames)
+    assert any(t.startswith("deepstream-app -c ") and "deepstream_app_source1_mrcnn.txt" in t
+               for t in texts)
+    if importlib.util.find_spec("tensorrt") is None:
+        assert any("TensorRT is not used" in t for t in texts)
+
+
+def test_tensorrt_choice_follows_the_parameter(tmp_path):
+    from mrcnn_helpers import notebook as nb_helpers
+    from mrcnn_helpers.export import ExportError
+
+    assert nb_helpers.tensorrt_choice(False) == (False, "TensorRT skipped (the parameter is False).")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="auto"):
+            nb_helpers.tensorrt_choice(bad)
+    use, message = nb_helpers.tensorrt_choice("auto", engine_path=tmp_path / "missing.plan")
+    assert not use and message.startswith("TensorRT is not used: ")
+    with pytest.raises(ExportError):  # required but absent (no TensorRT, no GPU or no engine)
+        nb_helpers.tensorrt_choice(True, engine_path=tmp_path / "missing.plan")
+
+
+def test_ap_and_deploy_tables_hold_the_numbers():
+    from mrcnn_helpers import notebook as nb_helpers
+    from mrcnn_helpers.deploy import DeployStats
+
+    table = nb_helpers.ap_table({"pytorch": {"AP": 0.5, "mask_AP": 0.25, "eval_images": 4},
+                                 "onnx": {"AP": 0.5, "mask_AP": 0.2}})
+    assert list(table.columns) == ["metric", "pytorch", "onnx", "onnx - pytorch"]
+    assert table.rows == [["AP", 0.5, 0.5, 0.0], ["mask_AP", 0.25, 0.2, -0.05]]
+    assert "4 validation images" in table.title
+    stats = DeployStats(backend="pytorch", batch_size=2, frames=4, detections=7, seconds=2.0,
+                        frame_latency_ms=[10.0, 20.0, 30.0, 40.0], infer_latency_ms=[5.0, 7.0])
+    row = nb_helpers.deploy_stats_table({"run": stats}).rows[0]
+    assert row == ["run", "pytorch", 2, 4, 2.0, 25.0, 37.0, 6.0, 7]
 
 
 def test_no_cell_failed_and_the_repository_is_untouched(executed):

@@ -32,6 +32,8 @@ from mrcnn_helpers.errors import CheckpointError
 CHECKPOINT_FORMAT = "mrcnn-checkpoint"
 CHECKPOINT_VERSION = 1
 _NAME_RE = re.compile(r"^model\.step-(\d+)\.pth$")
+# Temporary files of atomic writes into a results directory (`.<name>.<random>.tmp`).
+_TEMPORARY_PATTERNS = (".model.step-*.pth.*.tmp", ".metrics_step-*.json.*.tmp", ".spec.txt.*.tmp")
 
 
 class CheckpointWarning(UserWarning):
@@ -74,14 +76,16 @@ def latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
 def prune_checkpoints(results_dir: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the `keep` newest checkpoints (by step); `keep <= 0` keeps all.
 
-    Also removes temporary files left by writes that were killed. Returns the removed paths.
+    Also removes temporary files left by writes that were killed: of checkpoints and of the
+    trainer's metrics JSON and spec.txt (see trainer.write_text_atomic). Returns the removed paths.
     """
     removed = []
     root = Path(results_dir)
     if root.is_dir():
-        for entry in root.glob(".model.step-*.pth.*.tmp"):
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
+        for pattern in _TEMPORARY_PATTERNS:
+            for entry in root.glob(pattern):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
     found = list_checkpoints(results_dir)
     if keep > 0:
         for _, path in found[:-keep]:

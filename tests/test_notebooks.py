@@ -109,7 +109,7 @@ def requirement_map(requirements) -> dict[str, str]:
 
 
 # conda-forge names of packages whose conda name differs from the PyPI name.
-CONDA_TO_PYPI = {"pytorch": "torch"}
+CONDA_TO_PYPI = {"pytorch": "torch", "py-opencv": "opencv-python-headless"}
 CONDA_ONLY = {"python", "pip"}
 
 

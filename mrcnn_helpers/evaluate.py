@@ -22,7 +22,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_helpers.errors import DataError
+from mrcnn_helpers.errors import DataError, MrcnnError
 
 # Order of COCOeval.stats for boxes and masks (pycocotools' summarize()).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -310,12 +310,17 @@ def _json_safe(value):
 
 def write_metrics_json(metrics: dict, path) -> Path:
     """Write metrics as JSON atomically (a temporary file in the same folder, then os.replace),
-    so a reader never sees half a file. Returns the path."""
+    so a reader never sees half a file. Returns the path. Raises MrcnnError naming the path when
+    it cannot be written (disk full, read-only): no file is then left half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(metrics), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(metrics), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MrcnnError(f"could not write {path}: {exc.strerror or exc}") from exc
     return path

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrcnn_helpers.errors import DataError
+from mrcnn_helpers.errors import DataError, MrcnnError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_THRESHOLD = 0.5
@@ -188,11 +188,17 @@ class Predictor:
 
 
 def _write_json_atomic(data, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """JSON via a temporary file and os.replace: a failed write (disk full) leaves no half file
+    and raises MrcnnError naming the path."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MrcnnError(f"could not write {path}: {exc.strerror or exc}") from exc
 
 
 def run_inference(model, spec, class_names, category_ids, input_dir, output_dir, *,

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -75,6 +76,19 @@ def load_coco(json_file: str | os.PathLike) -> COCO:
     return coco_from_dict(data)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# field: (test, what is valid). Anything else fails deep inside pycocotools or the sampler.
+_FIELD_TYPES = {
+    "id": (_is_int, "an integer"),
+    "file_name": (lambda v: isinstance(v, str), "a string"),
+    "width": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
+    "height": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
+}
+
+
 def _check_entries(path: str, data: dict) -> None:
     for key, fields in (("images", ("id", "file_name", "width", "height")), ("categories", ("id", "name")),
                         ("annotations", ("id", "image_id", "category_id", "segmentation"))):
@@ -83,6 +97,10 @@ def _check_entries(path: str, data: dict) -> None:
             if absent:
                 raise DataError(f"{path}: {key}[{index}] lacks {absent} (each entry of '{key}' "
                                 f"needs {list(fields)})")
+            for field in fields:  # types the loader relies on (the dataset doctor's rules)
+                if field in _FIELD_TYPES and not _FIELD_TYPES[field][0](entry[field]):
+                    raise DataError(f"{path}: {key}[{index}] has {field} {entry[field]!r}; "
+                                    f"expected {_FIELD_TYPES[field][1]}; {DOCTOR_HINT}")
     image_ids = {img["id"] for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     for ann in data["annotations"]:
@@ -92,6 +110,10 @@ def _check_entries(path: str, data: dict) -> None:
         if ann["category_id"] not in category_ids:
             raise DataError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, "
                             f"not one of the categories {sorted(category_ids)}")
+        field = _non_finite_field(ann)
+        if field:
+            raise DataError(f"{path}: annotation {ann['id']} has a NaN or infinite number in its "
+                            f"{field}; coordinates must be finite; {DOCTOR_HINT}")
     for key, count in (("images", len(image_ids)), ("categories", len(category_ids)),
                        ("annotations", len({a["id"] for a in data["annotations"]}))):
         if count != len(data[key]):
@@ -102,6 +124,29 @@ def _check_entries(path: str, data: dict) -> None:
                 seen.add(entry["id"])
             raise DataError(f"{path}: {len(data[key]) - count} duplicate id(s) in '{key}' (e.g. "
                             f"{dups[:5]}); every id must be unique; {DOCTOR_HINT}")
+
+
+def _non_finite_field(ann: dict) -> str | None:
+    """The field of `ann` ("bbox" or "segmentation") holding a NaN or an infinity, or None.
+
+    Refused when the file is read: pycocotools' polygon rasterizer (used here and by COCOeval)
+    allocates without bound on a NaN vertex until the process is killed for memory, and a NaN
+    bbox clips to the whole image width. Non-numbers are left to the checks that read them.
+    """
+    bbox = ann.get("bbox")
+    if isinstance(bbox, list) and not _finite(bbox):
+        return "bbox"
+    segm = ann.get("segmentation")
+    if isinstance(segm, list) and not all(_finite(p) for p in segm if isinstance(p, list)):
+        return "segmentation"
+    return None
+
+
+def _finite(values: list) -> bool:
+    try:
+        return math.isfinite(sum(values))  # a NaN or an infinity carries through the sum
+    except (TypeError, OverflowError):
+        return True
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:

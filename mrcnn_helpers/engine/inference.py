@@ -48,9 +48,11 @@ def load_model_for_inference(
         current = model_fields(spec)
         differ = [f"{k}: checkpoint {saved.get(k)!r}, spec {current.get(k)!r}"
                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-        hint = ("; network fields that differ: " + "; ".join(differ)) if differ else ""
+        # The differing fields say what is wrong; torch's per-tensor list (a dozen lines) is
+        # shown only when they cannot.
+        detail = ("; network fields that differ: " + "; ".join(differ)) if differ else f"\n{exc}"
         raise CheckpointError(
-            f"checkpoint {path} does not fit the model built from the spec{hint}\n{exc}"
+            f"checkpoint {path} does not fit the model built from the spec{detail}"
         ) from None
     model.to(device).eval()
     num_classes = int(spec.data_config.num_classes)

@@ -89,15 +89,24 @@ def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file via a temporary file and os.replace (never half-written)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write a small text file via a temporary file and os.replace (never half-written).
+
+    Raises TrainingError naming the path and the OS error (disk full, read-only directory);
+    the previous file at `path`, if any, is then unchanged and no temporary file is left.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise TrainingError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno}); "
+                            "the previous file, if any, is unchanged") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _batches(loader: Any, start_step: int, seed: int) -> Iterator[dict]:
@@ -229,7 +238,7 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         say(f"Resuming from {ckpt_path} at step {start_step} of {total_steps}"
             + (" (evaluating it first: its evaluation is missing)" if unevaluated else ""))
     else:
-        ckpt_path, ckpt, start_step = None, None, 0
+        ckpt_path, ckpt, start_step, unevaluated = None, None, 0, False
 
     if model is None:
         from mrcnn_helpers.model import build_model
@@ -310,7 +319,9 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         }
 
     metrics = _read_metrics(results_dir, start_step) if start_step else None
-    if metrics is None and start_step and _is_eval_step(start_step, spec, total_steps):
+    # Every rank decided `unevaluated` before DDP's construction (a collective), hence before
+    # rank 0 can have written the metrics: all ranks agree and meet at wait_for_main.
+    if unevaluated:
         if ctx.is_main:
             metrics = _evaluate(model, spec, device, evaluate_fn, results_dir, start_step, logger)
         wait_for_main(ctx)

@@ -72,6 +72,11 @@ def read_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types
+        if "Weights only load failed" in str(exc):  # torch's explanation spans many lines
+            raise CheckpointError(f"{path} refused: it holds pickled objects other than tensors, "
+                                  "which would run code when loaded (files are loaded "
+                                  "weights-only); re-save its tensors as a plain state dict"
+                                  ) from None
         raise CheckpointError(f"cannot load {path}: not a readable plain-weights file "
                               f"(files are loaded weights-only and never run code): {exc}") from None
     if isinstance(obj, dict) and obj.get("format") == "mrcnn-checkpoint":

@@ -123,6 +123,21 @@ def _per_class_ap(coco_eval: COCOeval) -> dict[int, float | None]:
     return out
 
 
+def run_cocoeval(coco_gt, results: list[dict], iou_type: str, image_ids, *,
+                 verbose: bool = False) -> COCOeval:
+    """pycocotools' COCOeval of non-empty `results` on `image_ids`, evaluated, accumulated and
+    summarized (its printing silenced unless verbose)."""
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with contextlib.nullcontext() if verbose else quiet:
+        coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
+        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        coco_eval.params.imgIds = image_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval
+
+
 def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), image_ids=None,
                   *, verbose: bool = False) -> dict:
     """COCO metrics of `results` against `coco_gt` (a pycocotools COCO).
@@ -153,14 +168,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), imag
             class_ap = {c["id"]: 0.0 if _category_has_gt(coco_gt, c["id"], image_ids) else None
                         for c in cats}
         else:
-            quiet = contextlib.redirect_stdout(io.StringIO())
-            with contextlib.nullcontext() if verbose else quiet:
-                coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
-                coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
-                coco_eval.params.imgIds = image_ids
-                coco_eval.evaluate()
-                coco_eval.accumulate()
-                coco_eval.summarize()
+            coco_eval = run_cocoeval(coco_gt, results, iou_type, image_ids, verbose=verbose)
             stats = [float(v) for v in coco_eval.stats]
             class_ap = _per_class_ap(coco_eval)
         for name, value in zip(METRIC_NAMES, stats, strict=True):

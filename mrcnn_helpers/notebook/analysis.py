@@ -9,8 +9,6 @@ predictions with its ground truth, to find missed instances and false positives.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +20,9 @@ from mrcnn_helpers.evaluate import (
     IOU_TYPE_PREFIX,
     METRIC_NAMES,
     _per_class_ap,
-    _results_for,
     coco_evaluate,
     predict_coco_results,
+    run_cocoeval,
 )
 
 
@@ -49,16 +47,6 @@ class EvalResult:
     precision: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _coco_eval(coco_gt, results, iou_type, image_ids) -> COCOeval:
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
-        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
-        coco_eval.params.imgIds = image_ids
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    return coco_eval
-
 
 def coco_precision(coco_gt, results: list[dict], image_ids, iou_types=("bbox", "segm")):
     """(metrics, precision by iou type, iou thresholds [T], recall thresholds [R]).
@@ -77,7 +65,7 @@ def coco_precision(coco_gt, results: list[dict], image_ids, iou_types=("bbox", "
     precision = {}
     for iou_type in iou_types:
         prefix = IOU_TYPE_PREFIX[iou_type]
-        coco_eval = _coco_eval(coco_gt, results, iou_type, image_ids)
+        coco_eval = run_cocoeval(coco_gt, results, iou_type, image_ids)
         for name, value in zip(METRIC_NAMES, coco_eval.stats, strict=True):
             metrics[prefix + name] = float(value)
         for cat_id, ap in _per_class_ap(coco_eval).items():

@@ -155,9 +155,9 @@ def test_demo_spec_values():
     assert d.val_image_dir == "data/synthetic/val"
     assert (m.nlayers, m.freeze_bn, m.freeze_blocks, m.anchor_scale) == (10, False, (), 2.0)
     assert (m.min_level, m.max_level, m.mrcnn_resolution) == (3, 6, 16)
-    assert spec.learning_rate_steps == (340, 420)
+    assert spec.learning_rate_steps == (450, 550)
     assert spec.learning_rate_decay_levels == (0.1, 0.01)
-    assert spec.checkpoint == "" and spec.total_steps == 450
+    assert spec.checkpoint == "" and spec.total_steps == 600
 
 
 def test_coco_spec_matches_seed_values(seed_env):
@@ -397,7 +397,7 @@ def test_spec_table_marks_defaults():
     spec = load_spec(SPECS_DIR / "demo_synthetic.txt")
     rows = {(block, name): (value, is_default) for block, name, value, is_default
             in spec_table(spec)}
-    assert rows[("experiment", "total_steps")] == (450, False)
+    assert rows[("experiment", "total_steps")] == (600, False)
     assert rows[("experiment", "momentum")] == (0.9, True)
     assert rows[("data_config", "image_size")] == ((192, 192), False)
     assert rows[("maskrcnn_config", "aspect_ratios")] == (
@@ -438,12 +438,12 @@ def test_validate_spec_after_replace():
     assert str(info.value).startswith(f"{spec.source}: learning_rate_steps = ")
     # Lists become tuples, ints become floats, TLT strings are parsed: the result is canonical.
     fixed = validate_spec(dataclasses.replace(
-        spec, learning_rate_steps=[340, 420], momentum=0,
+        spec, learning_rate_steps=[450, 550], momentum=0,
         data_config=dataclasses.replace(spec.data_config, image_size="(128, 192)")))
-    assert fixed.learning_rate_steps == (340, 420) and isinstance(fixed.momentum, float)
+    assert fixed.learning_rate_steps == (450, 550) and isinstance(fixed.momentum, float)
     assert fixed.data_config.image_size == (128, 192)
-    with pytest.raises(SpecError, match="total_steps = '450': expected an integer"):
-        validate_spec(dataclasses.replace(spec, total_steps="450"))
+    with pytest.raises(SpecError, match="total_steps = '600': expected an integer"):
+        validate_spec(dataclasses.replace(spec, total_steps="600"))
     with pytest.raises(SpecError, match="use_amp"):
         validate_spec(dataclasses.replace(spec, use_amp=1))
 

@@ -5,7 +5,6 @@ conversion is loaded back with pycocotools and its decoded masks must equal the 
 exactly: polygons traced along pixel edges rasterize back losslessly, holes go to RLE.
 """
 
-import argparse
 import base64
 import io
 import json
@@ -26,19 +25,16 @@ from mrcnn_helpers.data import (
     convert_voc,
     generate_synthetic_dataset,
 )
-from mrcnn_helpers.data.commands import add_data_commands
 from mrcnn_helpers.data.contours import signed_area, trace_boundaries
 from mrcnn_helpers.data.convert import category_of_mask_file
 from mrcnn_helpers.errors import DataError
 
+from conftest import run_data_cli
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="mrcnn")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+_cli = run_data_cli
 
 
 def _decoded(coco_json):

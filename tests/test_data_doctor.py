@@ -1,7 +1,6 @@
 """The dataset doctor: every planted defect is found and counted, --fix writes a copy that passes,
 the original is never touched, and training refuses datasets the pipeline cannot trust."""
 
-import argparse
 import hashlib
 import json
 import os
@@ -17,18 +16,15 @@ from mrcnn_helpers.data import (
     fix_dataset,
     generate_synthetic_dataset,
 )
-from mrcnn_helpers.data.commands import add_data_commands
 from mrcnn_helpers.data.doctor import PROBLEMS
 from mrcnn_helpers.errors import DataError
+
+from conftest import run_data_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="mrcnn")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+_cli = run_data_cli
 
 
 def _tree_digest(folder):

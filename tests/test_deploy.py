@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mrcnn_helpers.deploy import (
@@ -25,12 +24,7 @@ from mrcnn_helpers.errors import DataError, MrcnnError
 CLASS_NAMES = ["background", "circle", "triangle", "square"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

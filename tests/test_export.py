@@ -96,13 +96,7 @@ def onnx():
     return pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two busy threads on a 2-core runner are slower than one for these small convolutions.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

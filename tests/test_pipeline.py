@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from mrcnn_helpers.data import generate_synthetic_dataset
+from conftest import synthetic_workdir
 
 TINY_SPEC = """
 use_amp: false
@@ -69,10 +68,8 @@ def mrcnn(*args, cwd, check=True, **kwargs):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    generate_synthetic_dataset(root / "data", num_train=8, num_val=4, image_size=(64, 64), seed=1)
-    (root / "spec.txt").write_text(TINY_SPEC.replace("DATA", str(root / "data")))
-    return root
+    return synthetic_workdir(tmp_path_factory.mktemp("pipeline"), TINY_SPEC, num_train=8,
+                             num_val=4, seed=1)
 
 
 def test_train_kill_resume_evaluate_infer(workdir):

@@ -21,7 +21,8 @@ from test_pipeline import TINY_SPEC
 
 import mrcnn_helpers.engine.trainer as trainer_module
 from mrcnn_helpers.cli import main
-from mrcnn_helpers.data import generate_synthetic_dataset
+
+from conftest import synthetic_workdir
 from mrcnn_helpers.engine import load_checkpoint
 from mrcnn_helpers.errors import CheckpointError, MrcnnError, TrainingError
 
@@ -119,10 +120,8 @@ def _leftovers(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("disk")
-    generate_synthetic_dataset(root / "data", num_train=4, num_val=1, image_size=(64, 64), seed=5)
-    (root / "spec.txt").write_text(DISK_SPEC.replace("DATA", str(root / "data")))
-    return root
+    return synthetic_workdir(tmp_path_factory.mktemp("disk"), DISK_SPEC, num_train=4,
+                             num_val=1, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ import pytest
 import torch
 from test_pipeline import TINY_SPEC, mrcnn
 
-from mrcnn_helpers.data import generate_synthetic_dataset
+
+from conftest import synthetic_workdir
 
 TOTAL_STEPS = 12
 EVAL_EVERY = 2  # = train images / train_batch_size: every checkpoint is at an epoch boundary
@@ -188,10 +189,8 @@ class CheckpointAudit:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    generate_synthetic_dataset(root / "data", num_train=4, num_val=1, image_size=(64, 64), seed=3)
-    (root / "spec.txt").write_text(KILL_SPEC.replace("DATA", str(root / "data")))
-    return root
+    return synthetic_workdir(tmp_path_factory.mktemp("kill"), KILL_SPEC, num_train=4,
+                             num_val=1, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,10 @@ class MaskRCNN(nn.Module):
     D = test_detections_per_image and R = mrcnn_resolution.
     """
 
+    # On CUDA the backbone runs in channels_last (NHWC) memory layout, which cuDNN's bf16/fp16
+    # convolutions use natively (NCHW costs a layout conversion around every convolution).
+    channels_last_on_cuda = True
+
     def __init__(self, cfg, num_classes: int):
         super().__init__()
         self.cfg = cfg
@@ -43,10 +47,32 @@ class MaskRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("MaskRCNN in training mode needs targets (boxes, classes, masks)")
         image_size = tuple(images.shape[-2:])
-        features = self.backbone(self.normalize(images))
+        if self.training:
+            targets = trim_target_padding(targets)
+        x = self.normalize(images)
+        if x.is_cuda and self.channels_last_on_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)
         proposals, valid, rpn_losses = self.rpn(features, image_size, targets)
         detections, roi_losses = self.roi_heads(features, proposals, valid, image_size, targets)
         return {**rpn_losses, **roi_losses} if self.training else detections
+
+
+def trim_target_padding(targets: dict) -> dict:
+    """Drop the padding rows (class 0) that every image of the batch has at its end.
+
+    The loader pads each image's instances to max_num_instances (100-200) for static shapes, but
+    matching computes an IoU of every anchor against every row: ~280k anchors x 200 rows per image
+    at 832x1344. Trimming to the batch's last used row costs one host sync and changes no result
+    (padding rows are masked out everywhere).
+    """
+    classes = targets["classes"]
+    if torch.compiler.is_compiling() or classes.shape[1] <= 1:
+        return targets
+    rows = torch.arange(1, classes.shape[1] + 1, device=classes.device)
+    used = max(1, int(((classes > 0) * rows).max()))
+    return {key: value[:, :used] if key in ("boxes", "classes", "masks") else value
+            for key, value in targets.items()}
 
 
 def build_model(spec) -> MaskRCNN:

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import roi_align
 
 from . import box_ops
 from .masks import project_masks_to_rois
+from .nms import nms_keep_mask, top_kept
 from .rpn import SMOOTH_L1_BETA
 from .sampling import FOREGROUND, IGNORE, label_proposals, sample_balanced
 
@@ -22,6 +23,8 @@ BOX_POOL_SIZE = 7
 # RoIs are assigned to FPN levels 2..5 only (P6 feeds the RPN), by the FPN paper's rule.
 ROI_MAX_LEVEL = 5
 CANONICAL_SIZE, CANONICAL_LEVEL = 224, 4
+# Detection runs NMS on this many (box, class) candidates per image at first (see select_detections).
+PRE_NMS_CANDIDATES = 1000
 
 
 def assign_roi_levels(boxes: Tensor, min_level: int, max_level: int) -> Tensor:
@@ -42,17 +45,56 @@ def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int
     flat = boxes.reshape(-1, 4)
     image_index = torch.arange(batch, device=boxes.device).repeat_interleave(k).to(flat.dtype)
     rois = torch.cat((image_index[:, None], flat), dim=1)
-    levels = assign_roi_levels(flat, min_level, max_level)
-    out = features[0].new_zeros((batch * k, features[0].shape[1], output_size, output_size))
-    for offset, level in enumerate(range(min_level, max_level + 1)):
-        idx = (levels == level).nonzero().squeeze(1)
-        if idx.numel() == 0:
+    levels = assign_roi_levels(flat, min_level, max_level) - min_level
+    # Boxes grouped by level with one host sync for all level counts (not one per level).
+    order = levels.argsort(stable=True)
+    counts = torch.bincount(levels, minlength=max_level - min_level + 1).tolist()
+    pooled, start = [], 0
+    for offset, count in enumerate(counts):
+        if count == 0:
             continue
+        idx = order[start:start + count]
+        start += count
         feat = features[offset]
-        pooled = roi_align(feat, rois[idx].to(feat.dtype), (output_size, output_size),
-                           spatial_scale=1.0 / 2 ** level, sampling_ratio=2, aligned=False)
-        out[idx] = pooled.to(out.dtype)
-    return out
+        pooled.append(roi_align(feat, rois[idx].to(feat.dtype), (output_size, output_size),
+                                spatial_scale=1.0 / 2 ** (min_level + offset), sampling_ratio=2,
+                                aligned=False))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(pooled)[inverse].to(features[0].dtype)
+
+
+def select_detections(boxes: Tensor, scores: Tensor, classes: Tensor, candidate: Tensor,
+                      iou_threshold: float, num_det: int):
+    """Per-class NMS, then the num_det best detections of each image, best first.
+
+    boxes [B, N, 4], scores [B, N], classes [B, N] (one row per proposal and class), candidate
+    bool [B, N]. Returns (boxes [B, D, 4], scores [B, D], classes [B, D] (0 past the found ones),
+    found bool [B, D]) with D = num_det; the same detections as torchvision's per-image
+    `batched_nms(...)[:num_det]`.
+
+    NMS runs on the PRE_NMS_CANDIDATES best candidates of each image. That is exact whenever an
+    image keeps at least num_det of them (suppression only comes from higher scores, so kept boxes
+    further down could never enter its top num_det); otherwise the candidate set grows and NMS
+    runs again.
+    """
+    total = scores.shape[1]
+    k = min(total, max(PRE_NMS_CANDIDATES, num_det))
+    masked = scores.masked_fill(~candidate, -1.0)
+    while True:
+        top_scores, top = masked.topk(k, dim=1)
+        top_valid = candidate.gather(1, top)
+        top_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
+        top_classes = classes.gather(1, top)
+        kept = nms_keep_mask(top_boxes, top_scores, top_classes, top_valid, iou_threshold)
+        short = (kept.sum(dim=1) < num_det) & (candidate.sum(dim=1) > k)
+        if k == total or not bool(short.any()):
+            break
+        k = min(total, 4 * k)
+    index, out_scores, found = top_kept(top_scores, kept, num_det)
+    out_boxes = top_boxes.gather(1, index[..., None].expand(-1, -1, 4)) * found[..., None]
+    out_classes = top_classes.gather(1, index) * found
+    return out_boxes, out_scores, out_classes, found
 
 
 class RoIHeads(nn.Module):
@@ -87,6 +129,10 @@ class RoIHeads(nn.Module):
 
     def forward(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor,
                 image_size: tuple[int, int], targets: dict | None = None):
+        # RoIAlign computes in fp32 on contiguous NCHW maps: convert the levels it reads once
+        # here, for both the box and the mask head (autocast would convert them on every call).
+        num_levels = self.roi_levels[1] - self.roi_levels[0] + 1
+        features = [f.float().contiguous() for f in features[:num_levels]]
         if self.training:
             return {}, self.losses(features, proposals, proposal_valid, targets)
         return self.detect(features, proposals, proposal_valid, image_size), {}
@@ -161,19 +207,11 @@ class RoIHeads(nn.Module):
         wh = boxes[..., 2:] - boxes[..., :2]
         keep = (scores > cfg.test_score_thresh) & (wh > 1e-2).all(-1)
 
-        out_boxes = boxes.new_zeros((batch, num_det, 4))
-        out_scores = scores.new_zeros((batch, num_det))
-        out_classes = torch.zeros((batch, num_det), dtype=torch.long, device=boxes.device)
-        counts = torch.zeros(batch, dtype=torch.long, device=boxes.device)
-        for i in range(batch):
-            sel = keep[i].nonzero(as_tuple=True)
-            b, s, c = boxes[i][sel], scores[i][sel], classes[i][sel]
-            kept = batched_nms(b, s, c, cfg.test_nms)[:num_det]
-            n = kept.numel()
-            out_boxes[i, :n], out_scores[i, :n], out_classes[i, :n] = b[kept], s[kept], c[kept]
-            counts[i] = n
+        out_boxes, out_scores, out_classes, found = select_detections(
+            boxes.reshape(batch, -1, 4), scores.reshape(batch, -1), classes.reshape(batch, -1),
+            keep.reshape(batch, -1), cfg.test_nms, num_det)
         result = {"boxes": out_boxes, "scores": out_scores, "classes": out_classes,
-                  "num_detections": counts}
+                  "num_detections": found.sum(dim=1)}
         if cfg.include_mask:
             logits = self.mask_forward(features, out_boxes)
             r = logits.shape[-1]

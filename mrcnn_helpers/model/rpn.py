@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import batched_nms
 
 from . import box_ops
 from .anchors import generate_anchors, num_anchors_per_location
+from .nms import nms_keep_mask, top_kept
 from .sampling import FOREGROUND, label_rpn_anchors, sample_balanced
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -20,7 +20,16 @@ RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 SMOOTH_L1_BETA = 1.0 / 9
 
 
+def _level_slices(counts: list[int]) -> list[tuple[int, int]]:
+    ends = [sum(counts[: i + 1]) for i in range(len(counts))]
+    return list(zip([0] + ends[:-1], ends))
+
+
 class RegionProposalNetwork(nn.Module):
+    # One NMS launch per level (a host sync each, small suppression masks) rather than one launch
+    # for all levels (one sync, but a mask quadratic in the whole batch's candidates).
+    nms_per_level = True
+
     def __init__(self, cfg, in_channels: int):
         super().__init__()
         self.cfg = cfg
@@ -66,7 +75,7 @@ class RegionProposalNetwork(nn.Module):
         nms_thresh = cfg.train_rpn_nms_threshold if self.training else cfg.test_rpn_nms_thresh
         batch = objectness.shape[0]
         # Top pre_nms anchors of each level (static sizes), then decode only those.
-        scores, indices, levels = [], [], []
+        scores, indices, levels, levels_count = [], [], [], []
         start = 0
         for level, count in enumerate(per_level):
             k = min(pre_nms, count)
@@ -74,6 +83,7 @@ class RegionProposalNetwork(nn.Module):
             scores.append(top)
             indices.append(idx + start)
             levels.append(torch.full((k,), level, device=objectness.device))
+            levels_count.append(k)
             start += count
         scores = torch.cat(scores, dim=1)
         indices = torch.cat(indices, dim=1)
@@ -85,16 +95,14 @@ class RegionProposalNetwork(nn.Module):
         wh = boxes[..., 2:] - boxes[..., :2]
         keep_size = (wh > max(cfg.rpn_min_size, 1e-3)).all(dim=-1)
 
-        out = boxes.new_zeros((batch, post_nms, 4))
-        out_valid = torch.zeros((batch, post_nms), dtype=torch.bool, device=boxes.device)
-        for i in range(batch):
-            # NMS per level, as TLT and torchvision do; the result is sorted by score.
-            sel = keep_size[i].nonzero().squeeze(1)
-            keep = batched_nms(boxes[i, sel], probs[i, sel], levels[sel], nms_thresh)[:post_nms]
-            keep = sel[keep]
-            out[i, : keep.numel()] = boxes[i, keep]
-            out_valid[i, : keep.numel()] = True
-        return out, out_valid
+        # NMS per level, as TLT and torchvision do (one launch per level for the whole batch),
+        # then the post_nms best kept boxes of each image by score.
+        slices = _level_slices(levels_count) if self.nms_per_level else [(0, len(levels))]
+        keep = torch.cat([nms_keep_mask(boxes[:, s:e], probs[:, s:e], levels[s:e],
+                                        keep_size[:, s:e], nms_thresh) for s, e in slices], dim=1)
+        index, _, valid = top_kept(probs, keep, post_nms)
+        out = boxes.gather(1, index[..., None].expand(-1, -1, 4)) * valid[..., None]
+        return out, valid
 
     def losses(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: dict) -> dict:
         cfg = self.cfg

@@ -1,0 +1,112 @@
+"""Batched, fixed-shape NMS and detection selection against torchvision's per-image batched_nms."""
+
+import torch
+from torchvision.ops import batched_nms
+
+from mrcnn_helpers.model import roi_heads
+from mrcnn_helpers.model.maskrcnn import trim_target_padding
+from mrcnn_helpers.model.nms import nms_keep_mask, top_kept
+
+
+def random_boxes(gen, batch, n, size=100.0):
+    xy = torch.rand(batch, n, 2, generator=gen) * size
+    wh = torch.rand(batch, n, 2, generator=gen) * size / 3 + 1
+    return torch.cat((xy, xy + wh), dim=-1)
+
+
+def reference(boxes, scores, groups, candidate, thresh, k):
+    """torchvision, one image at a time: the kept indices sorted by score, first k."""
+    out = []
+    for i in range(boxes.shape[0]):
+        sel = candidate[i].nonzero().squeeze(1)
+        kept = batched_nms(boxes[i, sel], scores[i, sel], groups[i, sel], thresh)[:k]
+        out.append(sel[kept].tolist())
+    return out
+
+
+def test_keep_mask_and_top_kept_equal_torchvision_per_image():
+    gen = torch.Generator().manual_seed(0)
+    batch, n = 3, 300
+    boxes = random_boxes(gen, batch, n)
+    scores = torch.rand(batch, n, generator=gen)
+    groups = torch.randint(0, 4, (batch, n), generator=gen)
+    candidate = torch.rand(batch, n, generator=gen) > 0.2
+    candidate[2] = False  # an image without any candidate
+    keep = nms_keep_mask(boxes, scores, groups, candidate, 0.5)
+    index, values, valid = top_kept(scores, keep, 50)
+    expected = reference(boxes, scores, groups, candidate, 0.5, 50)
+    for i in range(batch):
+        n_valid = int(valid[i].sum())
+        assert index[i, :n_valid].tolist() == expected[i]
+        assert not valid[i, n_valid:].any() and (values[i, n_valid:] == 0).all()
+        assert torch.equal(values[i, :n_valid], scores[i, expected[i]])
+    assert len(expected[0]) == 50 and valid[2].sum() == 0
+    # Boxes of different groups or images never suppress each other: an identical copy of a box
+    # in another group survives, in the same group it does not.
+    same = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10]]])
+    two = torch.tensor([[0.9, 0.8]])
+    ones = torch.ones(1, 2, dtype=torch.bool)
+    assert nms_keep_mask(same, two, torch.tensor([0, 1]), ones, 0.5).tolist() == [[True, True]]
+    assert nms_keep_mask(same, two, torch.tensor([0, 0]), ones, 0.5).tolist() == [[True, False]]
+
+
+def test_non_candidates_neither_kept_nor_suppressing():
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]]])
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    candidate = torch.tensor([[False, True, True]])
+    keep = nms_keep_mask(boxes, scores, torch.zeros(3, dtype=torch.long), candidate, 0.5)
+    assert keep.tolist() == [[False, True, False]]  # box 1 now suppresses box 2
+
+
+def test_top_kept_pads_when_fewer_entries_than_k():
+    scores = torch.tensor([[0.2, 0.9, 0.5]])
+    keep = torch.tensor([[True, True, False]])
+    index, values, valid = top_kept(scores, keep, 5)
+    assert index.tolist() == [[1, 0, 0, 0, 0]]
+    assert valid.tolist() == [[True, True, False, False, False]]
+    assert torch.allclose(values, torch.tensor([[0.9, 0.2, 0, 0, 0]]))
+
+
+def test_select_detections_exact_when_the_candidate_set_must_grow(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    batch, n, num_det = 2, 400, 30
+    # Heavily overlapping boxes, one class: most of the best candidates suppress each other, so
+    # the first 40 candidates keep fewer than num_det and the set must grow to stay exact.
+    xy = torch.rand(batch, n, 2, generator=gen) * 8
+    boxes = torch.cat((xy, xy + 20 + torch.rand(batch, n, 2, generator=gen) * 10), dim=-1)
+    scores = torch.rand(batch, n, generator=gen)
+    classes = torch.ones(batch, n, dtype=torch.long)
+    classes[:, ::7] = 2
+    candidate = scores > 0.05
+    monkeypatch.setattr(roi_heads, "PRE_NMS_CANDIDATES", 40)
+    sizes = []
+
+    def counting(boxes, *args):
+        sizes.append(boxes.shape[1])
+        return nms_keep_mask(boxes, *args)
+
+    monkeypatch.setattr(roi_heads, "nms_keep_mask", counting)
+    out_boxes, out_scores, out_classes, found = roi_heads.select_detections(
+        boxes, scores, classes, candidate, 0.5, num_det)
+    expected = reference(boxes, scores, classes, candidate, 0.5, num_det)
+    for i in range(batch):
+        k = len(expected[i])
+        assert int(found[i].sum()) == k and k > 0
+        assert torch.equal(out_boxes[i, :k], boxes[i, expected[i]])
+        assert torch.equal(out_scores[i, :k], scores[i, expected[i]])
+        assert torch.equal(out_classes[i, :k], classes[i, expected[i]])
+        assert (out_classes[i, k:] == 0).all() and (out_boxes[i, k:] == 0).all()
+    assert sizes[0] == 40 and len(sizes) > 1
+
+
+def test_trim_target_padding_keeps_every_used_row():
+    classes = torch.tensor([[1, 0, 2, 0, 0], [3, 0, 0, 0, 0]])
+    targets = {"boxes": torch.rand(2, 5, 4), "classes": classes, "masks": torch.rand(2, 5, 4, 4),
+               "image_id": torch.tensor([7, 8])}
+    trimmed = trim_target_padding(targets)
+    assert trimmed["classes"].tolist() == [[1, 0, 2], [3, 0, 0]]
+    assert torch.equal(trimmed["boxes"], targets["boxes"][:, :3])
+    assert torch.equal(trimmed["masks"], targets["masks"][:, :3])
+    assert trimmed["image_id"] is targets["image_id"]
+    empty = trim_target_padding({"boxes": torch.zeros(2, 5, 4), "classes": torch.zeros(2, 5)})
+    assert empty["classes"].shape == (2, 1)

@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--width", type=int, default=1344)
     ap.add_argument("--objects", type=int, default=8)
     ap.add_argument("--only", choices=["train", "infer"], default=None)
+    ap.add_argument("--ours-only", action="store_true", help="skip stock torchvision")
+    ap.add_argument("--nchw", action="store_true", help="ours without channels_last")
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -125,19 +127,22 @@ def main():
 
     torch.manual_seed(0)
     ours = build_model(spec).to(device)
-    stock = build_stock(spec, device)
+    ours.channels_last_on_cuda = not args.nchw
+    stock = None if args.ours_only else build_stock(spec, device)
+    nothing = (float("nan"), float("nan"))
     rows = []
 
     if args.only in (None, "train"):
         (t_ours, m_ours), l_ours = bench_train(ours, lambda: ours(images, targets), args.iters)
-        (t_stock, m_stock), l_stock = bench_train(
-            stock, lambda: stock(stock_images, stock_targets), args.iters)
+        (t_stock, m_stock), l_stock = nothing, {}
+        if stock is not None:
+            (t_stock, m_stock), l_stock = bench_train(
+                stock, lambda: stock(stock_images, stock_targets), args.iters)
         print("losses ours:", l_ours, "\nlosses stock:", l_stock, flush=True)
         rows.append(("train step", args.batch, t_ours, m_ours, t_stock, m_stock))
 
     if args.only in (None, "infer"):
         ours.eval()
-        stock.eval()
         h, w = args.height, args.width
 
         def ours_infer(n):
@@ -153,16 +158,20 @@ def main():
 
         for n in sorted({1, args.batch}):
             (t_o, m_o) = timed(lambda: ours_infer(n), args.iters)
-            (t_s, m_s) = timed(lambda: stock_infer(n), args.iters)
             dets_o = int(ours_infer(n)[0]["num_detections"].float().mean())
-            dets_s = sum(len(r["boxes"]) for r in stock_infer(n)) // n
+            (t_s, m_s), dets_s = nothing, "-"
+            if stock is not None:
+                stock.eval()
+                (t_s, m_s) = timed(lambda: stock_infer(n), args.iters)
+                dets_s = sum(len(r["boxes"]) for r in stock_infer(n)) // n
             rows.append((f"inference ({dets_o}/{dets_s} dets/img, masks pasted)", n, t_o, m_o,
                          t_s, m_s))
 
     props = torch.cuda.get_device_properties(device)
     print(f"\n{props.name}, torch {torch.__version__}, torchvision "
           f"{__import__('torchvision').__version__}, {datetime.date.today()}, "
-          f"{args.height}x{args.width}, {args.objects} objects/image, bf16 autocast")
+          f"{args.height}x{args.width}, {args.objects} objects/image, bf16 autocast, ours "
+          f"{'NCHW' if args.nchw else 'channels_last'}")
     head = f"| {'job':<46} | batch | ours img/s | ours ms | ours GiB | stock img/s | stock ms | stock GiB | ours/stock |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

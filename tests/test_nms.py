@@ -5,6 +5,7 @@ from torchvision.ops import batched_nms
 
 from mrcnn_helpers.model import roi_heads
 from mrcnn_helpers.model.maskrcnn import trim_target_padding
+from mrcnn_helpers.model import nms as nms_module
 from mrcnn_helpers.model.nms import nms_keep_mask, top_kept
 
 
@@ -32,7 +33,9 @@ def test_keep_mask_and_top_kept_equal_torchvision_per_image():
     groups = torch.randint(0, 4, (batch, n), generator=gen)
     candidate = torch.rand(batch, n, generator=gen) > 0.2
     candidate[2] = False  # an image without any candidate
-    keep = nms_keep_mask(boxes, scores, groups, candidate, 0.5)
+    keep = nms_keep_mask(boxes, scores, candidate, 0.5, groups=groups)
+    # The CUDA algorithm (a fixed point of batched matrix products), run here on the CPU.
+    assert torch.equal(nms_module._fixed_point_nms(boxes, scores, candidate, 0.5, groups), keep)
     index, values, valid = top_kept(scores, keep, 50)
     expected = reference(boxes, scores, groups, candidate, 0.5, 50)
     for i in range(batch):
@@ -46,16 +49,33 @@ def test_keep_mask_and_top_kept_equal_torchvision_per_image():
     same = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10]]])
     two = torch.tensor([[0.9, 0.8]])
     ones = torch.ones(1, 2, dtype=torch.bool)
-    assert nms_keep_mask(same, two, torch.tensor([0, 1]), ones, 0.5).tolist() == [[True, True]]
-    assert nms_keep_mask(same, two, torch.tensor([0, 0]), ones, 0.5).tolist() == [[True, False]]
+    for nms in (nms_keep_mask, nms_module._fixed_point_nms):
+        assert nms(same, two, ones, 0.5, torch.tensor([[0, 1]])).tolist() == [[True, True]]
+        assert nms(same, two, ones, 0.5, torch.tensor([[0, 0]])).tolist() == [[True, False]]
+
+
+def test_fixed_point_follows_long_suppression_chains():
+    # A chain of boxes each overlapping the next: greedy keeps every other one, and the fixed
+    # point needs one step per link (more than one convergence check).
+    n = 3 * nms_module.STEPS_PER_CHECK + 2
+    x = torch.arange(n, dtype=torch.float32) * 2
+    boxes = torch.stack((x, torch.zeros(n), x + 5, torch.ones(n) * 5), dim=1)[None]
+    scores = torch.linspace(1.0, 0.5, n)[None]
+    candidate = torch.ones(1, n, dtype=torch.bool)
+    groups = torch.zeros(1, n, dtype=torch.long)
+    expected = nms_keep_mask(boxes, scores, candidate, 0.4)
+    assert expected[0].tolist() == [i % 2 == 0 for i in range(n)]
+    assert torch.equal(nms_module._fixed_point_nms(boxes, scores, candidate, 0.4, groups), expected)
 
 
 def test_non_candidates_neither_kept_nor_suppressing():
     boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]]])
     scores = torch.tensor([[0.9, 0.8, 0.7]])
     candidate = torch.tensor([[False, True, True]])
-    keep = nms_keep_mask(boxes, scores, torch.zeros(3, dtype=torch.long), candidate, 0.5)
-    assert keep.tolist() == [[False, True, False]]  # box 1 now suppresses box 2
+    groups = torch.zeros(1, 3, dtype=torch.long)
+    assert nms_keep_mask(boxes, scores, candidate, 0.5).tolist() == [[False, True, False]]
+    assert nms_module._fixed_point_nms(boxes, scores, candidate, 0.5, groups).tolist() == [
+        [False, True, False]]  # box 1 now suppresses box 2
 
 
 def test_top_kept_pads_when_fewer_entries_than_k():
@@ -81,9 +101,9 @@ def test_select_detections_exact_when_the_candidate_set_must_grow(monkeypatch):
     monkeypatch.setattr(roi_heads, "PRE_NMS_CANDIDATES", 40)
     sizes = []
 
-    def counting(boxes, *args):
+    def counting(boxes, *args, **kwargs):
         sizes.append(boxes.shape[1])
-        return nms_keep_mask(boxes, *args)
+        return nms_keep_mask(boxes, *args, **kwargs)
 
     monkeypatch.setattr(roi_heads, "nms_keep_mask", counting)
     out_boxes, out_scores, out_classes, found = roi_heads.select_detections(

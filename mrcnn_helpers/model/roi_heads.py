@@ -86,7 +86,7 @@ def select_detections(boxes: Tensor, scores: Tensor, classes: Tensor, candidate:
         top_valid = candidate.gather(1, top)
         top_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
         top_classes = classes.gather(1, top)
-        kept = nms_keep_mask(top_boxes, top_scores, top_classes, top_valid, iou_threshold)
+        kept = nms_keep_mask(top_boxes, top_scores, top_valid, iou_threshold, groups=top_classes)
         short = (kept.sum(dim=1) < num_det) & (candidate.sum(dim=1) > k)
         if k == total or not bool(short.any()):
             break

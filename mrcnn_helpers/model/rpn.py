@@ -20,16 +20,7 @@ RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 SMOOTH_L1_BETA = 1.0 / 9
 
 
-def _level_slices(counts: list[int]) -> list[tuple[int, int]]:
-    ends = [sum(counts[: i + 1]) for i in range(len(counts))]
-    return list(zip([0] + ends[:-1], ends))
-
-
 class RegionProposalNetwork(nn.Module):
-    # One NMS launch per level (a host sync each, small suppression masks) rather than one launch
-    # for all levels (one sync, but a mask quadratic in the whole batch's candidates).
-    nms_per_level = True
-
     def __init__(self, cfg, in_channels: int):
         super().__init__()
         self.cfg = cfg
@@ -73,33 +64,34 @@ class RegionProposalNetwork(nn.Module):
         pre_nms = cfg.train_rpn_pre_nms_topn if self.training else cfg.test_rpn_pre_nms_topn
         post_nms = cfg.train_rpn_post_nms_topn if self.training else cfg.test_rpn_post_nms_topn
         nms_thresh = cfg.train_rpn_nms_threshold if self.training else cfg.test_rpn_nms_thresh
-        batch = objectness.shape[0]
-        # Top pre_nms anchors of each level (static sizes), then decode only those.
-        scores, indices, levels, levels_count = [], [], [], []
+        batch, num_levels = objectness.shape[0], len(per_level)
+        # Top pre_nms anchors of each level (static sizes), padded to one length per level so
+        # NMS treats every (image, level) as one row; then decode only those.
+        width = min(pre_nms, max(per_level))
+        scores, indices, real = [], [], []
         start = 0
-        for level, count in enumerate(per_level):
+        for count in per_level:
             k = min(pre_nms, count)
             top, idx = objectness[:, start:start + count].topk(k, dim=1)
-            scores.append(top)
-            indices.append(idx + start)
-            levels.append(torch.full((k,), level, device=objectness.device))
-            levels_count.append(k)
+            scores.append(F.pad(top, (0, width - k)))
+            indices.append(F.pad(idx + start, (0, width - k)))
+            real.append(torch.arange(width, device=objectness.device) < k)
             start += count
-        scores = torch.cat(scores, dim=1)
-        indices = torch.cat(indices, dim=1)
-        levels = torch.cat(levels)
+        scores = torch.stack(scores, dim=1).reshape(batch, -1)  # [B, L * width], level-major
+        indices = torch.stack(indices, dim=1).reshape(batch, -1)
+        real = torch.cat(real)
         boxes = box_ops.decode_boxes(deltas.gather(1, indices[..., None].expand(-1, -1, 4)),
                                      anchors[indices], RPN_BOX_WEIGHTS)
         boxes = box_ops.clip_boxes(boxes, *image_size)
         probs = scores.float().sigmoid()
         wh = boxes[..., 2:] - boxes[..., :2]
-        keep_size = (wh > max(cfg.rpn_min_size, 1e-3)).all(dim=-1)
+        candidate = (wh > max(cfg.rpn_min_size, 1e-3)).all(dim=-1) & real
 
-        # NMS per level, as TLT and torchvision do (one launch per level for the whole batch),
-        # then the post_nms best kept boxes of each image by score.
-        slices = _level_slices(levels_count) if self.nms_per_level else [(0, len(levels))]
-        keep = torch.cat([nms_keep_mask(boxes[:, s:e], probs[:, s:e], levels[s:e],
-                                        keep_size[:, s:e], nms_thresh) for s, e in slices], dim=1)
+        # NMS per level, as TLT and torchvision do, then the post_nms best kept boxes of each
+        # image by score.
+        rows = batch * num_levels
+        keep = nms_keep_mask(boxes.reshape(rows, width, 4), probs.reshape(rows, width),
+                             candidate.reshape(rows, width), nms_thresh).reshape(batch, -1)
         index, _, valid = top_kept(probs, keep, post_nms)
         out = boxes.gather(1, index[..., None].expand(-1, -1, 4)) * valid[..., None]
         return out, valid

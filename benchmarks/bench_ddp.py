@@ -6,8 +6,9 @@
 `mrcnn_helpers.engine.train`. With one process that path does the same work as plain training
 plus DDP's gradient hooks and all-reduces over a one-rank NCCL group, so its throughput should
 match. This script calls `train()` in one process, alternating the plain path and the DDP path
-(the environment torchrun would set: WORLD_SIZE=1, RANK=0, a local rendezvous), `--rounds`
-times each, so drifts of the machine hit both alike. Both use the same model (R50-FPN,
+(the environment torchrun would set: WORLD_SIZE=1, RANK=0, a local rendezvous) with the
+trainer's DDP options and variants of them (PATHS), `--rounds` times each, so drifts of the
+machine hit all alike. Both use the same model (R50-FPN,
 specs/synthetic_gpu_r50.txt, bf16), the same in-memory batches (so no data-loader noise) and
 learning rate 1e-12 (the work stays constant; see bench_maskrcnn.py). Prints img/s per log window
 of 50 steps (the first window, with warm-up, is dropped) and the median of each path. Meant for a CUDA
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_maskrcnn import synthetic_batch  # noqa: E402
 
-from mrcnn_helpers.engine import train  # noqa: E402
+from mrcnn_helpers.engine import train, trainer  # noqa: E402
 from mrcnn_helpers.model import build_model  # noqa: E402
 from mrcnn_helpers.spec import load_spec, replace_spec  # noqa: E402
 
@@ -61,10 +62,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_once(spec, batches, steps: int, distributed: bool) -> list[float]:
+# Paths compared: name -> DDP options (None: plain training).
+PATHS = {
+    "plain": None,
+    "DDP, 1 process": dict(trainer.DDP_OPTIONS),
+    "DDP, 1 process, static_graph": {**trainer.DDP_OPTIONS, "static_graph": True},
+    "DDP, 1 process, static_graph, 100 MB buckets": {**trainer.DDP_OPTIONS, "static_graph": True,
+                                                     "bucket_cap_mb": 100},
+}
+
+
+def run_once(spec, batches, steps: int, ddp_options: dict | None) -> list[float]:
     """img/s of each log window after the first, for one train() call of `steps` steps."""
     windows = []
+    distributed = ddp_options is not None
     if distributed:
+        trainer.DDP_OPTIONS = ddp_options
         os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     try:
@@ -98,10 +111,10 @@ def main():
         "num_steps_per_eval": 10**6,
         "logging_frequency": args.log_every, "maskrcnn_config.nlayers": args.nlayers})
     batches = in_memory_batches(spec, 16, args.objects)
-    results = {"plain": [], "DDP, 1 process": []}
+    results = {name: [] for name in PATHS}
     for round_ in range(args.rounds):
-        for name, distributed in (("plain", False), ("DDP, 1 process", True)):
-            windows = run_once(spec, batches, args.steps, distributed)
+        for name, options in PATHS.items():
+            windows = run_once(spec, batches, args.steps, options)
             results[name] += windows
             print(f"round {round_ + 1} {name}: " + ", ".join(f"{w:.1f}" for w in windows),
                   flush=True)
@@ -110,13 +123,13 @@ def main():
     print(f"\n{device}, torch {torch.__version__}, {datetime.date.today()}, R{args.nlayers}-FPN "
           f"{args.size}x{args.size}, batch {args.batch}, bf16, {args.rounds} rounds x "
           f"{args.steps} steps, img/s per {args.log_every}-step window")
-    print("| path | windows | median img/s | min | max |")
-    print("|---|---|---|---|---|")
+    print("| path | windows | median img/s | min | max | / plain |")
+    print("|---|---|---|---|---|---|")
+    plain = statistics.median(results["plain"])
     for name, values in results.items():
-        print(f"| {name} | {len(values)} | {statistics.median(values):.1f} | {min(values):.1f} | "
-              f"{max(values):.1f} |")
-    ratio = statistics.median(results["DDP, 1 process"]) / statistics.median(results["plain"])
-    print(f"DDP / plain: {ratio:.3f}")
+        median = statistics.median(values)
+        print(f"| {name} | {len(values)} | {median:.1f} | {min(values):.1f} | {max(values):.1f} | "
+              f"{median / plain:.3f} |")
 
 
 if __name__ == "__main__":

@@ -250,3 +250,35 @@ def test_untrusted_or_unrelated_files_are_refused(tmp_path):
         load_pretrained(ours, str(tmp_path / "other.pth"))
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(ours, str(tmp_path / "missing.pth"))
+
+
+def test_frozen_bn_folded_into_convolutions_gives_same_outputs_and_gradients():
+    import copy
+
+    from torchvision.models.resnet import resnet18
+    from torchvision.ops import FrozenBatchNorm2d as TvFrozenBN
+
+    from mrcnn_helpers.model.backbone import (ConvWithFrozenBN, FoldedFrozenBatchNorm2d,
+                                              fold_frozen_bn)
+
+    torch.manual_seed(0)
+    reference = resnet18(norm_layer=TvFrozenBN)
+    for m in reference.modules():
+        if isinstance(m, TvFrozenBN):
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    folded = copy.deepcopy(reference)
+    fold_frozen_bn(folded)
+    assert isinstance(folded.layer2[0].downsample[0], ConvWithFrozenBN)
+    assert isinstance(folded.layer2[0].downsample[1], FoldedFrozenBatchNorm2d)
+    assert folded.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(2, 3, 64, 64)
+    out_ref, out = reference(x), folded(x)
+    assert torch.allclose(out, out_ref, rtol=1e-4, atol=1e-4)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p_ref), p in zip(reference.named_parameters(), folded.parameters()):
+        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-3, atol=1e-4), name
+    # A deep copy keeps each folded conv pointing at its own copy's BN.
+    clone = copy.deepcopy(folded)
+    assert clone.conv1.folded_bn[0] is clone.bn1

@@ -57,6 +57,12 @@ from mrcnn_helpers.errors import CheckpointError, DataError, TrainingError
 TARGET_KEYS = ("boxes", "classes", "masks")
 
 
+# DistributedDataParallel's options. Buffers (BN running statistics) stay per rank instead of
+# being broadcast from rank 0 before every forward (the checkpoint keeps rank 0's); gradients live
+# in the all-reduce buckets themselves, saving a copy of every gradient per step.
+DDP_OPTIONS = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy and Python `random` from the spec's seed."""
     torch.manual_seed(seed)
@@ -251,6 +257,10 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         summary = getattr(report, "summary", None)
         say(summary() if callable(summary) else f"Loaded pretrained weights from {spec.checkpoint}")
     model.to(device)
+    if device.type == "cuda" and getattr(model, "channels_last_on_cuda", False):
+        # Weights in the layout of the activations: their gradients then come out in it too,
+        # matching the optimizer state and DDP's gradient buckets (no per-step relayout copies).
+        model.to(memory_format=torch.channels_last)
     if train_loader is None:
         from mrcnn_helpers.data import build_train_loader
 
@@ -286,12 +296,8 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         if sync_bn and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             forward_model = model
-        # Buffers (BN running statistics) stay per rank instead of being broadcast from rank 0
-        # before every forward (the checkpoint keeps rank 0's); gradients live in the all-reduce
-        # buckets themselves, saving a copy of every gradient per step.
         forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, **DDP_OPTIONS)
         say(f"Data-parallel training on {ctx.world_size} processes, {spec.train_batch_size} "
             f"images each ({spec.train_batch_size * ctx.world_size} per step)")
 

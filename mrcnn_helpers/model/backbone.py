@@ -12,6 +12,7 @@ right choice for fine-tuning at small per-GPU batches, and the wrong one from ra
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FeaturePyramidNetwork
@@ -46,6 +47,52 @@ class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose transform the preceding convolution applies (see fold_frozen_bn);
+    it keeps its buffers, so weights load and save under torchvision's names, and passes through."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class ConvWithFrozenBN(nn.Conv2d):
+    """conv -> frozen BN computed as one convolution: weights scaled per output channel, the
+    BN shift as its bias. Gradients still reach the (trainable) convolution weights through the
+    scaling; the BN statistics stay fixed. Removes a full read and write of every activation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.folded_bn[0]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1), shift, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+def fold_frozen_bn(resnet: ResNet) -> None:
+    """Make every convolution that feeds a FrozenBatchNorm2d apply it (in place).
+
+    The pairs are torchvision's: stem conv1/bn1, each block's convK/bnK and downsample.0/.1.
+    Module classes change, module names and state_dict keys do not.
+    """
+    pairs = [(resnet, "conv1", resnet, "bn1")]
+    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in layer:
+            for k in (1, 2, 3):
+                if hasattr(block, f"conv{k}"):
+                    pairs.append((block, f"conv{k}", block, f"bn{k}"))
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", block.downsample, "1"))
+    for conv_parent, conv_name, bn_parent, bn_name in pairs:
+        conv, bn = getattr(conv_parent, conv_name), getattr(bn_parent, bn_name)
+        if (not isinstance(bn, TorchvisionFrozenBatchNorm2d) or type(conv) is not nn.Conv2d
+                or conv.bias is not None):
+            continue
+        conv.__class__ = ConvWithFrozenBN
+        # A plain list, not a submodule: the BN stays registered (and saved) where it is.
+        conv.folded_bn = [bn]
+        bn.__class__ = FoldedFrozenBatchNorm2d
+
+
 class ResNetFPN(nn.Module):
     """images (normalized float Tensor[B, 3, H, W]) -> list of FPN maps for min_level..max_level.
 
@@ -59,6 +106,8 @@ class ResNetFPN(nn.Module):
         block, layers = RESNET_LAYOUTS[nlayers]
         norm = FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
         resnet = ResNet(block, layers, norm_layer=norm)
+        if freeze_bn:
+            fold_frozen_bn(resnet)
         stage_levels = [lvl for lvl in STAGE_LEVELS if min_level <= lvl <= max_level]
         # Keep only what the FPN reads: the stem and the stages up to the deepest used level.
         keep = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{lvl - 1}" for lvl in STAGE_LEVELS

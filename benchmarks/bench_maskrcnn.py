@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mrcnn_helpers.model import build_model, paste_masks_in_image
+from mrcnn_helpers.model import build_model, paste_masks_in_image, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 SEED_SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "maskrcnn_coco_resnet50.txt")
@@ -126,7 +126,7 @@ def main():
                      for b in range(args.batch)]
 
     torch.manual_seed(0)
-    ours = build_model(spec).to(device)
+    ours = place_model(build_model(spec), device)
     ours.channels_last_on_cuda = not args.nchw
     stock = None if args.ours_only else build_stock(spec, device)
     nothing = (float("nan"), float("nan"))

@@ -1,7 +1,8 @@
 """Where the time of one training step goes: per stage (backbone, RPN, RoI heads, backward,
-optimizer) and the top CUDA kernels, for the seed spec at 832x1344, batch 8, bf16.
+optimizer) and the top CUDA kernels, for the seed spec at 832x1344, batch 8, bf16; with --infer
+the same for inference (score threshold 0: 100 detections per image, all masks pasted).
 
-    python benchmarks/profile_train_step.py [--batch 8] [--objects 8]
+    python benchmarks/profile_train_step.py [--batch 8] [--objects 8] [--infer] [--shapes]
 
 Stages are marked with forward hooks on the model's top-level modules, so the model code carries
 no profiling calls. Needs a CUDA GPU.
@@ -13,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench_maskrcnn import SEED_SPEC, synthetic_batch
-from mrcnn_helpers.model import build_model
+from mrcnn_helpers.model import build_model, paste_masks_in_image, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 
@@ -38,6 +39,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--objects", type=int, default=8)
+    ap.add_argument("--infer", action="store_true",
+                    help="profile inference (100 detections/image, masks pasted) instead")
+    ap.add_argument("--shapes", action="store_true",
+                    help="also list the top operators grouped by input shapes")
     args = ap.parse_args()
     device = torch.device("cuda")
     spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
@@ -50,11 +55,11 @@ def main():
     F = torch.nn.functional
     targets = {"boxes": F.pad(boxes, (0, 0, 0, pad)), "classes": F.pad(classes, (0, pad)),
                "masks": F.pad(rel_masks, (0, 0, 0, 0, 0, pad))}
-    model = build_model(spec).to(device).train()
+    model = place_model(build_model(spec), device).train(not args.infer)
     mark_stages(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
 
-    def step():
+    def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             losses = model(images, targets)
         with record_function("stage::backward"):
@@ -63,22 +68,37 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    def infer_step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images)
+        with record_function("stage::paste"):
+            for i in range(args.batch):
+                paste_masks_in_image(out["masks"][i], out["boxes"][i], h, w).gt_(0.5)
+
+    step = infer_step if args.infer else train_step
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=args.shapes) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, "
-          f"{h}x{w}, bf16; times per step (3 steps profiled)")
+          f"{h}x{w}, bf16, {'inference' if args.infer else 'training'}; times per step "
+          "(3 steps profiled)")
     print("| stage | CPU ms (wall in range) | CUDA ms (kernels launched in range) |")
     print("|---|---|---|")
     for e in events:
         if e.key.startswith("stage::"):
             print(f"| {e.key[7:]} | {e.cpu_time_total / 3e3:.1f} | {e.device_time_total / 3e3:.1f} |")
     print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    if args.shapes:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="self_device_time_total", row_limit=25,
+                             max_name_column_width=30, max_shapes_column_width=70))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from mrcnn_helpers.errors import DataError, MrcnnError
+from mrcnn_helpers.model.maskrcnn import place_model
 
 # Order of COCOeval.stats for boxes and masks (pycocotools' summarize()).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -214,7 +215,7 @@ def predict_coco_results(model, spec, *, device=None, max_images=None, progress:
     gt_dataset = _find_coco_dataset(loader.dataset)
     include_mask = bool(spec.maskrcnn_config.include_mask)
     device = resolve_device(model, device)
-    model.to(device)
+    place_model(model, device)
     total = len(loader.dataset) if max_images is None else min(len(loader.dataset), max_images)
 
     results, image_ids = [], []

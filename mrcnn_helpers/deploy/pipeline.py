@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mrcnn_helpers.errors import MrcnnError
+from mrcnn_helpers.model.maskrcnn import place_model
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _END = object()
@@ -91,7 +92,7 @@ def make_runner(model, *, precision: str = "fp32", device=None):
     from mrcnn_helpers.predict import resolve_device
 
     device = resolve_device(model, device)
-    model.to(device).eval()
+    place_model(model, device).eval()
     dtype = PRECISIONS[precision]
     if dtype is not None and device.type != "cuda":
         raise MrcnnError(f"--precision {precision} needs a CUDA device (got {device})")

@@ -11,6 +11,7 @@ from torch import nn
 from mrcnn_helpers.engine.checkpoint import load_checkpoint
 from mrcnn_helpers.engine.spec_fields import model_fields
 from mrcnn_helpers.errors import CheckpointError
+from mrcnn_helpers.model.maskrcnn import place_model
 
 
 def load_model_for_inference(
@@ -54,7 +55,7 @@ def load_model_for_inference(
         raise CheckpointError(
             f"checkpoint {path} does not fit the model built from the spec{detail}"
         ) from None
-    model.to(device).eval()
+    place_model(model, device).eval()
     num_classes = int(spec.data_config.num_classes)
     class_names = list(state.get("class_names") or
                        ["background"] + [f"class_{i}" for i in range(1, num_classes)])

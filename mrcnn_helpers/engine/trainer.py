@@ -44,6 +44,7 @@ from mrcnn_helpers.engine.distributed import (
 from mrcnn_helpers.engine.logging import MetricLogger
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
 from mrcnn_helpers.engine.schedule import learning_rate_at
+from mrcnn_helpers.model.maskrcnn import place_model
 from mrcnn_helpers.engine.spec_fields import (
     check_model_fields,
     class_names_of,
@@ -256,11 +257,7 @@ def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, tota
         report = load_pretrained(model, spec.checkpoint)
         summary = getattr(report, "summary", None)
         say(summary() if callable(summary) else f"Loaded pretrained weights from {spec.checkpoint}")
-    model.to(device)
-    if device.type == "cuda" and getattr(model, "channels_last_on_cuda", False):
-        # Weights in the layout of the activations: their gradients then come out in it too,
-        # matching the optimizer state and DDP's gradient buckets (no per-step relayout copies).
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device)
     if train_loader is None:
         from mrcnn_helpers.data import build_train_loader
 

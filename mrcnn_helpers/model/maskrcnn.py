@@ -75,6 +75,16 @@ def trim_target_padding(targets: dict) -> dict:
             for key, value in targets.items()}
 
 
+def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move `model` to `device`; on CUDA also lay its weights out channels_last (when the model
+    runs channels_last), so weight gradients, optimizer state and DDP buckets share the
+    activations' layout instead of being converted every step. Returns the model."""
+    model.to(device)
+    if torch.device(device).type == "cuda" and getattr(model, "channels_last_on_cuda", False):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_model(spec) -> MaskRCNN:
     """Mask R-CNN for an ExperimentSpec (its maskrcnn_config and data_config.num_classes)."""
     return MaskRCNN(spec.maskrcnn_config, spec.data_config.num_classes)

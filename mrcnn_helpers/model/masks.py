@@ -43,33 +43,42 @@ def project_masks_to_rois(gt_masks: Tensor, gt_boxes: Tensor, rois: Tensor, matc
     return out.reshape(batch, q, resolution, resolution).clamp(0.0, 1.0)
 
 
+def _interpolation_matrix(start: Tensor, size: Tensor, length: int, resolution: int) -> Tensor:
+    """W[n, p, r]: weight of mask cell r in the bilinear sample at output pixel centre p + 0.5
+    (zero padding beyond the mask's cells; zero outside the box)."""
+    centres = torch.arange(length, device=start.device, dtype=torch.float32) + 0.5
+    # Position in mask cells: the box's edges are the mask's outer edges (cell centres at r + 0.5).
+    u = (centres[None] - start[:, None]) / size[:, None] * resolution - 0.5  # [n, length]
+    cells = torch.arange(resolution, device=start.device, dtype=torch.float32)
+    weights = (1 - (u[:, :, None] - cells).abs()).clamp(min=0)
+    inside = (u >= -0.5) & (u <= resolution - 0.5)
+    return weights * inside[:, :, None]
+
+
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, height: int, width: int,
                          chunk_pixels: int = 1 << 25) -> Tensor:
     """Resample R x R mask probabilities into an image.
 
     masks: float Tensor[N, R, R] (probabilities, row = y); boxes: Tensor[N, 4] (x1, y1, x2, y2)
     in the output image's pixels. Returns float Tensor[N, height, width]: each pixel centre
-    (x + 0.5, y + 0.5) inside a box takes the bilinear sample of its mask; outside, 0.
-    All masks are pasted in one grid_sample call per chunk of `chunk_pixels` output values.
+    (x + 0.5, y + 0.5) inside a box takes the bilinear sample of its mask (cells beyond the mask
+    count as 0, as grid_sample's zero padding); outside, 0.
+
+    Bilinear sampling on a grid is separable, so each mask is pasted as two small matrix
+    products, Wy @ M @ Wx^T, instead of sampling every output pixel through a per-pixel grid:
+    far less memory traffic for the same values. Works in chunks of about `chunk_pixels` outputs.
     """
     n = masks.shape[0]
     out = masks.new_zeros((n, height, width), dtype=torch.float32)
     if n == 0 or height == 0 or width == 0:
         return out
+    resolution = masks.shape[-1]
     boxes = boxes.float()
-    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
     step = max(1, chunk_pixels // (height * width))
     for start in range(0, n, step):
         b = boxes[start:start + step]
-        bw = (b[:, 2] - b[:, 0]).clamp(min=1e-3)
-        bh = (b[:, 3] - b[:, 1]).clamp(min=1e-3)
-        # grid_sample with align_corners=False maps -1..1 to the mask's outer edges, i.e. the box.
-        gx = (xs[None] - b[:, 0:1]) / bw[:, None] * 2 - 1  # [n, W]
-        gy = (ys[None] - b[:, 1:2]) / bh[:, None] * 2 - 1  # [n, H]
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-        sampled = F.grid_sample(masks[start:start + step, None].float(), grid, mode="bilinear",
-                                padding_mode="zeros", align_corners=False)[:, 0]
-        inside = ((gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None])
-        out[start:start + step] = sampled * inside
+        wx = _interpolation_matrix(b[:, 0], (b[:, 2] - b[:, 0]).clamp(min=1e-3), width, resolution)
+        wy = _interpolation_matrix(b[:, 1], (b[:, 3] - b[:, 1]).clamp(min=1e-3), height, resolution)
+        m = masks[start:start + step].float()
+        torch.bmm(wy, torch.bmm(m, wx.transpose(1, 2)), out=out[start:start + step])
     return out

@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--only", choices=["train", "infer"], default=None)
     ap.add_argument("--ours-only", action="store_true", help="skip stock torchvision")
     ap.add_argument("--nchw", action="store_true", help="ours without channels_last")
+    ap.add_argument("--compile", action="store_true",
+                    help="experiment: ours with torch.compile over backbone + FPN and the RPN head")
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -128,6 +130,9 @@ def main():
     torch.manual_seed(0)
     ours = place_model(build_model(spec), device)
     ours.channels_last_on_cuda = not args.nchw
+    if args.compile:
+        ours.backbone = torch.compile(ours.backbone)
+        ours.rpn.head = torch.compile(ours.rpn.head)
     stock = None if args.ours_only else build_stock(spec, device)
     nothing = (float("nan"), float("nan"))
     rows = []
@@ -171,7 +176,7 @@ def main():
     print(f"\n{props.name}, torch {torch.__version__}, torchvision "
           f"{__import__('torchvision').__version__}, {datetime.date.today()}, "
           f"{args.height}x{args.width}, {args.objects} objects/image, bf16 autocast, ours "
-          f"{'NCHW' if args.nchw else 'channels_last'}")
+          f"{'NCHW' if args.nchw else 'channels_last'}{', compiled' if args.compile else ''}")
     head = f"| {'job':<46} | batch | ours img/s | ours ms | ours GiB | stock img/s | stock ms | stock GiB | ours/stock |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

@@ -46,10 +46,9 @@ def models(tmp_path_factory):
     return stock, ours.eval()
 
 
-def test_same_detections_as_torchvision(models):
-    stock, ours = models
+def compare_detections(stock, ours, device):
     torch.manual_seed(1)
-    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, device=device)
     with torch.no_grad():
         expected = stock([im.float() / 255 for im in images])
         got = ours(images)
@@ -64,3 +63,21 @@ def test_same_detections_as_torchvision(models):
         # pixel and resamples with its own rounding); inside, the probabilities agree.
         agree = ((pasted > 0.5) == (exp["masks"][:, 0] > 0.5)).float().mean()
         assert agree > 0.99
+
+
+def test_same_detections_as_torchvision(models):
+    compare_detections(*models, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_detections_as_torchvision_on_cuda(models, monkeypatch):
+    """On CUDA our NMS is the batched fixed point and the backbone runs channels_last."""
+    from mrcnn_helpers.model import place_model
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    stock, ours = models
+    try:
+        compare_detections(stock.cuda(), place_model(ours, "cuda"), "cuda")
+    finally:
+        stock.cpu(), ours.cpu().to(memory_format=torch.contiguous_format)

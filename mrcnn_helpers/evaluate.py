@@ -38,6 +38,21 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _column_major_stack(masks) -> np.ndarray:
+    """[N, h, w] masks as the uint8 column-major [h, w, N] stack pycocotools encodes in one call.
+
+    Column-major [h, w, N] is row-major [N, w, h]: one transposing copy (done by torch, on all
+    cores, for tensors; bool is reinterpreted as uint8 without a copy) and a free view.
+    """
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach()
+        masks = masks.view(torch.uint8) if masks.dtype == torch.bool else masks.to(torch.uint8)
+        return masks.transpose(1, 2).contiguous().cpu().numpy().transpose(2, 1, 0)
+    masks = np.asarray(masks)
+    masks = masks.view(np.uint8) if masks.dtype == np.bool_ else masks.astype(np.uint8)
+    return np.asfortranarray(masks.transpose(1, 2, 0))
+
+
 def detections_to_coco_results(image_id: int, boxes, scores, classes, masks=None,
                                category_ids=None) -> list[dict]:
     """COCO result dicts of one image's detections.
@@ -62,11 +77,9 @@ def detections_to_coco_results(image_id: int, boxes, scores, classes, masks=None
                              f"1..{len(category_ids)} (category_ids has {len(category_ids)} ids)")
     rles = []
     if masks is not None and n:
-        masks = _as_numpy(masks).astype(np.uint8)
         if masks.ndim != 3 or masks.shape[0] != n:
             raise ValueError(f"masks must be [N={n}, h, w], got shape {tuple(masks.shape)}")
-        # pycocotools encodes a column-major [h, w, N] stack in one call.
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        rles = mask_utils.encode(_column_major_stack(masks))
     results = []
     for i in range(n):
         x1, y1, x2, y2 = boxes[i].tolist()

@@ -130,3 +130,11 @@ def test_trim_target_padding_keeps_every_used_row():
     assert trimmed["image_id"] is targets["image_id"]
     empty = trim_target_padding({"boxes": torch.zeros(2, 5, 4), "classes": torch.zeros(2, 5)})
     assert empty["classes"].shape == (2, 1)
+
+
+def test_roi_align_skips_non_finite_boxes():
+    features = [torch.rand(1, 2, 16, 16), torch.rand(1, 2, 8, 8)]
+    boxes = torch.tensor([[[0.0, 0, 8, 8], [float("nan"), 0, 4, 4], [0, 0, float("inf"), 4]]])
+    pooled = roi_heads.multilevel_roi_align(features, boxes, 2, 2, 3)
+    assert pooled.shape == (3, 2, 2, 2)
+    assert torch.isfinite(pooled).all() and (pooled[1:] == 0).all() and pooled[0].abs().sum() > 0

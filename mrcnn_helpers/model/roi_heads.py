@@ -45,16 +45,25 @@ def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int
     flat = boxes.reshape(-1, 4)
     image_index = torch.arange(batch, device=boxes.device).repeat_interleave(k).to(flat.dtype)
     rois = torch.cat((image_index[:, None], flat), dim=1)
-    levels = assign_roi_levels(flat, min_level, max_level) - min_level
+    num_levels = max_level - min_level + 1
+    # A non-finite box (a diverged model) must never reach RoIAlign, which would index memory
+    # with it: it goes to an extra bucket that pools to zeros.
+    finite = torch.isfinite(flat).all(dim=1)
+    levels = assign_roi_levels(torch.nan_to_num(flat), min_level, max_level) - min_level
+    levels = torch.where(finite, levels, num_levels)
     # Boxes grouped by level with one host sync for all level counts (not one per level).
     order = levels.argsort(stable=True)
-    counts = torch.bincount(levels, minlength=max_level - min_level + 1).tolist()
+    counts = torch.bincount(levels, minlength=num_levels + 1).tolist()
     pooled, start = [], 0
     for offset, count in enumerate(counts):
         if count == 0:
             continue
         idx = order[start:start + count]
         start += count
+        if offset == num_levels:
+            pooled.append(features[0].new_zeros((count, features[0].shape[1], output_size,
+                                                 output_size)))
+            continue
         feat = features[offset]
         pooled.append(roi_align(feat, rois[idx].to(feat.dtype), (output_size, output_size),
                                 spatial_scale=1.0 / 2 ** (min_level + offset), sampling_ratio=2,

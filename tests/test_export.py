@@ -54,7 +54,7 @@ data_config {{
 }}
 maskrcnn_config {{
   nlayers: 10
-  freeze_bn: false
+  freeze_bn: {freeze_bn}
   freeze_blocks: "[]"
   gt_mask_size: 28
   mrcnn_resolution: 8
@@ -70,7 +70,8 @@ maskrcnn_config {{
 """
 
 
-def make_tiny_setup(directory: Path, score_thresh: float = 0.0, num_val: int = 8):
+def make_tiny_setup(directory: Path, score_thresh: float = 0.0, num_val: int = 8,
+                    freeze_bn: bool = False):
     """Synthetic val images, a spec and a seeded tiny model that detects (see module doc)."""
     from mrcnn_helpers.data import generate_synthetic_dataset
     from mrcnn_helpers.model import build_model
@@ -79,7 +80,8 @@ def make_tiny_setup(directory: Path, score_thresh: float = 0.0, num_val: int = 8
     paths = generate_synthetic_dataset(directory / "data", num_train=0, num_val=num_val,
                                        image_size=(60, 90), seed=0)
     spec = parse_spec(SPEC_TEXT.format(val_json=paths["val_json"], val_images=paths["val_images"],
-                                       score_thresh=score_thresh), source="<tiny spec>")
+                                       score_thresh=score_thresh,
+                                       freeze_bn=str(freeze_bn).lower()), source="<tiny spec>")
     torch.manual_seed(0)
     model = build_model(spec).eval()
     with torch.no_grad():
@@ -169,6 +171,25 @@ def test_normalization_folded_into_conv1(tiny):
     assert report.ok and report.detections == 4 * DETECTIONS, report.summary()
     # The model itself was not touched by the folding.
     assert tiny.model.backbone.body["conv1"].weight.abs().max() < 5
+
+
+def test_frozen_bn_folded_convolutions_export(tmp_path):
+    """freeze_bn models run each frozen BN inside its convolution; the export (with the input
+    normalization folded into conv1 as well) still matches PyTorch."""
+    setup = make_tiny_setup(tmp_path, freeze_bn=True)
+    with torch.no_grad():  # BN statistics that are not the identity, so the folding matters
+        for name, buf in setup.model.backbone.body.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                buf.uniform_(-0.1, 0.1)
+    images = load_validation_images(setup.spec, 4)
+    path = tmp_path / "frozen_bn.onnx"
+    export_onnx(setup.model, setup.spec, path, batch_size=2, layout="compact",
+                normalize_in_graph=False)
+    report = verify_export(setup.model, OnnxRuntimeModel(path, threads=1), images)
+    assert report.ok and report.detections == 4 * DETECTIONS, report.summary()
+    assert report.max_box_diff < 1e-3 and report.max_score_diff < 1e-5
 
 
 def test_image_without_detections_gives_zero_outputs(tmp_path):

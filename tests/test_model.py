@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mrcnn_helpers.errors import CheckpointError
 from mrcnn_helpers.model import MaskRCNN, load_pretrained, paste_masks_in_image, project_masks_to_rois
@@ -282,3 +283,23 @@ def test_frozen_bn_folded_into_convolutions_gives_same_outputs_and_gradients():
     # A deep copy keeps each folded conv pointing at its own copy's BN.
     clone = copy.deepcopy(folded)
     assert clone.conv1.folded_bn[0] is clone.bn1
+
+
+def test_folded_convolution_inference_cache_follows_weight_changes():
+    from mrcnn_helpers.model.backbone import ConvWithFrozenBN, FrozenBatchNorm2d
+
+    conv, bn = torch.nn.Conv2d(2, 3, 1, bias=False), FrozenBatchNorm2d(3)
+    conv.__class__, conv.folded_bn = ConvWithFrozenBN, [bn]
+    x = torch.rand(1, 2, 4, 4)
+
+    def reference():
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        return F.conv2d(x, conv.weight) * scale.view(1, -1, 1, 1) + (
+            bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+
+    with torch.no_grad():
+        assert torch.allclose(conv(x), reference(), atol=1e-6)
+        conv.weight.mul_(2)  # an optimizer step or load_state_dict: in place
+        bn.running_var.fill_(4.0)
+        assert torch.allclose(conv(x), reference(), atol=1e-6)
+    assert conv(x).requires_grad  # training computes the fold in the graph

@@ -60,12 +60,30 @@ class ConvWithFrozenBN(nn.Conv2d):
     BN shift as its bias. Gradients still reach the (trainable) convolution weights through the
     scaling; the BN statistics stay fixed. Removes a full read and write of every activation."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the single convolution."""
         bn = self.folded_bn[0]
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        shift = bn.bias - bn.running_mean * scale
-        return F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1), shift, self.stride,
-                        self.padding, self.dilation, self.groups)
+        return self.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.folded() if torch.is_grad_enabled() else self._inference_weights(x)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The folded weights, computed once and kept (in autocast's dtype) while neither they nor
+        the BN statistics change: at batch 1 the five small kernels per convolution otherwise cost
+        as much launch time as the convolution itself."""
+        bn = self.folded_bn[0]
+        dtype = (torch.get_autocast_dtype(x.device.type)
+                 if torch.is_autocast_enabled(x.device.type) else self.weight.dtype)
+        key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (
+            self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+        cache = self.__dict__.get("_inference_cache")
+        if cache is None or cache[0] != key:
+            weight, bias = self.folded()
+            cache = self.__dict__["_inference_cache"] = (key, weight.to(dtype), bias.to(dtype))
+        return cache[1], cache[2]
 
 
 def fold_frozen_bn(resnet: ResNet) -> None:

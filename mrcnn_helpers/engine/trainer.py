@@ -44,7 +44,6 @@ from mrcnn_helpers.engine.distributed import (
 from mrcnn_helpers.engine.logging import MetricLogger
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
 from mrcnn_helpers.engine.schedule import learning_rate_at
-from mrcnn_helpers.model.maskrcnn import place_model
 from mrcnn_helpers.engine.spec_fields import (
     check_model_fields,
     class_names_of,
@@ -52,6 +51,7 @@ from mrcnn_helpers.engine.spec_fields import (
     spec_text,
 )
 from mrcnn_helpers.errors import CheckpointError, DataError, TrainingError
+from mrcnn_helpers.model.maskrcnn import place_model
 
 
 # Target entries of a batch the model consumes in train mode (see mrcnn_helpers.data).

@@ -31,6 +31,12 @@ FPN_CHANNELS = 256
 STAGE_LEVELS = (2, 3, 4, 5)
 
 
+def frozen_bn_scale_shift(bn: TorchvisionFrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) of a frozen BN: it computes x * scale + shift."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
 class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d (same buffers and names), computed in the input's dtype.
 
@@ -41,8 +47,7 @@ class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        scale, shift = frozen_bn_scale_shift(self)
         shape = (1, -1, 1, 1)
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
@@ -62,9 +67,8 @@ class ConvWithFrozenBN(nn.Conv2d):
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """(weight, bias) of the single convolution."""
-        bn = self.folded_bn[0]
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        return self.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+        scale, shift = frozen_bn_scale_shift(self.folded_bn[0])
+        return self.weight * scale.view(-1, 1, 1, 1), shift
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.folded() if torch.is_grad_enabled() else self._inference_weights(x)

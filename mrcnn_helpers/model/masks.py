@@ -8,7 +8,6 @@ bilinear resamplings in continuous coordinates, batched over all instances at on
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -69,8 +68,9 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, height: int, width: int,
     far less memory traffic for the same values. Works in chunks of about `chunk_pixels` outputs.
     """
     n = masks.shape[0]
-    out = masks.new_zeros((n, height, width), dtype=torch.float32)
-    if n == 0 or height == 0 or width == 0:
+    # Every element is written by the products below: no zero fill (3.6 GB at batch 8, 832x1344).
+    out = masks.new_empty((n, height, width), dtype=torch.float32)
+    if out.numel() == 0:
         return out
     resolution = masks.shape[-1]
     boxes = boxes.float()

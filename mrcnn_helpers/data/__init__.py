@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 # public name -> (submodule, attribute)
 _EXPORTS = {
     "CocoInstanceDataset": ("coco", "CocoInstanceDataset"),
-    "decode_image": ("coco", "decode_image"),
     "load_coco": ("coco", "load_coco"),
-    "load_image": ("coco", "load_image"),
+    "IMAGE_EXTENSIONS": ("images", "IMAGE_EXTENSIONS"),
+    "decode_image": ("images", "decode_image"),
+    "list_image_files": ("images", "list_image_files"),
+    "load_image": ("images", "load_image"),
     "coco_merge": ("coco_edit", "coco_merge"),
     "coco_subset": ("coco_edit", "coco_subset"),
     "TfRecordInstanceDataset": ("coco_tfrecord", "TfRecordInstanceDataset"),
@@ -41,6 +43,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "SYNTHETIC_CLASS_NAMES",
     "CocoInstanceDataset",
     "DoctorReport",
@@ -63,6 +66,7 @@ __all__ = [
     "flip_boxes",
     "flip_masks",
     "generate_synthetic_dataset",
+    "list_image_files",
     "load_coco",
     "load_image",
     "resize_and_pad",
@@ -85,12 +89,13 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .coco import CocoInstanceDataset, decode_image, load_coco, load_image
+    from .coco import CocoInstanceDataset, load_coco
     from .coco_edit import coco_merge, coco_subset
     from .coco_tfrecord import TfRecordInstanceDataset, write_coco_tfrecords
     from .convert import convert_labelme, convert_mask_folder, convert_voc
     from .doctor import DoctorReport, check_dataset, fix_dataset
     from .download import download_coco
+    from .images import IMAGE_EXTENSIONS, decode_image, list_image_files, load_image
     from .loader import (
         build_eval_dataset,
         build_eval_loader,

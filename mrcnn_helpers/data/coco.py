@@ -16,18 +16,15 @@ import os
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from ..errors import DataError
+from .images import DOCTOR_HINT, load_image
 from .instances import InstanceSampleDataset, box_pixel_window, clip_box
 
 log = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-# Said wherever a defect is found that the dataset doctor finds (and fixes) everywhere at once.
-DOCTOR_HINT = ("run `mrcnn data check JSON --images DIR` for a full report, and add "
-               "`--fix OUT_DIR` to write a cleaned copy")
 
 
 def read_coco_json(json_file: str | os.PathLike) -> dict:
@@ -147,53 +144,6 @@ def _finite(values: list) -> bool:
         return math.isfinite(sum(values))  # a NaN or an infinity carries through the sum
     except (TypeError, OverflowError):
         return True
-
-
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
-    """uint8 [h, w, 3] RGB pixels of a loaded PIL image (see load_image for the conversions)."""
-    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        gray = np.asarray(im, dtype=np.float64) / 257.0
-        return np.repeat(np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None], 3, 2)
-    if im.mode == "F":
-        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, 2)
-    return np.array(im.convert("RGB"))
-
-
-def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
-
-
-def load_image(path: str, image_id: int | None = None) -> torch.Tensor:
-    """Read an image file as RGB uint8 Tensor[3, h, w].
-
-    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted; 16-/32-bit
-    integer images are scaled by 1/257 (0..65535 -> 0..255). EXIF orientation is not applied:
-    COCO annotations refer to the pixels as stored. Raises DataError naming the path and
-    the image id when the file is missing, unreadable or corrupt.
-    """
-    where = f"{path}" + (f" (image id {image_id})" if image_id is not None else "")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            array = _to_rgb_array(im)
-    except FileNotFoundError as e:
-        raise DataError(f"image file not found: {where}; {DOCTOR_HINT}") from e
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {where}: {e}; {DOCTOR_HINT}") from e
-    return _as_tensor(array)
-
-
-def decode_image(data: bytes, where: str) -> torch.Tensor:
-    """Encoded image bytes (JPEG, PNG, ...) -> RGB uint8 Tensor[3, h, w], converted as load_image.
-    Raises DataError naming `where` when the bytes are not a readable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            array = _to_rgb_array(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode the image of {where}: {e}") from e
-    return _as_tensor(array)
 
 
 def usable_instances(coco: COCO, image_id: int, source: str, skip_crowd: bool):

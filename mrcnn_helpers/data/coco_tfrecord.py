@@ -37,7 +37,8 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from ..errors import DataError
-from .coco import DOCTOR_HINT, decode_image, full_rle, load_coco, usable_instances
+from .coco import full_rle, load_coco, usable_instances
+from .images import DOCTOR_HINT, decode_image
 from .instances import InstanceSampleDataset, box_pixel_window
 from .tfrecord import TFRecordWriter, decode_example, encode_example, index_tfrecord, read_record
 

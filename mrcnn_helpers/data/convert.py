@@ -32,11 +32,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .contours import mask_to_segmentation, polygons_to_mask
+from .images import IMAGE_EXTENSIONS
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # LabelMe's labels.txt convention: these names are not classes.
 _LABELME_RESERVED = ("__ignore__", "_background_")
 

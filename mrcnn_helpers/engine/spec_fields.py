@@ -5,48 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from mrcnn_helpers.errors import CheckpointError
+from mrcnn_helpers.spec.network import network_differences, network_fields
 
-# Spec fields that define the network (its layers, their shapes, what is trainable, the anchors
-# the RPN learned). Resuming with any of them changed would load weights into a different model
-# or optimizer state into a different parameter list, so it is refused. Schedule, data and
-# evaluation fields may change between runs (e.g. raising total_steps to train longer).
-MODEL_FIELDS = (
-    "data_config.num_classes",
-    "maskrcnn_config.arch",
-    "maskrcnn_config.nlayers",
-    "maskrcnn_config.freeze_bn",
-    "maskrcnn_config.freeze_blocks",
-    "maskrcnn_config.include_mask",
-    "maskrcnn_config.fast_rcnn_mlp_head_dim",
-    "maskrcnn_config.mrcnn_resolution",
-    "maskrcnn_config.min_level",
-    "maskrcnn_config.max_level",
-    "maskrcnn_config.num_scales",
-    "maskrcnn_config.aspect_ratios",
-    "maskrcnn_config.anchor_scale",
-)
-_MISSING = object()
-
-
-def _plain(value: Any) -> Any:
-    # Tuples become lists so the stored values compare equal after a torch.save/torch.load trip.
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def model_fields(spec: Any) -> dict[str, Any]:
-    """{dotted field name: plain value} of the MODEL_FIELDS the spec object has."""
-    fields = {}
-    for dotted in MODEL_FIELDS:
-        value: Any = spec
-        for part in dotted.split("."):
-            value = getattr(value, part, _MISSING)
-            if value is _MISSING:
-                break
-        if value is not _MISSING:
-            fields[dotted] = _plain(value)
-    return fields
+# The checkpoint key "model_fields" holds spec.network.network_fields(spec).
+model_fields = network_fields
 
 
 def check_model_fields(current: dict, saved: dict | None, source: Any) -> None:
@@ -54,13 +16,7 @@ def check_model_fields(current: dict, saved: dict | None, source: Any) -> None:
 
     `saved` is the checkpoint's "model_fields"; None (not recorded) passes.
     """
-    if saved is None:
-        return
-    differ = [
-        f"  {name}: checkpoint {saved.get(name)!r}, spec {current.get(name)!r}"
-        for name in sorted(set(current) | set(saved))
-        if saved.get(name) != current.get(name)
-    ]
+    differ = ["  " + line for line in network_differences(saved, current)]
     if differ:
         raise CheckpointError(
             f"cannot resume from {source}: the spec builds a different network than the one "

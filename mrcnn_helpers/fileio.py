@@ -1,0 +1,219 @@
+"""Writing files safely: atomic writes, and the guard that keeps outputs off their inputs.
+
+Every file the toolkit writes (checkpoints, metrics, spec copies, COCO JSON, ONNX models, engines,
+TFRecord shards, converted datasets, reports) goes through `atomic_write`, `atomic_write_json` or
+the `atomic_output` context manager: the bytes go to a temporary file in the destination's folder,
+named `.<name>.<random>.tmp`, which is flushed, fsynced and renamed over the destination
+(`os.replace` is atomic within one file system). A reader therefore sees the old file or the new
+one, never half of one; on any failure the temporary file is removed and the destination is left
+as it was. A process killed mid-write can leave a temporary file behind: `remove_temporaries`
+clears them (the trainer does at every checkpoint).
+
+`check_output_path` is the one guard against commands that would write over what they read.
+
+Standard library only: the CLI imports this without paying for torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from mrcnn_helpers.errors import MrcnnError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temporary_pattern(name: str = "*") -> str:
+    """Glob pattern of the temporary files that atomic writes of `name` create."""
+    return f".{name}.*{TEMP_SUFFIX}"
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OSError behind `exc`: torch.save and other writers wrap the file object's ENOSPC/EIO
+    in their own exception types."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """'No space left on device (errno 28)' for an OSError (found through wrappers), else the
+    exception's type and first line."""
+    os_error = _os_error_in(exc)
+    if os_error is not None:
+        return f"{os_error.strerror or os_error} (errno {os_error.errno})"
+    text = str(exc).splitlines()[0] if str(exc) else "no details"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable (a crash right after os.replace could otherwise lose the
+    # directory entry). Not possible on every platform (Windows): then the rename is as durable
+    # as the file system makes it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb", *, error: type = MrcnnError,
+                  what: str = "", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on a clean exit it replaces `path`.
+
+        with atomic_output("model.pth", error=CheckpointError, what="checkpoint") as f:
+            torch.save(state, f)
+
+    mode: "wb" or "w" (text, utf-8 unless `encoding`). Parent folders are created. On any
+    exception inside the block, or when flushing, syncing or renaming fails, the temporary file is
+    removed, `path` is untouched, and `error` (an MrcnnError subclass) is raised naming the path
+    and the OS error; the original exception is its cause. KeyboardInterrupt and SystemExit are
+    re-raised as they are (after the cleanup).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_output writes new files: mode must be 'wb' or 'w', not {mode!r}")
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        kwargs = {} if "b" in mode else {"encoding": encoding or "utf-8", "newline": ""}
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except MrcnnError:
+        raise  # already names what went wrong (e.g. a validation inside the block)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
+        raise error(f"could not write {label}: {describe_os_error(exc)}; the previous file, if "
+                    "any, is unchanged") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, error: type = MrcnnError,
+                 what: str = "") -> Path:
+    """Write bytes or text (utf-8) to `path` atomically; returns the path (see atomic_output)."""
+    binary = isinstance(data, (bytes, bytearray, memoryview))
+    with atomic_output(path, "wb" if binary else "w", error=error, what=what) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN/inf as None (JSON has neither), numpy/torch scalars and arrays as Python
+    values, tuples as lists and keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # numpy / torch scalars and arrays
+    if callable(tolist) and not isinstance(value, (str, bytes)):
+        return json_safe(tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2,
+                      error: type = MrcnnError, what: str = "") -> Path:
+    """Write `obj` as JSON (json_safe: no NaN) to `path` atomically; returns the path."""
+    text = json.dumps(json_safe(obj), indent=indent)
+    return atomic_write(path, text + "\n", error=error, what=what)
+
+
+def remove_temporaries(directory: str | os.PathLike, names: Iterable[str] = ("*",)) -> list[Path]:
+    """Delete temporary files that killed atomic writes left in `directory` (for files matching
+    the glob patterns `names`). Returns the removed paths."""
+    root = Path(directory)
+    removed = []
+    if not root.is_dir():
+        return removed
+    patterns = [temporary_pattern(n) for n in names]
+    for entry in root.iterdir():
+        if entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path)))).resolve()
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                      option: str = "output", allow_inside: bool = False) -> None:
+    """Refuse an output that is one of the command's inputs, or lies inside an input folder.
+
+    inputs: files and folders the command reads (None entries are ignored). An output folder
+    that contains an input is refused too (writing there could replace it), unless
+    allow_inside (e.g. a results directory that holds the checkpoint being read). Raises
+    MrcnnError naming both paths; links are resolved, so another spelling of the same path is
+    caught.
+    """
+    out = _resolved(output)
+    for given in inputs:
+        if given is None or os.fspath(given) == "":
+            continue
+        src = _resolved(given)
+        if out == src:
+            raise MrcnnError(f"{option} {output} is the input {given}: it would be overwritten; "
+                             "choose another path")
+        if src.is_dir() and _is_within(out, src):
+            raise MrcnnError(f"{option} {output} lies inside the input folder {given}: writing "
+                             "there could replace what is read; choose a path outside it")
+        if not allow_inside and out.is_dir() and _is_within(src, out):
+            raise MrcnnError(f"{option} {output} is a folder holding the input {given}: writing "
+                             "there could replace it; choose another folder")
+
+
+def check_writable_dir(path: str | os.PathLike, *, option: str = "output") -> Path:
+    """Create folder `path` if needed and check it can be written; returns it as a Path.
+
+    Raises MrcnnError naming the path when it is an existing file, cannot be created, or is
+    read-only."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MrcnnError(f"{option} {path} is a file, not a folder: name a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MrcnnError(f"cannot create {option} folder {path}: {describe_os_error(exc)}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MrcnnError(f"{option} folder {path} is not writable ({os.strerror(errno.EACCES)})")
+    return path

@@ -76,7 +76,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 def _load(args):
     """The model behind -m: a checkpoint, a results directory, an .onnx or a TensorRT engine."""
-    from .export.backends import load_inference_model
+    from .inference.backends import load_inference_model
     from .spec import load_spec
 
     spec = load_spec(args.experiment_spec) if getattr(args, "experiment_spec", None) else None

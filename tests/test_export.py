@@ -32,7 +32,7 @@ from mrcnn_helpers.export import (
     write_deepstream_configs,
 )
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
-from mrcnn_helpers.export.metadata import ExportMetadata, read_onnx_metadata
+from mrcnn_helpers.inference.metadata import ExportMetadata, read_onnx_metadata
 from mrcnn_helpers.export.verify import load_validation_images
 
 IMAGE_SIZE = (64, 96)

@@ -19,14 +19,9 @@ from mrcnn_helpers.export import (
     check_ap_drop,
 )
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
-from mrcnn_helpers.export.metadata import ExportMetadata
-from mrcnn_helpers.export.tensorrt import (
-    TensorRTUnavailable,
-    build_engine,
-    make_entropy_calibrator,
-    network_mode,
-    torch_dtype,
-)
+from mrcnn_helpers.inference.metadata import ExportMetadata
+from mrcnn_helpers.export.tensorrt import build_engine, make_entropy_calibrator, network_mode
+from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, torch_dtype
 
 IMAGE_SIZE = (64, 96)
 MEAN = np.array([123.675, 116.28, 103.53], np.float32).reshape(1, 3, 1, 1)

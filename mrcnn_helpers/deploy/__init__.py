@@ -14,7 +14,7 @@ def deploy(model_path, source, output, *, spec=None, key=None, device=None,
     """Load any model file (checkpoint, results dir, .onnx, .plan) and run run_deploy from
     `source` (video, image directory, stream URL, webcam) to `output` (video file or directory).
     kwargs go to run_deploy (batch_size, threshold, include_mask, precision, max_frames, ...)."""
-    from mrcnn_helpers.export.backends import load_inference_model
+    from mrcnn_helpers.inference.backends import load_inference_model
 
     model, spec, class_names, _ = load_inference_model(model_path, spec=spec, device=device,
                                                        key=key)

@@ -6,14 +6,27 @@ calibration, DeepStream configs, verification against PyTorch, optional encrypti
     report = verify_export(model, OnnxRuntimeModel("model.onnx"), images)
 """
 
-from .backends import ExportedModel, OnnxRuntimeModel, decode_outputs, load_inference_model
+from mrcnn_helpers.crypto import (
+    EncryptionError,
+    decrypt_bytes,
+    encrypt_bytes,
+    encrypt_file,
+    is_encrypted,
+)
+from mrcnn_helpers.inference.backends import (
+    ExportedModel,
+    OnnxRuntimeModel,
+    decode_outputs,
+    load_inference_model,
+)
+from mrcnn_helpers.inference.metadata import ExportError, ExportMetadata
+from mrcnn_helpers.inference.tensorrt import TensorRTModel, TensorRTUnavailable
+
 from .calibration import CalibrationBatches, CalibrationCache, CalibrationError
-from .crypto import EncryptionError, decrypt_bytes, encrypt_bytes, encrypt_file, is_encrypted
 from .deepstream import read_config, write_deepstream_configs
 from .graph import ExportableMaskRCNN, fold_input_scale
-from .metadata import ExportError, ExportMetadata
 from .onnx_export import export_onnx
-from .tensorrt import TensorRTModel, TensorRTUnavailable, build_engine, make_entropy_calibrator
+from .tensorrt import build_engine, make_entropy_calibrator
 from .verify import (
     AccuracyWarning,
     ParityReport,

@@ -18,7 +18,7 @@ import numpy as np
 
 from mrcnn_helpers.errors import DataError
 
-from .metadata import ExportError, ExportMetadata, normalize_input
+from mrcnn_helpers.inference.metadata import ExportError, ExportMetadata, normalize_input
 
 
 class CalibrationError(ExportError):

@@ -28,7 +28,7 @@ def _device(name):
 def _load_pytorch(args, device):
     from mrcnn_helpers.spec import load_spec
 
-    from .backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, load_inference_model
+    from mrcnn_helpers.inference.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, load_inference_model
 
     if Path(args.model).suffix.lower() in ONNX_SUFFIXES + ENGINE_SUFFIXES:
         raise MrcnnError(f"{args.model}: export starts from a training checkpoint (or results "
@@ -115,11 +115,11 @@ def cmd_export(args) -> int:
     if args.engine:
         _build_engine(args, meta)
     if args.verify_images > 0:
-        from .backends import OnnxRuntimeModel
+        from mrcnn_helpers.inference.backends import OnnxRuntimeModel
 
         onnx_model = OnnxRuntimeModel(args.output, key=args.key)
         if args.engine:
-            from .tensorrt import TensorRTModel
+            from mrcnn_helpers.inference.tensorrt import TensorRTModel
 
             engine_model = TensorRTModel(args.engine)
         model.to(device)
@@ -145,7 +145,7 @@ def cmd_deploy(args) -> int:
     from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
     from mrcnn_helpers.spec import load_spec
 
-    from .backends import load_inference_model
+    from mrcnn_helpers.inference.backends import load_inference_model
 
     spec = load_spec(args.experiment_spec) if args.experiment_spec else None
     device = _device(args.device)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .graph import DEEPSTREAM_OUTPUTS
-from .metadata import ExportError, ExportMetadata
+from mrcnn_helpers.inference.metadata import ExportError, ExportMetadata
 from .tensorrt import network_mode
 
 PARSER_FUNCTION = "NvDsInferParseCustomMrcnnTLTV2"

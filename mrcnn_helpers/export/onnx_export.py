@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .graph import INPUT_NAME, NET_SCALE_FACTOR, ExportableMaskRCNN, output_names
-from .metadata import METADATA_KEY, ExportError, ExportMetadata, default_offsets
+from mrcnn_helpers.inference.metadata import METADATA_KEY, ExportError, ExportMetadata, default_offsets
 
 # ONNX domains of standard operators: anything else would need a plugin at deployment.
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -139,7 +139,7 @@ def export_onnx(model: torch.nn.Module, spec, path, *, batch_size: int = 1,
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
         if key:
-            from .crypto import write_encrypted
+            from mrcnn_helpers.crypto import write_encrypted
 
             write_encrypted(path, data, key)
         else:

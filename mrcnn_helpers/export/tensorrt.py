@@ -16,45 +16,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .backends import ExportedModel
+from mrcnn_helpers.inference.metadata import ExportError, read_onnx_metadata, write_sidecar
+from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, import_tensorrt  # noqa: F401
+
 from .calibration import CalibrationBatches, CalibrationCache
-from .metadata import ExportError, read_onnx_metadata, read_sidecar, write_sidecar
 
 DATA_TYPES = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE = 4 << 30  # bytes
-
-
-class TensorRTUnavailable(ExportError):
-    """TensorRT's Python package (or a CUDA GPU) is not available."""
-
-
-def import_tensorrt():
-    """The tensorrt module, or TensorRTUnavailable saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed. Its Python package comes with NVIDIA's NGC containers "
-            "(nvcr.io/nvidia/tensorrt:<yy.mm>-py3, nvcr.io/nvidia/pytorch:<yy.mm>-py3, "
-            "DeepStream's), or `pip install tensorrt` where NVIDIA's package index is reachable. "
-            "Without it: run the .onnx with ONNX Runtime, or let DeepStream build the engine "
-            "from the .onnx (see --deepstream).") from None
-    return tensorrt
-
-
-def torch_dtype(numpy_dtype) -> torch.dtype:
-    """torch dtype of a numpy dtype (TensorRT reports tensor types through trt.nptype)."""
-    mapping = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-               np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
-               np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8,
-               np.dtype(np.bool_): torch.bool}
-    try:
-        return mapping[np.dtype(numpy_dtype)]
-    except KeyError:
-        raise ExportError(f"engine tensor type {numpy_dtype} is not supported here") from None
 
 
 def network_mode(data_type: str) -> int:
@@ -125,7 +95,7 @@ def build_engine(onnx_path, engine_path, *, data_type: str = "fp32", calibrator=
     check_data_type(data_type)
     import onnx
 
-    from .crypto import read_maybe_encrypted
+    from mrcnn_helpers.crypto import read_maybe_encrypted
 
     data = read_maybe_encrypted(onnx_path, key)
     meta = read_onnx_metadata(onnx.load_model_from_string(data), str(onnx_path))
@@ -165,50 +135,3 @@ def build_engine(onnx_path, engine_path, *, data_type: str = "fp32", calibrator=
     return engine_path
 
 
-class TensorRTModel(ExportedModel):
-    """A TensorRT engine behind the model interface (see backends.ExportedModel).
-
-    Inputs and outputs live in CUDA tensors allocated once; results are copied to the host.
-    """
-
-    def __init__(self, engine_path, *, device=None):
-        trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise TensorRTUnavailable("TensorRT engines need a CUDA GPU")
-        engine_path = Path(engine_path)
-        if not engine_path.is_file():
-            raise ExportError(f"TensorRT engine not found: {engine_path}")
-        super().__init__(read_sidecar(engine_path), str(engine_path))
-        self.device = torch.device(device if device is not None else "cuda")
-        if self.device.type != "cuda":
-            raise ExportError(f"TensorRT runs on CUDA devices, not {self.device}")
-        logger = trt.Logger(trt.Logger.WARNING)
-        trt.init_libnvinfer_plugins(logger, "")
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise ExportError(f"TensorRT cannot load {engine_path}: built by another TensorRT "
-                              "version or for another GPU? Rebuild it here")
-        self.context = self.engine.create_execution_context()
-        self.buffers, self.output_names = {}, []
-        with torch.cuda.device(self.device):
-            for i in range(self.engine.num_io_tensors):
-                name = self.engine.get_tensor_name(i)
-                shape = tuple(self.engine.get_tensor_shape(name))
-                dtype = torch_dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-                self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
-                self.context.set_tensor_address(name, self.buffers[name].data_ptr())
-                if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                    self.output_names.append(name)
-        if self.meta.input_name not in self.buffers:
-            raise ExportError(f"{engine_path} has no input {self.meta.input_name!r}")
-
-    def _run(self, batch: np.ndarray) -> dict:
-        with torch.cuda.device(self.device):
-            stream = torch.cuda.current_stream()
-            self.buffers[self.meta.input_name].copy_(torch.from_numpy(batch), non_blocking=True)
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise ExportError(f"TensorRT execution failed for {self.source}")
-            out = {name: self.buffers[name].to("cpu", non_blocking=True)
-                   for name in self.output_names}
-            stream.synchronize()
-        return out

@@ -133,7 +133,7 @@ def tensorrt_choice(choice="auto", engine_path=None) -> tuple[bool, str]:
     if choice is False:
         return False, "TensorRT skipped (the parameter is False)."
     from mrcnn_helpers.export import ExportError, TensorRTUnavailable
-    from mrcnn_helpers.export.tensorrt import import_tensorrt
+    from mrcnn_helpers.inference.tensorrt import import_tensorrt
 
     try:
         trt = import_tensorrt()

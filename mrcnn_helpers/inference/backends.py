@@ -138,7 +138,7 @@ class OnnxRuntimeModel(ExportedModel):
         except ImportError:
             raise ExportError("running ONNX models needs onnx and onnxruntime: "
                               "pip install onnx onnxruntime (or onnxruntime-gpu)") from None
-        from .crypto import read_maybe_encrypted
+        from mrcnn_helpers.crypto import read_maybe_encrypted
 
         path = Path(path)
         if not path.is_file():
@@ -215,7 +215,7 @@ def load_inference_model(path, spec=None, device=None, key: str | None = None):
         if found is None:
             raise ExportError(f"{path}: no checkpoint (model.step-N.pth) in this directory")
         path = found
-    from .crypto import is_encrypted
+    from mrcnn_helpers.crypto import is_encrypted
 
     if path.is_file() and is_encrypted(path):  # a checkpoint encrypted with encrypt_file / --key
         return _load_encrypted_checkpoint(path, spec, device, key)
@@ -228,7 +228,7 @@ def _load_encrypted_checkpoint(path, spec, device, key):
 
     from mrcnn_helpers.engine import load_model_for_inference
 
-    from .crypto import read_maybe_encrypted
+    from mrcnn_helpers.crypto import read_maybe_encrypted
 
     data = read_maybe_encrypted(path, key)
     with tempfile.TemporaryDirectory() as tmp:

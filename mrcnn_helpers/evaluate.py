@@ -10,95 +10,29 @@ the list can be written as JSON).
 
 import contextlib
 import io
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from mrcnn_helpers.errors import DataError, MrcnnError
-from mrcnn_helpers.model.maskrcnn import place_model
+from mrcnn_helpers.data.loader import build_eval_loader, collate_batch
+from mrcnn_helpers.errors import DataError
+from mrcnn_helpers.fileio import atomic_write_json
+from mrcnn_helpers.inference.coco_results import detections_to_coco_results
+from mrcnn_helpers.inference.postprocess import postprocess_detections
+from mrcnn_helpers.inference.predictor import as_predictor
 
 # Order of COCOeval.stats for boxes and masks (pycocotools' summarize()).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl")
 IOU_TYPE_PREFIX = {"bbox": "", "segm": "mask_"}
 METRICS_HEADER = "=========== Metrics ==========="
-
-
-def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _column_major_stack(masks) -> np.ndarray:
-    """[N, h, w] masks as the uint8 column-major [h, w, N] stack pycocotools encodes in one call.
-
-    Column-major [h, w, N] is row-major [N, w, h]: one transposing copy (done by torch, on all
-    cores, for tensors; bool is reinterpreted as uint8 without a copy) and a free view.
-    """
-    if isinstance(masks, torch.Tensor):
-        masks = masks.detach()
-        masks = masks.view(torch.uint8) if masks.dtype == torch.bool else masks.to(torch.uint8)
-        return masks.transpose(1, 2).contiguous().cpu().numpy().transpose(2, 1, 0)
-    masks = np.asarray(masks)
-    masks = masks.view(np.uint8) if masks.dtype == np.bool_ else masks.astype(np.uint8)
-    return np.asfortranarray(masks.transpose(1, 2, 0))
-
-
-def detections_to_coco_results(image_id: int, boxes, scores, classes, masks=None,
-                               category_ids=None) -> list[dict]:
-    """COCO result dicts of one image's detections.
-
-    boxes: Tensor/array[N, 4] (x1, y1, x2, y2) in original-image pixels; scores: [N];
-    classes: int [N] contiguous labels 1..K; masks: bool [N, h, w] at original resolution, or None
-    (then no `segmentation` key). category_ids: COCO id of each contiguous label, index i-1 for
-    label i (the dataset's `category_ids`); None keeps the contiguous label as the id.
-    Returns [{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"?}].
-    """
-    boxes = _as_numpy(boxes).astype(np.float64).reshape(-1, 4)
-    scores = _as_numpy(scores).astype(np.float64).reshape(-1)
-    classes = _as_numpy(classes).astype(np.int64).reshape(-1)
-    n = boxes.shape[0]
-    if scores.shape[0] != n or classes.shape[0] != n:
-        raise ValueError(f"boxes ({n}), scores ({scores.shape[0]}) and classes "
-                         f"({classes.shape[0]}) must have one row per detection")
-    if category_ids is not None:
-        bad = classes[(classes < 1) | (classes > len(category_ids))]
-        if bad.size:
-            raise ValueError(f"class label {int(bad[0])} has no COCO category: labels must be in "
-                             f"1..{len(category_ids)} (category_ids has {len(category_ids)} ids)")
-    rles = []
-    if masks is not None and n:
-        if masks.ndim != 3 or masks.shape[0] != n:
-            raise ValueError(f"masks must be [N={n}, h, w], got shape {tuple(masks.shape)}")
-        rles = mask_utils.encode(_column_major_stack(masks))
-    results = []
-    for i in range(n):
-        x1, y1, x2, y2 = boxes[i].tolist()
-        label = int(classes[i])
-        result = {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[label - 1]) if category_ids is not None else label,
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "score": float(scores[i]),
-        }
-        if rles:
-            rle = rles[i]
-            counts = rle["counts"]
-            result["segmentation"] = {
-                "size": [int(s) for s in rle["size"]],
-                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-            }
-        results.append(result)
-    return results
 
 
 def _results_for(results: list[dict], iou_type: str) -> list[dict]:
@@ -208,57 +142,46 @@ def predict_coco_results(model, spec, *, device=None, max_images=None, progress:
                          dataset=None) -> tuple[list[dict], list[int], object, float]:
     """Run `model` over the spec's validation split and return its detections as COCO results.
 
-    Iterates build_eval_loader(spec) (or `dataset`, batched by spec.eval_batch_size), maps
-    detections back to original pixels, pastes masks at original resolution and encodes them as
-    RLE. Returns (results, evaluated image ids, the dataset holding the COCO ground truth,
-    seconds spent). device: None = where the model's parameters are; otherwise the model is moved
-    there. The model's train/eval mode is restored afterwards.
+    model: a Predictor, a PyTorch MaskRCNN or an exported backend (wrapped in a Predictor with
+    the spec's use_amp). Iterates build_eval_loader(spec) (or `dataset`, batched by
+    spec.eval_batch_size), maps detections back to original pixels, pastes masks at original
+    resolution and encodes them as RLE. Returns (results, evaluated image ids, the dataset holding
+    the COCO ground truth, seconds spent). device: None = where the model's parameters are;
+    otherwise a PyTorch model is moved there. A model in training mode goes back to it after.
     """
-    from tqdm.auto import tqdm
-
-    from mrcnn_helpers.data import build_eval_loader, collate_batch
-    from mrcnn_helpers.predict import infer_batch, postprocess_detections, resolve_device
-
     if dataset is None:
         loader = build_eval_loader(spec, max_images=max_images)
     else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=spec.eval_batch_size,
-                                             shuffle=False, num_workers=0,
-                                             collate_fn=collate_batch)
+        loader = DataLoader(dataset, batch_size=spec.eval_batch_size, shuffle=False,
+                            num_workers=0, collate_fn=collate_batch)
     gt_dataset = _find_coco_dataset(loader.dataset)
+    predictor = as_predictor(model, spec, device=device, category_ids=gt_dataset.category_ids)
     include_mask = bool(spec.maskrcnn_config.include_mask)
-    device = resolve_device(model, device)
-    place_model(model, device)
     total = len(loader.dataset) if max_images is None else min(len(loader.dataset), max_images)
 
     results, image_ids = [], []
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
-        with tqdm(total=total, desc="evaluate", unit="img", disable=not progress,
-                  file=sys.stdout) as bar:
-            for batch in loader:
-                remaining = total - len(image_ids)
-                if remaining <= 0:
-                    break
-                images = batch["image"][:remaining].to(device, non_blocking=True)
-                dets = infer_batch(model, images, use_amp=spec.use_amp)
-                for i in range(images.shape[0]):
-                    image_id = int(batch["image_id"][i])
-                    out = postprocess_detections(dets, i, float(batch["scale"][i]),
-                                                 tuple(batch["orig_size"][i]),
-                                                 score_threshold=0.0, include_mask=include_mask)
-                    results.extend(detections_to_coco_results(
-                        image_id, out["boxes"], out["scores"], out["classes"], out["masks"],
-                        gt_dataset.category_ids))
-                    image_ids.append(image_id)
-                bar.update(images.shape[0])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-    finally:
-        model.train(was_training)
+    with tqdm(total=total, desc="evaluate", unit="img", disable=not progress,
+              file=sys.stdout) as bar:
+        for batch in loader:
+            remaining = total - len(image_ids)
+            if remaining <= 0:
+                break
+            images = batch["image"][:remaining]
+            dets = predictor.forward(images)
+            for i in range(images.shape[0]):
+                image_id = int(batch["image_id"][i])
+                out = postprocess_detections(dets, i, float(batch["scale"][i]),
+                                             tuple(batch["orig_size"][i]),
+                                             score_threshold=0.0, include_mask=include_mask)
+                results.extend(detections_to_coco_results(
+                    image_id, out["boxes"], out["scores"], out["classes"], out["masks"],
+                    gt_dataset.category_ids))
+                image_ids.append(image_id)
+            bar.update(images.shape[0])
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize(predictor.device)
+    elapsed = time.perf_counter() - start
     return results, image_ids, gt_dataset, elapsed
 
 
@@ -318,31 +241,8 @@ def format_per_class_table(metrics: dict) -> str:
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/inf
-    return value
-
-
 def write_metrics_json(metrics: dict, path) -> Path:
-    """Write metrics as JSON atomically (a temporary file in the same folder, then os.replace),
-    so a reader never sees half a file. Returns the path. Raises MrcnnError naming the path when
-    it cannot be written (disk full, read-only): no file is then left half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(metrics), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MrcnnError(f"could not write {path}: {exc.strerror or exc}") from exc
-    return path
+    """Write metrics as JSON atomically (fileio.atomic_write_json: NaN/inf as null); returns the
+    path. Raises MrcnnError naming the path when it cannot be written (disk full, read-only): no
+    file is then left half-written."""
+    return atomic_write_json(path, metrics, what="metrics")

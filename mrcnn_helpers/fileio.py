@@ -23,8 +23,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from mrcnn_helpers.errors import MrcnnError
 
@@ -91,7 +92,6 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *, error: type = Mr
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_output writes new files: mode must be 'wb' or 'w', not {mode!r}")
     path = Path(path)
-    label = f"{what} {path}" if what else str(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +108,9 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *, error: type = Mr
         raise
     except MrcnnError:
         raise  # already names what went wrong (e.g. a validation inside the block)
-    except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
-        raise error(f"could not write {label}: {describe_os_error(exc)}; the previous file, if "
-                    "any, is unchanged") from exc
+    except Exception as exc:
+        raise error(f"could not write {path}: {describe_os_error(exc)}; the previous "
+                    f"{what or 'file'}, if any, is unchanged") from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

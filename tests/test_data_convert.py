@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
+from conftest import run_data_cli
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -28,8 +29,6 @@ from mrcnn_helpers.data import (
 from mrcnn_helpers.data.contours import signed_area, trace_boundaries
 from mrcnn_helpers.data.convert import category_of_mask_file
 from mrcnn_helpers.errors import DataError
-
-from conftest import run_data_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 

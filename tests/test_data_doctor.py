@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_data_cli
 from PIL import Image
 
 from mrcnn_helpers.data import (
@@ -18,8 +19,6 @@ from mrcnn_helpers.data import (
 )
 from mrcnn_helpers.data.doctor import PROBLEMS
 from mrcnn_helpers.errors import DataError
-
-from conftest import run_data_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 

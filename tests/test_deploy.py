@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrcnn_helpers.deploy import (
-    deploy,
-    make_runner,
-    open_sink,
-    open_source,
-    percentiles,
-    run_deploy,
-)
+from mrcnn_helpers.deploy import deploy, open_sink, open_source, percentiles, run_deploy
 from mrcnn_helpers.errors import DataError, MrcnnError
+from mrcnn_helpers.inference import OnnxRuntimeModel, Predictor
 
 CLASS_NAMES = ["background", "circle", "triangle", "square"]
 
@@ -47,13 +41,13 @@ def onnx_path(tiny):
 
 
 def test_image_folder_with_pytorch_draws_what_predict_returns(tiny, tmp_path):
-    from mrcnn_helpers.predict import Predictor
-
     frames = tiny.paths["val_images"]
     out_dir = tmp_path / "annotated"
-    stats = run_deploy(tiny.model, tiny.spec, CLASS_NAMES, open_source(frames),
+    stats = run_deploy(Predictor(tiny.model, tiny.spec, CLASS_NAMES), open_source(frames),
                        open_sink(out_dir), batch_size=2, threshold=0.0, progress=False)
     files = sorted(out_dir.iterdir())
+    # The annotated folder mirrors the input folder's file names.
+    assert [f.name for f in files] == [f.name for f in open_source(frames).files]
     assert stats.frames == 5 and len(files) == 5 and len(stats.infer_latency_ms) == 3
     predicted = Predictor(tiny.model, tiny.spec, CLASS_NAMES).predict(
         open_source(frames).files, score_threshold=0.0)
@@ -79,7 +73,7 @@ def test_video_file_with_onnxruntime(onnx_path, tiny, tmp_path):
     writer.release()
     out = tmp_path / "annotated.mp4"
     stats = deploy(onnx_path, video, out, threshold=0.0, progress=False)
-    assert stats.frames == 6 and stats.backend == "OnnxRuntimeModel" and stats.batch_size == 2
+    assert stats.frames == 6 and stats.backend == "onnxruntime" and stats.batch_size == 2
     capture = cv2.VideoCapture(str(out))
     count = 0
     while True:
@@ -94,23 +88,21 @@ def test_video_file_with_onnxruntime(onnx_path, tiny, tmp_path):
 
 def test_max_frames_and_image_folder_without_opencv(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails
-    stats = run_deploy(tiny.model, tiny.spec, CLASS_NAMES, open_source(tiny.paths["val_images"]),
-                       open_sink(tmp_path / "out"), batch_size=4, max_frames=3, progress=False)
+    stats = run_deploy(Predictor(tiny.model, tiny.spec, CLASS_NAMES),
+                       open_source(tiny.paths["val_images"]), open_sink(tmp_path / "out"),
+                       batch_size=4, max_frames=3, progress=False)
     assert stats.frames == 3 and len(list((tmp_path / "out").iterdir())) == 3
     with pytest.raises(DataError, match="needs OpenCV: pip install opencv-python-headless"):
         open_sink(tmp_path / "out.mp4")
 
 
 def test_deploy_command_prints_fps_and_latency(onnx_path, tiny, tmp_path, capsys):
-    from mrcnn_helpers.export.commands import add_export_commands
+    from mrcnn_helpers.cli import main
 
-    parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers())
     stats_file = tmp_path / "stats.json"
-    args = parser.parse_args(["deploy", "-m", str(onnx_path), "-i", tiny.paths["val_images"],
-                              "-o", str(tmp_path / "frames"), "--json", str(stats_file),
-                              "--device", "cpu"])
-    assert args.func(args) == 0
+    assert main(["deploy", "-m", str(onnx_path), "-i", tiny.paths["val_images"],
+                 "-o", str(tmp_path / "frames"), "--json", str(stats_file),
+                 "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "5 frames in" in text and "FPS" in text and "p50" in text and "p99" in text
     stats = json.loads(stats_file.read_text())
@@ -123,13 +115,18 @@ def test_errors_are_named(tiny, onnx_path, tmp_path):
     with pytest.raises(DataError, match="give a video file"):
         open_sink(tmp_path / "out.txt")
     with pytest.raises(MrcnnError, match="fp16 needs a CUDA device"):
-        make_runner(tiny.model, precision="fp16", device="cpu")
-    from mrcnn_helpers.export import OnnxRuntimeModel
-
+        Predictor(tiny.model, tiny.spec, precision="fp16", device="cpu")
     with pytest.raises(MrcnnError, match="applies to PyTorch models"):
-        make_runner(OnnxRuntimeModel(onnx_path), precision="bf16")
+        Predictor(OnnxRuntimeModel(onnx_path), tiny.spec, precision="bf16")
     with pytest.raises(MrcnnError, match="unknown precision 'int8'"):
-        make_runner(tiny.model, precision="int8")
+        Predictor(tiny.model, tiny.spec, precision="int8")
+    # No command writes over what it reads: the output may not be the input folder.
+    with pytest.raises(MrcnnError, match="is the input"):
+        open_sink(tiny.paths["val_images"], inputs=[tiny.paths["val_images"]])
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a video")
+    with pytest.raises(DataError, match="is not a video file"):
+        open_source(text_file)
 
 
 def test_percentiles():

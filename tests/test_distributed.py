@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_pipeline import TINY_SPEC, mrcnn  # the tiny spec and CLI runner of the pipeline test
 from torch import nn
 
-from mrcnn_helpers.cli import _without_option
-from mrcnn_helpers.engine import train
+from mrcnn_helpers.commands.train import without_option as _without_option
 from mrcnn_helpers.data import generate_synthetic_dataset
-
-from test_pipeline import TINY_SPEC, mrcnn  # the tiny spec and CLI runner of the pipeline test
+from mrcnn_helpers.engine import train
 
 
 class Regression(nn.Module):

@@ -29,7 +29,6 @@ from mrcnn_helpers.engine import (
     learning_rate_at,
     list_checkpoints,
     load_checkpoint,
-    load_model_for_inference,
     prune_checkpoints,
     save_checkpoint,
     train,
@@ -553,27 +552,3 @@ def test_pretrained_weights_load_on_first_start_only(tmp_path, monkeypatch, caps
     assert torch.equal(weights(tmp_path, 3)["backbone.bias"], torch.full((16,), 0.5))
     run(spec, tmp_path, max_steps=5)  # resuming: the checkpoint's weights, not the pretrained
     assert calls == ["pretrained.pth"]
-
-
-def test_load_model_for_inference(tmp_path, monkeypatch):
-    spec = make_spec()
-    run(spec, tmp_path, max_steps=6)
-    texts = []
-    _fake_module(monkeypatch, "mrcnn_helpers.spec",
-                 parse_spec=lambda text, source: texts.append((text, source)) or spec)
-    _fake_module(monkeypatch, "mrcnn_helpers.model", build_model=lambda spec: new_model(seed=9))
-    path = tmp_path / "model.step-6.pth"
-    model, got_spec, names, ids = load_model_for_inference(path, device="cpu")
-    assert got_spec is spec and texts == [("total_steps: 20\nseed: 7\n", f"{path} (stored spec)")]
-    assert names == ["background", "cat", "dog"] and ids == [3, 7] and not model.training
-    for key, value in load_checkpoint(path)["model"].items():
-        assert torch.equal(model.state_dict()[key], value), key
-
-    class Wider(FakeDetector):
-        def __init__(self):
-            super().__init__()
-            self.rpn = nn.Linear(16, 4)
-
-    _fake_module(monkeypatch, "mrcnn_helpers.model", build_model=lambda spec: Wider())
-    with pytest.raises(CheckpointError, match=r"model.step-6.pth does not fit the model"):
-        load_model_for_inference(path, spec=spec, device="cpu")

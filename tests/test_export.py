@@ -17,23 +17,26 @@ import numpy as np
 import pytest
 import torch
 
+from mrcnn_helpers.crypto import EncryptionError
 from mrcnn_helpers.export import (
-    EncryptionError,
     ExportableMaskRCNN,
-    ExportError,
-    OnnxRuntimeModel,
     compare_ap,
-    decode_outputs,
     export_onnx,
     fold_input_scale,
-    load_inference_model,
     read_config,
     verify_export,
     write_deepstream_configs,
 )
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
-from mrcnn_helpers.inference.metadata import ExportMetadata, read_onnx_metadata
 from mrcnn_helpers.export.verify import load_validation_images
+from mrcnn_helpers.inference import (
+    ExportError,
+    OnnxRuntimeModel,
+    Predictor,
+    decode_outputs,
+    load_model_file,
+)
+from mrcnn_helpers.inference.metadata import ExportMetadata, read_onnx_metadata
 
 IMAGE_SIZE = (64, 96)
 NUM_CLASSES = 4
@@ -234,7 +237,7 @@ def _self_consistent_ground_truth(tiny, path):
     """COCO ground truth made of the PyTorch model's own detections (score >= 0.3) on the val
     images, so its AP is high and any drift of the exported model lowers the ONNX AP."""
     from mrcnn_helpers.data import build_eval_dataset
-    from mrcnn_helpers.predict import postprocess_detections
+    from mrcnn_helpers.inference import postprocess_detections
 
     dataset = build_eval_dataset(tiny.spec)
     gt = json.loads(Path(tiny.paths["val_json"]).read_text())
@@ -261,7 +264,7 @@ def test_coco_ap_of_onnx_equals_pytorch(deepstream_onnx, tiny):
     gt_json = tiny.dir / "self_gt.json"
     assert _self_consistent_ground_truth(tiny, gt_json) >= 8
     spec = replace_spec(tiny.spec, **{"data_config.val_json_file": str(gt_json)})
-    onnx_model, onnx_spec, names, ids = load_inference_model(deepstream_onnx[0], spec=spec)
+    onnx_model, onnx_spec, names, ids = load_model_file(deepstream_onnx[0], spec=spec)
     assert names == CLASS_NAMES and ids == [1, 2, 3] and onnx_spec is spec
     results = compare_ap({"pytorch": tiny.model, "onnx": onnx_model}, spec)
     print({k: (results["pytorch"][k], results["onnx"][k]) for k in ("AP", "AP50", "mask_AP")})
@@ -270,19 +273,18 @@ def test_coco_ap_of_onnx_equals_pytorch(deepstream_onnx, tiny):
         assert results["onnx"][key] == pytest.approx(results["pytorch"][key], abs=1e-6), key
 
 
-def test_load_inference_model_checks_the_spec(deepstream_onnx, tiny):
-    model, spec, _, _ = load_inference_model(deepstream_onnx[0])  # the stored spec
+def test_load_model_file_checks_the_spec(deepstream_onnx, tiny):
+    model, spec, _, _ = load_model_file(deepstream_onnx[0])  # the stored spec
     assert tuple(spec.data_config.image_size) == IMAGE_SIZE and model.meta.batch_size == 2
     from mrcnn_helpers.spec import replace_spec
 
     other = replace_spec(tiny.spec, **{"data_config.image_size": (96, 96)})
     with pytest.raises(ExportError, match=r"exported for image_size \(64, 96\)"):
-        load_inference_model(deepstream_onnx[0], spec=other)
+        load_model_file(deepstream_onnx[0], spec=other)
     with pytest.raises(ExportError, match=r"takes images \[N, 3, 64, 96\]"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ExportError, match="inference only"):
-        model.train()
-    assert model.eval() is model and model.to("cpu") is model and not list(model.parameters())
+    predictor = Predictor(model, spec)
+    assert predictor.backend == "onnxruntime" and predictor.precision == "fp32"
 
 
 def test_export_rejects_bad_arguments(tiny, tmp_path):
@@ -359,7 +361,7 @@ def test_deepstream_config_for_folded_int8_and_refusals(tmp_path):
 # ---------------------------------------------------------------- encryption and the CLI
 def test_encrypted_export_round_trip_and_wrong_key(tiny, tmp_path):
     pytest.importorskip("cryptography")
-    from mrcnn_helpers.export import decrypt_bytes, encrypt_bytes, is_encrypted
+    from mrcnn_helpers.crypto import decrypt_bytes, encrypt_bytes, is_encrypted
 
     blob = encrypt_bytes(b"weights", "s3cret")
     assert is_encrypted(blob) and b"weights" not in blob
@@ -393,42 +395,37 @@ def _write_checkpoint(tiny, results):
 
 def test_encrypted_checkpoint_loads_only_with_its_key(tiny, tmp_path):
     pytest.importorskip("cryptography")
-    from mrcnn_helpers.export import encrypt_file
+    from mrcnn_helpers.crypto import encrypt_file
 
     plain = _write_checkpoint(tiny, tmp_path / "results")
     (tmp_path / "secret").mkdir()
     secret = encrypt_file(plain, tmp_path / "secret" / "model.step-5.pth", "k3y")
-    model, spec, names, _ = load_inference_model(secret.parent, key="k3y", device="cpu")
+    model, spec, names, _ = load_model_file(secret.parent, key="k3y", device="cpu")
     assert names == CLASS_NAMES and tuple(spec.data_config.image_size) == IMAGE_SIZE
     for name, value in tiny.model.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     with pytest.raises(EncryptionError, match="is encrypted: pass its key"):
-        load_inference_model(secret)
+        load_model_file(secret)
     with pytest.raises(EncryptionError, match="wrong key"):
-        load_inference_model(secret, key="guess")
+        load_model_file(secret, key="guess")
 
 
 def test_export_command_end_to_end(tiny, tmp_path, capsys):
-    from mrcnn_helpers.export.commands import add_export_commands
+    from mrcnn_helpers.cli import main
 
     results = tmp_path / "results"
     _write_checkpoint(tiny, results)
-    parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers())
     out = tmp_path / "export" / "model.onnx"
-    args = parser.parse_args(["export", "-m", str(results), "-o", str(out), "--verify-images",
-                              "2", "--deepstream", str(tmp_path / "ds"), "--device", "cpu"])
-    assert args.func(args) == 0
+    assert main(["export", "-m", str(results), "-o", str(out), "--verify-images", "2",
+                 "--deepstream", str(tmp_path / "ds"), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "parity pytorch vs onnx: OK: 2 images, 20 detections" in text
     assert "mask_AP" in text and "DeepStream:" in text
     prop = read_config(tmp_path / "ds" / "config_infer_primary_mrcnn.txt")["property"]
     assert prop["onnx-file"] == "../export/model.onnx"
 
-    bad = parser.parse_args(["export", "-m", str(out), "-o", str(tmp_path / "x.onnx")])
-    with pytest.raises(Exception, match="starts from a training checkpoint"):
-        bad.func(bad)
-    both = parser.parse_args(["export", "-m", str(results), "-o", str(tmp_path / "y.onnx"),
-                              "--key", "k", "--deepstream", str(tmp_path / "d2")])
-    with pytest.raises(Exception, match="DeepStream cannot read files encrypted"):
-        both.func(both)
+    assert main(["export", "-m", str(out), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "starts from a training checkpoint" in capsys.readouterr().err
+    assert main(["export", "-m", str(results), "-o", str(tmp_path / "y.onnx"), "--key", "k",
+                 "--deepstream", str(tmp_path / "d2")]) == 2
+    assert "DeepStream cannot read files encrypted" in capsys.readouterr().err

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from mrcnn_helpers.errors import CheckpointError
-from mrcnn_helpers.model import MaskRCNN, load_pretrained, paste_masks_in_image, project_masks_to_rois
+from mrcnn_helpers.model import (
+    MaskRCNN,
+    load_pretrained,
+    paste_masks_in_image,
+    project_masks_to_rois,
+)
 from mrcnn_helpers.model.anchors import cell_anchors, generate_anchors
 from mrcnn_helpers.model.box_ops import box_iou, clip_boxes, decode_boxes, encode_boxes
 from mrcnn_helpers.model.roi_heads import assign_roi_levels
@@ -259,8 +264,11 @@ def test_frozen_bn_folded_into_convolutions_gives_same_outputs_and_gradients():
     from torchvision.models.resnet import resnet18
     from torchvision.ops import FrozenBatchNorm2d as TvFrozenBN
 
-    from mrcnn_helpers.model.backbone import (ConvWithFrozenBN, FoldedFrozenBatchNorm2d,
-                                              fold_frozen_bn)
+    from mrcnn_helpers.model.backbone import (
+        ConvWithFrozenBN,
+        FoldedFrozenBatchNorm2d,
+        fold_frozen_bn,
+    )
 
     torch.manual_seed(0)
     reference = resnet18(norm_layer=TvFrozenBN)

@@ -3,9 +3,9 @@
 import torch
 from torchvision.ops import batched_nms
 
+from mrcnn_helpers.model import nms as nms_module
 from mrcnn_helpers.model import roi_heads
 from mrcnn_helpers.model.maskrcnn import trim_target_padding
-from mrcnn_helpers.model import nms as nms_module
 from mrcnn_helpers.model.nms import nms_keep_mask, top_kept
 
 

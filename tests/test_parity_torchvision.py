@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
+from test_model import small_cfg
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from mrcnn_helpers.model import MaskRCNN, load_pretrained, paste_masks_in_image
-
-from test_model import small_cfg
 
 R = math.sqrt(2.0)
 

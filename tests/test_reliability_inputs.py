@@ -503,7 +503,7 @@ def test_infer_input_faults(base, tmp_path, capsys):
     (empty / "notes.txt").write_text("not an image")
     assert cli_error(capsys, "infer", "-m", checkpoint, "-i", str(empty), "-o",
                      str(tmp_path / "out")) == \
-        f"error: no images (.jpg, .jpeg, .png, .bmp) in {empty}"
+        f"error: no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp) in {empty}"
     assert not (tmp_path / "out").exists()
 
     images = tmp_path / "images"

@@ -24,10 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import TINY_SPEC, mrcnn
-
-
 from conftest import synthetic_workdir
+from test_pipeline import TINY_SPEC, mrcnn
 
 TOTAL_STEPS = 12
 EVAL_EVERY = 2  # = train images / train_batch_size: every checkpoint is at an epoch boundary

@@ -15,12 +15,12 @@ from mrcnn_helpers.export import (
     CalibrationBatches,
     CalibrationCache,
     CalibrationError,
-    ExportedModel,
     check_ap_drop,
 )
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
-from mrcnn_helpers.inference.metadata import ExportMetadata
 from mrcnn_helpers.export.tensorrt import build_engine, make_entropy_calibrator, network_mode
+from mrcnn_helpers.inference import ExportedModel
+from mrcnn_helpers.inference.metadata import ExportMetadata
 from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, torch_dtype
 
 IMAGE_SIZE = (64, 96)
@@ -161,12 +161,12 @@ def test_ap_drop_warning():
 # ---------------------------------------------------------------- without TensorRT
 @pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
 def test_missing_tensorrt_says_how_to_get_it(tmp_path):
-    from mrcnn_helpers.export import TensorRTModel, load_inference_model
+    from mrcnn_helpers.inference import TensorRTModel, load_model_file
 
     for call in (lambda: build_engine(tmp_path / "m.onnx", tmp_path / "m.plan"),
                  lambda: make_entropy_calibrator(None, tmp_path / "cal.bin"),
                  lambda: TensorRTModel(tmp_path / "m.plan"),
-                 lambda: load_inference_model(tmp_path / "m.plan")):
+                 lambda: load_model_file(tmp_path / "m.plan")):
         with pytest.raises(TensorRTUnavailable, match=r"NGC containers .*nvcr.io/nvidia/tensorrt"):
             call()
 
@@ -177,17 +177,16 @@ def test_export_command_with_engine_fails_fast_without_tensorrt(val_setup, tmp_p
 
     from test_export import _write_checkpoint
 
-    from mrcnn_helpers.export.commands import add_export_commands
+    from mrcnn_helpers.cli import build_parser
+    from mrcnn_helpers.commands import export as export_command
 
     _write_checkpoint(val_setup, tmp_path / "results")
-    parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers())
-    args = parser.parse_args(["export", "-m", str(tmp_path / "results"), "-o",
-                              str(tmp_path / "m.onnx"), "--engine", str(tmp_path / "m.plan"),
-                              "--data-type", "int8", "--cal-image-dir",
-                              val_setup.paths["val_images"]])
+    args = build_parser().parse_args(["export", "-m", str(tmp_path / "results"), "-o",
+                                      str(tmp_path / "m.onnx"), "--engine",
+                                      str(tmp_path / "m.plan"), "--data-type", "int8",
+                                      "--cal-image-dir", val_setup.paths["val_images"]])
     with pytest.raises(TensorRTUnavailable):
-        args.func(args)
+        export_command.run(args)
     assert not (tmp_path / "m.onnx").exists()  # nothing half-done
 
 
@@ -207,8 +206,9 @@ def onnx_file(val_setup):
 
 
 def test_fp32_engine_matches_onnxruntime(onnx_file, val_setup):
-    from mrcnn_helpers.export import OnnxRuntimeModel, TensorRTModel, compare_detections
+    from mrcnn_helpers.export import compare_detections
     from mrcnn_helpers.export.verify import load_validation_images
+    from mrcnn_helpers.inference import OnnxRuntimeModel, TensorRTModel
 
     path, _ = onnx_file
     engine_path = build_engine(path, path.with_suffix(".plan"), data_type="fp32")

@@ -1,11 +1,12 @@
 """Frame sources and sinks of the deploy pipeline.
 
-Sources yield RGB uint8 numpy frames [h, w, 3]:
-  - a directory of images (sorted by name; PIL only, works without OpenCV);
+Sources yield (name, frame) pairs, frame an RGB uint8 numpy array [h, w, 3]:
+  - a directory of images (sorted by name, named by their file names; the toolkit's one image
+    reader, works without OpenCV);
   - a video file, an RTSP/HTTP stream URL, or a webcam ("webcam", "webcam:N" or a device number)
-    through OpenCV (`pip install opencv-python-headless`).
-Sinks take RGB frames: an .mp4/.avi/.mkv file (OpenCV's VideoWriter) or a directory (one PNG per
-frame, PIL only).
+    through OpenCV (`pip install opencv-python-headless`); frames named frame_000000, ...
+Sinks take (name, frame): an .mp4/.avi/.mkv file (OpenCV's VideoWriter) or a directory (one
+image per frame under the frame's name, so an annotated folder mirrors its input folder).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mrcnn_helpers.data.images import list_image_files, load_image
 from mrcnn_helpers.errors import DataError
+from mrcnn_helpers.fileio import atomic_output, check_output_path
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 STREAM_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "rtmp://")
@@ -36,19 +39,18 @@ def import_cv2(what: str):
 
 
 class ImageDirSource:
-    """Frames from the images of a directory, in file-name order."""
+    """Frames from the images of a directory, in file-name order; a corrupt image stops the run
+    with a DataError naming it."""
 
     def __init__(self, directory):
-        from mrcnn_helpers.predict import iter_image_files
-
-        self.files = iter_image_files(directory)
+        self.files = list_image_files(directory)
         self.fps = DEFAULT_FPS
         self.name = str(directory)
+        self.inputs = [str(directory)]
 
     def __iter__(self):
         for path in self.files:
-            with Image.open(path) as im:
-                yield np.array(im.convert("RGB"), dtype=np.uint8)
+            yield path.name, load_image(path).permute(1, 2, 0).numpy()
 
     def close(self):
         pass
@@ -67,13 +69,16 @@ class VideoSource:
         fps = self.capture.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and fps > 0 else DEFAULT_FPS
         self.name = name
+        self.inputs = [target] if isinstance(target, str) and Path(target).exists() else []
 
     def __iter__(self):
+        index = 0
         while True:
             ok, frame = self.capture.read()
             if not ok:
                 return
-            yield self._cv2.cvtColor(frame, self._cv2.COLOR_BGR2RGB)
+            yield f"frame_{index:06d}", self._cv2.cvtColor(frame, self._cv2.COLOR_BGR2RGB)
+            index += 1
 
     def close(self):
         self.capture.release()
@@ -94,19 +99,27 @@ def open_source(spec: str):
     if not path.exists():
         raise DataError(f"input not found: {text} (give a video file, a directory of images, an "
                         "rtsp:// URL or 'webcam')")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        # FFmpeg would "decode" almost anything (a text file renders as a picture of its text).
+        raise DataError(f"input {text} is not a video file ({', '.join(VIDEO_SUFFIXES)}), a "
+                        "directory of images, a stream URL or 'webcam'")
     return VideoSource(str(path), str(path))
 
 
 class ImageDirSink:
-    """Writes frame_000000.png, frame_000001.png, ... into a directory."""
+    """Writes each frame into a directory under its name (an image file's name is kept, a video
+    frame's name gets .png), atomically."""
 
     def __init__(self, directory):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.count = 0
 
-    def write(self, frame: np.ndarray) -> None:
-        Image.fromarray(frame).save(self.directory / f"frame_{self.count:06d}.png")
+    def write(self, name: str, frame: np.ndarray) -> None:
+        path = self.directory / (name if Path(name).suffix else f"{name}.png")
+        fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+        with atomic_output(path, "wb", what="annotated frame") as f:
+            Image.fromarray(frame).save(f, format=fmt)
         self.count += 1
 
     def close(self):
@@ -124,7 +137,7 @@ class VideoSink:
         self.size = None
         self.count = 0
 
-    def write(self, frame: np.ndarray) -> None:
+    def write(self, name: str, frame: np.ndarray) -> None:
         cv2 = self._cv2
         h, w = frame.shape[:2]
         if self.writer is None:
@@ -145,8 +158,10 @@ class VideoSink:
             self.writer.release()
 
 
-def open_sink(output, fps: float = DEFAULT_FPS):
-    """A video file sink for a video suffix, otherwise an image directory sink."""
+def open_sink(output, fps: float = DEFAULT_FPS, inputs=()):
+    """A video file sink for a video suffix, otherwise an image directory sink. inputs: what the
+    run reads (the source's files): the output may not be one of them or lie inside one."""
+    check_output_path(output, inputs, option="output")
     path = Path(output)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         return VideoSink(path, fps)

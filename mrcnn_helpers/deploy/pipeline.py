@@ -3,12 +3,15 @@
 Three stages overlap: a decoder thread reads frames, the calling thread batches, preprocesses
 (resize_and_pad, exactly as training) and runs the model, and a writer thread maps detections back
 to frame pixels (postprocess_detections: the same code evaluation scores), draws them
-(visualize.draw_instances) and encodes. The model is anything with the eval interface of
-mrcnn_helpers.model.MaskRCNN: the PyTorch model (fp32, or fp16 / bf16 autocast on a GPU), an
-ONNX Runtime or a TensorRT backend (mrcnn_helpers.export).
+(visualize.draw_instances) and encodes. The model is an inference.Predictor: the PyTorch model
+(fp32, or fp16 / bf16 autocast on a GPU), an ONNX Runtime or a TensorRT backend.
 
-Latency of a frame = from the moment it is decoded to the moment its annotated frame is written
-(queueing included); inference latency = one model call on one batch.
+Three times are reported per frame or batch, in milliseconds:
+- latency: from the moment a frame is read to the moment its annotated frame is written; for a
+  file source, read far ahead of the model, this includes the time it waits in the queue;
+- service: from the moment the frame's batch starts (preprocessing) to the frame written, what
+  a live source running below the pipeline's rate sees;
+- inference: one model call on one batch.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mrcnn_helpers.errors import MrcnnError
-from mrcnn_helpers.model.maskrcnn import place_model
+from mrcnn_helpers.inference.predictor import Predictor
+from mrcnn_helpers.visualize import draw_instances
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _END = object()
 
 
@@ -48,6 +50,7 @@ class DeployStats:
     detections: int = 0
     seconds: float = 0.0
     frame_latency_ms: list = field(default_factory=list, repr=False)
+    service_latency_ms: list = field(default_factory=list, repr=False)
     infer_latency_ms: list = field(default_factory=list, repr=False)
 
     @property
@@ -58,53 +61,20 @@ class DeployStats:
         return {"backend": self.backend, "batch_size": self.batch_size, "frames": self.frames,
                 "detections": self.detections, "seconds": self.seconds, "fps": self.fps,
                 "latency_ms": percentiles(self.frame_latency_ms),
+                "service_ms": percentiles(self.service_latency_ms),
                 "infer_ms_per_batch": percentiles(self.infer_latency_ms)}
 
     def summary(self) -> str:
-        lat, inf = percentiles(self.frame_latency_ms), percentiles(self.infer_latency_ms)
-        return (f"{self.frames} frames in {self.seconds:.2f} s: {self.fps:.2f} FPS "
-                f"({self.backend}, batch {self.batch_size}, {self.detections} detections)\n"
-                f"frame latency ms  p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  "
-                f"p99 {lat['p99']:.1f}\n"
-                f"inference ms/batch p50 {inf['p50']:.1f}  p90 {inf['p90']:.1f}  "
-                f"p99 {inf['p99']:.1f}")
-
-
-def backend_name(model) -> str:
-    """"pytorch" for an nn.Module, else the backend's class (OnnxRuntimeModel, TensorRTModel)."""
-    return "pytorch" if isinstance(model, torch.nn.Module) else type(model).__name__
-
-
-def make_runner(model, *, precision: str = "fp32", device=None):
-    """A function uint8 [B, 3, H, W] -> detection dict (CPU tensors) for the model.
-
-    precision applies to PyTorch models (autocast on CUDA); exported backends run at the
-    precision they were built with (fp32 for ONNX; the engine's data type for TensorRT).
-    """
-    if precision not in PRECISIONS:
-        raise MrcnnError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    is_torch = isinstance(model, torch.nn.Module)
-    if not is_torch:
-        if precision != "fp32":
-            raise MrcnnError(f"--precision {precision} applies to PyTorch models; an exported "
-                             "model runs at the precision it was exported / built with")
-        return model, torch.device("cpu")
-    from mrcnn_helpers.predict import resolve_device
-
-    device = resolve_device(model, device)
-    place_model(model, device).eval()
-    dtype = PRECISIONS[precision]
-    if dtype is not None and device.type != "cuda":
-        raise MrcnnError(f"--precision {precision} needs a CUDA device (got {device})")
-
-    def run(images):
-        autocast = (torch.autocast("cuda", dtype=dtype) if dtype is not None
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            out = model(images.to(device, non_blocking=True))
-        return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
-
-    return run, device
+        rows = [("read -> written ms", self.frame_latency_ms),
+                ("batch start -> written ms", self.service_latency_ms),
+                ("inference ms/batch", self.infer_latency_ms)]
+        head = (f"{self.frames} frames in {self.seconds:.2f} s: {self.fps:.2f} FPS "
+                f"({self.backend}, batch {self.batch_size}, {self.detections} detections)")
+        lines = [head]
+        for label, values in rows:
+            q = percentiles(values)
+            lines.append(f"{label:<26} p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
+        return "\n".join(lines)
 
 
 class _Worker(threading.Thread):
@@ -132,32 +102,21 @@ def _put_while_alive(q: queue.Queue, item, worker: threading.Thread) -> None:
             continue
 
 
-def run_deploy(model, spec, class_names, source, sink, *, batch_size: int | None = None,
-               threshold: float = 0.5, include_mask: bool = True, precision: str = "fp32",
-               device=None, max_frames: int | None = None, progress: bool = True,
-               queue_size: int = 16) -> DeployStats:
+def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = None,
+               threshold: float = 0.5, include_mask: bool = True, max_frames: int | None = None,
+               progress: bool = True, queue_size: int = 16) -> DeployStats:
     """Annotate every frame of `source` (deploy.io.open_source) into `sink` (open_sink).
 
-    batch_size: frames per model call (default: an exported model's batch, else
-    spec.eval_batch_size). Returns DeployStats (FPS, frame and inference latency percentiles).
+    batch_size: frames per model call (default: an exported model's fixed batch, else
+    spec.eval_batch_size). Returns DeployStats (FPS, latency percentiles).
     """
-    from mrcnn_helpers.data import resize_and_pad
-    from mrcnn_helpers.predict import postprocess_detections
-    from mrcnn_helpers.visualize import draw_instances
-
-    meta = getattr(model, "meta", None)
+    meta = getattr(predictor.model, "meta", None)
     if batch_size is None:
-        batch_size = meta.batch_size if meta is not None else int(spec.eval_batch_size)
+        batch_size = meta.batch_size if meta is not None else predictor.batch_size
     batch_size = max(1, int(batch_size))
-    image_size = tuple(int(v) for v in spec.data_config.image_size)
-    include_mask = include_mask and bool(spec.maskrcnn_config.include_mask)
-    names = list(class_names)
-    if len(names) == spec.data_config.num_classes - 1:
-        names = ["background"] + names
-    run, _ = make_runner(model, precision=precision, device=device)
-    stats = DeployStats(backend=backend_name(model) + ("" if precision == "fp32"
-                                                       else f" {precision}"),
-                        batch_size=batch_size)
+    backend = predictor.backend + ("" if predictor.precision == "fp32"
+                                   else f" {predictor.precision}")
+    stats = DeployStats(backend=backend, batch_size=batch_size)
     frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
     frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
     stop = threading.Event()
@@ -165,10 +124,10 @@ def run_deploy(model, spec, class_names, source, sink, *, batch_size: int | None
     def decode():
         count = 0
         try:
-            for frame in source:
+            for name, frame in source:
                 if stop.is_set() or (max_frames is not None and count >= max_frames):
                     break
-                frames_in.put((frame, time.perf_counter()))
+                frames_in.put((name, frame, time.perf_counter()))
                 count += 1
         finally:
             frames_in.put(_END)
@@ -178,14 +137,14 @@ def run_deploy(model, spec, class_names, source, sink, *, batch_size: int | None
             item = frames_out.get()
             if item is _END:
                 return
-            frame, dets, index, scale, t0 = item
-            out = postprocess_detections(dets, index, scale, frame.shape[:2], threshold,
-                                         include_mask)
-            drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"], names,
-                                   masks=out["masks"])
-            sink.write(np.asarray(drawn))
+            name, frame, out, t_read, t_batch = item
+            drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"],
+                                   predictor.class_names, masks=out["masks"])
+            sink.write(name, np.asarray(drawn))
+            now = time.perf_counter()
             stats.detections += len(out["scores"])
-            stats.frame_latency_ms.append((time.perf_counter() - t0) * 1000.0)
+            stats.frame_latency_ms.append((now - t_read) * 1000.0)
+            stats.service_latency_ms.append((now - t_batch) * 1000.0)
             stats.frames += 1
             if progress and stats.frames % 50 == 0:
                 print(f"deploy: {stats.frames} frames", file=sys.stderr)
@@ -206,17 +165,15 @@ def run_deploy(model, spec, class_names, source, sink, *, batch_size: int | None
                 batch.append(item)
             if not batch:
                 break
-            padded, scales = [], []
-            for frame, _ in batch:
-                tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
-                p, s = resize_and_pad(tensor, image_size)
-                padded.append(p)
-                scales.append(s)
-            t_infer = time.perf_counter()
-            dets = run(torch.stack(padded))
-            stats.infer_latency_ms.append((time.perf_counter() - t_infer) * 1000.0)
-            for i, (frame, t0) in enumerate(batch):
-                _put_while_alive(frames_out, (frame, dets, i, scales[i], t0), writer)
+            t_batch = time.perf_counter()
+            images, scales, sizes = predictor.preprocess([frame for _, frame, _ in batch])
+            dets = predictor.forward(images)
+            if predictor.device.type == "cuda":
+                torch.cuda.synchronize(predictor.device)
+            stats.infer_latency_ms.append((time.perf_counter() - t_batch) * 1000.0)
+            outputs = predictor.postprocess(dets, scales, sizes, threshold, include_mask)
+            for (name, frame, t_read), out in zip(batch, outputs, strict=True):
+                _put_while_alive(frames_out, (name, frame, out, t_read, t_batch), writer)
                 if writer.error is not None:
                     raise writer.error
     finally:

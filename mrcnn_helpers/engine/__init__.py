@@ -13,7 +13,6 @@ from mrcnn_helpers.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from mrcnn_helpers.engine.inference import load_model_for_inference
 from mrcnn_helpers.engine.logging import MetricLogger
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
 from mrcnn_helpers.engine.schedule import learning_rate_at
@@ -29,7 +28,6 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_latest_checkpoint",
-    "load_model_for_inference",
     "prune_checkpoints",
     "save_checkpoint",
     "train",

@@ -53,7 +53,6 @@ from mrcnn_helpers.engine.spec_fields import (
 from mrcnn_helpers.errors import CheckpointError, DataError, TrainingError
 from mrcnn_helpers.model.maskrcnn import place_model
 
-
 # Target entries of a batch the model consumes in train mode (see mrcnn_helpers.data).
 TARGET_KEYS = ("boxes", "classes", "masks")
 

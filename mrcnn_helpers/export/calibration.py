@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from mrcnn_helpers.errors import DataError
-
 from mrcnn_helpers.inference.metadata import ExportError, ExportMetadata, normalize_input
 
 
@@ -33,7 +32,7 @@ class CalibrationBatches:
     """
 
     def __init__(self, image_dir, meta: ExportMetadata, *, batch_size: int, batches: int):
-        from mrcnn_helpers.predict import iter_image_files
+        from mrcnn_helpers.data.images import list_image_files
 
         if int(batch_size) < 1 or int(batches) < 1:
             raise CalibrationError(f"--cal-batch-size ({batch_size}) and --batches ({batches}) "
@@ -46,7 +45,7 @@ class CalibrationBatches:
         self.meta = meta
         self.batch_size, self.batches = int(batch_size), int(batches)
         try:
-            files = iter_image_files(image_dir)
+            files = list_image_files(image_dir)
         except DataError as exc:  # missing directory, no images
             raise CalibrationError(f"calibration images: {exc}") from None
         needed = self.batch_size * self.batches

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .graph import DEEPSTREAM_OUTPUTS
 from mrcnn_helpers.inference.metadata import ExportError, ExportMetadata
+
+from .graph import DEEPSTREAM_OUTPUTS
 from .tensorrt import network_mode
 
 PARSER_FUNCTION = "NvDsInferParseCustomMrcnnTLTV2"

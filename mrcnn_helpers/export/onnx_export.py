@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
+from mrcnn_helpers.inference.metadata import (
+    METADATA_KEY,
+    ExportError,
+    ExportMetadata,
+    default_offsets,
+)
+
 from .graph import INPUT_NAME, NET_SCALE_FACTOR, ExportableMaskRCNN, output_names
-from mrcnn_helpers.inference.metadata import METADATA_KEY, ExportError, ExportMetadata, default_offsets
 
 # ONNX domains of standard operators: anything else would need a plugin at deployment.
 STANDARD_DOMAINS = ("", "ai.onnx")

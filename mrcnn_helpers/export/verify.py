@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mrcnn_helpers.data.loader import build_eval_dataset
+from mrcnn_helpers.evaluate import evaluate_model
+from mrcnn_helpers.inference.loading import spec_for_export
+from mrcnn_helpers.inference.predictor import Predictor, as_predictor
+
 # Default tolerances, for fp32 backends. Boxes: 1e-3 of the larger image side (1.3 px at 1344,
 # far above the ~1e-5..1e-2 px fp32 rounding differences, far below a different detection).
 BOX_TOLERANCE_REL = 1e-3
@@ -91,29 +96,25 @@ def compare_detections(reference: dict, tested: dict, *, box_tolerance: float,
     return report
 
 
-def verify_export(model, exported, images: torch.Tensor, *, batch_size: int = 4,
+def verify_export(model, exported, images: torch.Tensor, *, spec=None, batch_size: int = 4,
                   box_tolerance: float | None = None, score_tolerance: float = SCORE_TOLERANCE,
                   mask_tolerance: float = MASK_TOLERANCE) -> ParityReport:
-    """Run the PyTorch model (its own eval forward, fp32) and an exported backend on uint8
-    images [N, 3, H, W] (already resize_and_pad'ed) and compare. box_tolerance None =
+    """Run the PyTorch model (fp32) and an exported backend on uint8 images [N, 3, H, W]
+    (already resize_and_pad'ed) and compare. Both may be Predictors; spec: for models given
+    bare, default the spec stored in the export. box_tolerance None =
     BOX_TOLERANCE_REL * max(H, W)."""
-    from mrcnn_helpers.predict import infer_batch, resolve_device
-
     if box_tolerance is None:
         box_tolerance = BOX_TOLERANCE_REL * max(images.shape[-2:])
+    if spec is None and not isinstance(exported, Predictor):
+        spec = spec_for_export(exported.meta, source=exported.source)
+    reference = as_predictor(model, spec, precision="fp32")
+    tested = as_predictor(exported, spec)
     report = ParityReport(box_tolerance=box_tolerance, score_tolerance=score_tolerance,
                           mask_tolerance=mask_tolerance)
-    device = resolve_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            chunk = images[start:start + batch_size]
-            reference = infer_batch(model, chunk.to(device))
-            tested = infer_batch(exported, chunk)
-            compare_detections(reference, tested, box_tolerance=box_tolerance, report=report)
-    finally:
-        model.train(was_training)
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size]
+        compare_detections(reference.forward(chunk), tested.forward(chunk),
+                           box_tolerance=box_tolerance, report=report)
     return report
 
 
@@ -121,8 +122,6 @@ def load_validation_images(spec, count: int) -> torch.Tensor:
     """The first `count` validation images of the spec, resized and padded: uint8 [N, 3, H, W].
 
     Raises DataError when the validation set is missing."""
-    from mrcnn_helpers.data import build_eval_dataset
-
     dataset = build_eval_dataset(spec, max_images=count)
     return torch.stack([dataset[i]["image"] for i in range(min(count, len(dataset)))])
 
@@ -130,8 +129,6 @@ def load_validation_images(spec, count: int) -> torch.Tensor:
 def compare_ap(models: dict, spec, *, max_images: int | None = None, device=None,
                progress: bool = False) -> dict:
     """COCO metrics of each named model on the same validation images: {name: metrics}."""
-    from mrcnn_helpers.evaluate import evaluate_model
-
     results = {}
     for name, model in models.items():
         results[name] = evaluate_model(model, spec, device=device if name == "pytorch" else None,

@@ -1,27 +1,21 @@
 """Exported models behind the model interface: `backend(images_uint8)` -> the model's eval dict.
 
-`evaluate_model`, `Predictor`, `run_inference` and the deploy pipeline call a model as
-`model(images)` on uint8 [N, 3, H, W] and read {boxes, scores, classes, masks, num_detections}
-(see mrcnn_helpers.model.MaskRCNN). `ExportedModel` gives an ONNX Runtime session or a TensorRT
-engine exactly that interface (plus the no-op `.eval()`, `.train(False)`, `.to()` and an empty
-`.parameters()` those functions call), so PyTorch, ONNX and TensorRT are evaluated by the same
-code and their AP can be compared.
-
-    model, spec, class_names, category_ids = load_inference_model("model.onnx")
+A Predictor (inference.predictor) calls its model as `model(images)` on uint8 [N, 3, H, W] and
+reads {boxes, scores, classes, masks, num_detections} (see mrcnn_helpers.model.MaskRCNN).
+`ExportedModel` gives an ONNX Runtime session or a TensorRT engine exactly that interface, so
+PyTorch, ONNX and TensorRT are evaluated by the same code and their AP can be compared.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .metadata import ExportError, ExportMetadata, normalize_input, read_onnx_metadata
+from mrcnn_helpers.crypto import read_maybe_encrypted
 
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+from .metadata import ExportError, ExportMetadata, normalize_input, read_onnx_metadata
 
 
 def decode_outputs(meta: ExportMetadata, outputs: dict) -> dict:
@@ -71,28 +65,12 @@ class ExportedModel:
     implement `_run(batch float32 numpy [B, 3, H, W]) -> {output name: array or tensor}`.
     """
 
-    training = False
+    backend = "exported"
 
     def __init__(self, meta: ExportMetadata, source: str):
         self.meta = meta
         self.source = source
         self.num_classes = meta.num_classes
-        self.device = torch.device("cpu")
-
-    # The parts of nn.Module that evaluate_model / Predictor use.
-    def parameters(self):
-        return iter(())
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        if mode:
-            raise ExportError(f"{self.source} is an exported model: it can run inference only")
-        return self
-
-    def to(self, device=None, *args, **kwargs):
-        return self  # inputs are read back to the host; the backend keeps its own device
 
     def preprocess(self, images) -> np.ndarray:
         """images [N, 3, H, W] -> float32 numpy with the graph's input normalization applied."""
@@ -125,11 +103,39 @@ class ExportedModel:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _static_shape(value_info) -> tuple:
+    dims = value_info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def check_graph_matches_metadata(proto, meta: ExportMetadata, source: str) -> None:
+    """ExportError when the graph's declared input / output shapes contradict its metadata
+    (batch, image size, class count), e.g. metadata edited after export."""
+    inputs = {i.name: _static_shape(i) for i in proto.graph.input}
+    outputs = {o.name: _static_shape(o) for o in proto.graph.output}
+    expected = {meta.input_name: (meta.batch_size, 3, *meta.image_size)}
+    if meta.layout == "deepstream":
+        expected["mask_fcn_logits/BiasAdd"] = (meta.batch_size, meta.detections_per_image,
+                                               meta.num_classes, meta.mask_resolution,
+                                               meta.mask_resolution)
+    for name, want in expected.items():
+        got = inputs.get(name, outputs.get(name))
+        if got is None:
+            raise ExportError(f"{source}: the graph has no tensor {name!r} that its metadata "
+                              "names; re-export the model with `mrcnn export`")
+        if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
+            raise ExportError(f"{source}: tensor {name!r} has shape {list(got)} but the metadata "
+                              f"describes {list(want)} (batch, image size, num_classes): the "
+                              "metadata does not belong to this graph; re-export the model")
+
+
 class OnnxRuntimeModel(ExportedModel):
     """An exported ONNX file run by ONNX Runtime (CUDA provider when available, else CPU).
 
     key: passphrase of an encrypted export. providers: ONNX Runtime provider names to try.
     """
+
+    backend = "onnxruntime"
 
     def __init__(self, path, *, key: str | None = None, providers=None, threads: int | None = None):
         try:
@@ -138,8 +144,6 @@ class OnnxRuntimeModel(ExportedModel):
         except ImportError:
             raise ExportError("running ONNX models needs onnx and onnxruntime: "
                               "pip install onnx onnxruntime (or onnxruntime-gpu)") from None
-        from mrcnn_helpers.crypto import read_maybe_encrypted
-
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"ONNX model not found: {path}")
@@ -149,6 +153,7 @@ class OnnxRuntimeModel(ExportedModel):
         except Exception as exc:  # noqa: BLE001 - protobuf decode errors vary
             raise ExportError(f"{path} is not a readable ONNX model: {exc}") from None
         super().__init__(read_onnx_metadata(proto, str(path)), str(path))
+        check_graph_matches_metadata(proto, self.meta, str(path))
         available = ort.get_available_providers()
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
         chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
@@ -162,76 +167,3 @@ class OnnxRuntimeModel(ExportedModel):
         names = [o.name for o in self.session.get_outputs()]
         values = self.session.run(names, {self.meta.input_name: batch})
         return dict(zip(names, values, strict=True))
-
-
-def _spec_for(meta: ExportMetadata, spec, source: str):
-    """The spec to evaluate with: the given one (checked against the graph) or the stored one."""
-    if spec is None:
-        if not meta.spec_text:
-            raise ExportError(f"{source} stores no spec: pass the spec (-e SPEC)")
-        from mrcnn_helpers.spec import parse_spec
-
-        return parse_spec(meta.spec_text, source=f"{source} (stored spec)")
-    image_size = tuple(int(v) for v in spec.data_config.image_size)
-    num_classes = int(spec.data_config.num_classes)
-    if image_size != tuple(meta.image_size) or num_classes != meta.num_classes:
-        raise ExportError(
-            f"{source} was exported for image_size {tuple(meta.image_size)} and num_classes "
-            f"{meta.num_classes}, but the spec has {image_size} and "
-            f"{spec.data_config.num_classes}; use the spec it was exported with, or re-export")
-    return spec
-
-
-def load_inference_model(path, spec=None, device=None, key: str | None = None):
-    """Any model file -> (model, spec, class_names, category_ids) for evaluate / infer / deploy.
-
-    path: a training checkpoint or a results directory (its latest checkpoint), an exported
-    `.onnx` (ONNX Runtime) or a TensorRT engine `.plan` / `.engine` / `.trt` (with its `.json`
-    metadata next to it). spec: None = the one stored in the file; with exported models the
-    spec's image_size and num_classes must match the graph (its inference thresholds are baked
-    into the graph).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in ONNX_SUFFIXES or suffix in ENGINE_SUFFIXES:
-        if suffix in ONNX_SUFFIXES:
-            model = OnnxRuntimeModel(path, key=key)
-        else:
-            from .tensorrt import TensorRTModel
-
-            model = TensorRTModel(path, device=device)
-        meta = model.meta
-        spec = _spec_for(meta, spec, str(path))
-        num = meta.num_classes
-        names = list(meta.class_names) or ["background"] + [f"class_{i}" for i in range(1, num)]
-        ids = list(meta.category_ids) or list(range(1, num))
-        return model, spec, names, ids
-
-    from mrcnn_helpers.engine import load_model_for_inference
-    from mrcnn_helpers.engine.checkpoint import latest_checkpoint
-
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ExportError(f"{path}: no checkpoint (model.step-N.pth) in this directory")
-        path = found
-    from mrcnn_helpers.crypto import is_encrypted
-
-    if path.is_file() and is_encrypted(path):  # a checkpoint encrypted with encrypt_file / --key
-        return _load_encrypted_checkpoint(path, spec, device, key)
-    return load_model_for_inference(os.fspath(path), spec=spec, device=device)
-
-
-def _load_encrypted_checkpoint(path, spec, device, key):
-    """load_model_for_inference for an encrypted checkpoint: decrypt to a private temp file."""
-    import tempfile
-
-    from mrcnn_helpers.engine import load_model_for_inference
-
-    from mrcnn_helpers.crypto import read_maybe_encrypted
-
-    data = read_maybe_encrypted(path, key)
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / Path(path).name
-        plain.write_bytes(data)
-        return load_model_for_inference(plain, spec=spec, device=device)

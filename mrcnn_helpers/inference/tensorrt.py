@@ -54,6 +54,8 @@ class TensorRTModel(ExportedModel):
     Inputs and outputs live in CUDA tensors allocated once; results are copied to the host.
     """
 
+    backend = "tensorrt"
+
     def __init__(self, engine_path, *, device=None):
         trt = import_tensorrt()
         if not torch.cuda.is_available():

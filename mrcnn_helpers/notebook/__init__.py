@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mrcnn_helpers.engine.checkpoint import latest_checkpoint
 from mrcnn_helpers.errors import CheckpointError
+from mrcnn_helpers.inference.loading import LoadedModel, load_model_file
 
 from .analysis import EvalResult, evaluate_detailed, masks_to_rles, match_instances
 from .deployment import (
@@ -103,20 +105,19 @@ def use_repo_root(root: str | os.PathLike = "..") -> Path:
     return target
 
 
-def load_experiment(results_dir: str | os.PathLike, device=None):
+def load_experiment(results_dir: str | os.PathLike, device=None) -> LoadedModel:
     """The newest checkpoint of a training run, ready for inference.
 
-    Returns (model in eval mode, spec stored in the checkpoint, class_names, category_ids), as
-    engine.load_model_for_inference. Raises CheckpointError when results_dir holds no
-    checkpoint (naming the directory and how to make one).
+    Returns a LoadedModel (model in eval mode, the spec stored in the checkpoint, class_names,
+    category_ids; it unpacks as that 4-tuple, and `.predictor()` makes a Predictor). Raises
+    CheckpointError when results_dir holds no checkpoint (naming the directory and how to make
+    one).
     """
-    from mrcnn_helpers.engine import latest_checkpoint, load_model_for_inference
-
     path = latest_checkpoint(results_dir) if Path(results_dir).is_dir() else None
     if path is None:
         raise CheckpointError(f"no checkpoint (model.step-N.pth) in {results_dir}: train first "
                               f"(notebook 03_train or `mrcnn train -e SPEC -r {results_dir}`)")
-    return load_model_for_inference(path, device=device)
+    return load_model_file(path, device=device)
 
 
 def _register_figure_formatter() -> None:

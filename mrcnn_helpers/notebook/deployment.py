@@ -12,7 +12,13 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
+
+from mrcnn_helpers.deploy import ImageDirSource, VideoSink, open_source, percentiles
+from mrcnn_helpers.export.verify import AP_KEYS, verify_export
+from mrcnn_helpers.inference.metadata import ExportError
+from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, import_tensorrt
 
 from .plots import image_grid
 from .tables import Table
@@ -64,8 +70,6 @@ def parity_table(model, exported, images, name: str = "onnx") -> Table:
     scores and mask probabilities over detections matched by order; a bold last row holds the
     maxima and the tolerances; the title says whether all are within them.
     """
-    from mrcnn_helpers.export import verify_export
-
     rows, ok, tolerances = [], True, ()
     for i in range(images.shape[0]):
         report = verify_export(model, exported, images[i:i + 1], batch_size=1)
@@ -88,8 +92,6 @@ def parity_table(model, exported, images, name: str = "onnx") -> Table:
 def ap_table(results: dict, keys=None) -> Table:
     """COCO metrics of several models side by side (export.compare_ap's result): one row per
     metric, one column per model, then each other model's difference from the first."""
-    from mrcnn_helpers.export.verify import AP_KEYS
-
     names = list(results)
     keys = [k for k in (keys or AP_KEYS) if any(k in m for m in results.values())]
     rows = []
@@ -132,13 +134,8 @@ def tensorrt_choice(choice="auto", engine_path=None) -> tuple[bool, str]:
         raise ValueError(f"TensorRT choice {choice!r}: use one of \"auto\", True, False")
     if choice is False:
         return False, "TensorRT skipped (the parameter is False)."
-    from mrcnn_helpers.export import ExportError, TensorRTUnavailable
-    from mrcnn_helpers.inference.tensorrt import import_tensorrt
-
     try:
         trt = import_tensorrt()
-        import torch
-
         if not torch.cuda.is_available():
             raise TensorRTUnavailable(f"TensorRT {trt.__version__} is installed but no CUDA GPU "
                                       "is visible: engines are built and run on a GPU.")
@@ -161,8 +158,6 @@ def write_video(image_dir, path, *, fps: float = 5.0, max_frames: int | None = N
     """A video file made of the images of a folder (file-name order), for trying the video path
     of the deploy pipeline; frames of another size are resized to the first one's. Needs
     OpenCV. Returns the path."""
-    from mrcnn_helpers.deploy import ImageDirSource, VideoSink
-
     sink = VideoSink(path, fps=fps)
     try:
         for i, frame in enumerate(ImageDirSource(image_dir)):
@@ -178,8 +173,6 @@ def deploy_stats_table(runs: dict) -> Table:
     """deploy.DeployStats of several runs side by side: {run name: stats} -> one row per run with
     frames, FPS, frame latency p50 / p90 (decode to written, ms), inference ms per batch (p50)
     and detections drawn."""
-    from mrcnn_helpers.deploy import percentiles
-
     rows = []
     for name, stats in runs.items():
         latency, infer = percentiles(stats.frame_latency_ms), percentiles(stats.infer_latency_ms)
@@ -193,8 +186,6 @@ def deploy_stats_table(runs: dict) -> Table:
 def show_frames(source, num_frames: int = 4, cols: int = 4) -> Figure:
     """The first frames of a deploy output or input (a folder of images or a video file, as
     deploy.open_source reads it) in a grid, titled by frame number."""
-    from mrcnn_helpers.deploy import open_source
-
     frames = open_source(str(source))
     try:
         shown = []

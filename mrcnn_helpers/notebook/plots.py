@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from mrcnn_helpers.data.coco import load_coco
+from mrcnn_helpers.data.images import load_image
+from mrcnn_helpers.inference.predictor import to_image_tensor
 from mrcnn_helpers.visualize import class_color, draw_instances
 
 
@@ -65,8 +68,6 @@ def load_ground_truth(coco, image_id: int) -> dict:
 
 def draw_ground_truth(coco, image_dir, image_id: int, mask_alpha: float = 0.5):
     """PIL image of one COCO image with its annotations (masks, boxes, class names) drawn."""
-    from mrcnn_helpers.data import load_image
-
     info = coco.imgs[image_id]
     image = load_image(str(Path(image_dir) / info["file_name"]), image_id)
     gt = load_ground_truth(coco, image_id)
@@ -82,8 +83,6 @@ def show_ground_truth(json_file, image_dir, num_images: int = 8, cols: int = 4,
     json_file: COCO instances JSON (or a loaded pycocotools COCO); image_ids: which images
     (default: the first num_images by id). Titles give the file name and instance count.
     """
-    from mrcnn_helpers.data import load_coco
-
     coco = load_coco(json_file) if not hasattr(json_file, "imgs") else json_file
     ids = sorted(coco.imgs)[:num_images] if image_ids is None else list(image_ids)
     drawn = [draw_ground_truth(coco, image_dir, i) for i in ids]
@@ -95,8 +94,6 @@ def show_ground_truth(json_file, image_dir, num_images: int = 8, cols: int = 4,
 def show_predictions(predictor, images, score_threshold: float = 0.5, cols: int = 4) -> Figure:
     """Run `predictor` (mrcnn_helpers.predict.Predictor) on images (paths, PIL images or uint8
     tensors) and show each with its detections >= score_threshold drawn."""
-    from mrcnn_helpers.predict import to_image_tensor
-
     images = list(images)
     outputs = predictor.predict(images, score_threshold=score_threshold)
     drawn, titles = [], []
@@ -111,8 +108,6 @@ def show_predictions(predictor, images, score_threshold: float = 0.5, cols: int 
 def plot_dataset_stats(json_file) -> Figure:
     """Two panels: instances per image (histogram) and instance size sqrt(area) per class, with
     COCO's small / large boundaries (32 and 96 px) marked."""
-    from mrcnn_helpers.data import load_coco
-
     coco = load_coco(json_file) if not hasattr(json_file, "imgs") else json_file
     fig = Figure(figsize=(12, 3.6), layout="constrained")
     ax_count, ax_size = fig.subplots(1, 2)

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mrcnn_helpers.data.coco import load_coco
 from mrcnn_helpers.evaluate import IOU_TYPE_PREFIX, METRIC_NAMES
+from mrcnn_helpers.spec import spec_table as spec_rows
+from mrcnn_helpers.spec.schema import BLOCKS
 
 # COCO's small / medium / large split of instance areas (pixels^2), as pycocotools uses it.
 SMALL_AREA, LARGE_AREA = 32**2, 96**2
@@ -94,9 +97,6 @@ def spec_table(spec) -> Table:
     Columns: field, value, default. Rows whose value differs from the default are bold (in text
     form marked with '*'), so what an experiment changes stands out among ~70 fields.
     """
-    from mrcnn_helpers.spec import spec_table as spec_rows
-    from mrcnn_helpers.spec.schema import BLOCKS
-
     defaults = {block: BLOCKS[block]() for block in BLOCKS}
     rows, bold, sections = [], set(), {}
     last_block = None
@@ -114,8 +114,6 @@ def spec_table(spec) -> Table:
 
 def spec_changes(before, after) -> Table:
     """The fields whose value differs between two specs: field (dotted), before, after."""
-    from mrcnn_helpers.spec import spec_table as spec_rows
-
     rows = []
     for (block, name, old, _), (_, _, new, _) in zip(spec_rows(before), spec_rows(after),
                                                       strict=True):
@@ -159,8 +157,6 @@ def dataset_summary(coco) -> Table:
     images without annotations, and instances per image (mean and max).
     """
     if not hasattr(coco, "imgs"):
-        from mrcnn_helpers.data import load_coco
-
         coco = load_coco(coco)
     cats = sorted(coco.cats.values(), key=lambda c: c["id"])
     rows = []

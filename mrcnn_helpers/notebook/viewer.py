@@ -21,11 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
 
+from mrcnn_helpers.data.coco import load_coco
+from mrcnn_helpers.data.images import load_image
 from mrcnn_helpers.visualize import draw_instances
 
 from .analysis import masks_to_rles, match_instances
 from .plots import load_ground_truth
+from .tables import Table
 
 MODES = ("prediction", "ground truth", "both")
 
@@ -45,10 +49,6 @@ class InstanceViewer:
                  score_threshold: float = 0.5, mask_alpha: float = 0.5, mode: str = "both",
                  min_score: float = 0.05, iou_threshold: float = 0.5, max_width: int = 1000,
                  min_panel_width: int = 400, progress: bool = True):
-        from tqdm.auto import tqdm
-
-        from mrcnn_helpers.data import load_coco
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.coco = load_coco(json_file) if not hasattr(json_file, "imgs") else json_file
@@ -133,8 +133,6 @@ class InstanceViewer:
 
     def worst_table(self, k: int = 10, score_threshold: float | None = None):
         """worst_images as a Table (index, file, missed, false positives, instances, detections)."""
-        from .tables import Table
-
         thr = self.score_threshold if score_threshold is None else float(score_threshold)
         rows = [[r["index"], r["file_name"], r["missed"], r["false_positives"], r["num_gt"],
                  r["num_pred"]] for r in self.worst_images(k, thr)]
@@ -155,8 +153,6 @@ class InstanceViewer:
         "prediction": detections >= threshold, plus white boxes around missed instances;
         "ground truth": the annotations; "both": ground truth left, prediction right.
         """
-        from mrcnn_helpers.data import load_image
-
         index = self.index if index is None else int(index)
         mode = self.mode if mode is None else mode
         if mode not in MODES:

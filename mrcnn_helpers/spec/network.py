@@ -12,7 +12,8 @@ Class names everywhere are the contiguous labels' names with index 0 = "backgrou
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mrcnn_helpers.errors import SpecError
 

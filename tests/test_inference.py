@@ -1,4 +1,4 @@
-"""Predictor and run_inference with a fake model whose detections are known in padded-input pixels.
+"""Predictor and annotate_images (`mrcnn infer`) with a fake model whose detections are known in padded-input pixels.
 
 A 100 x 50 (w x h) image resized into 64 x 64 gets scale min(64/50, 64/100) = 0.64: it fills the
 top-left 64 x 32 and the rest is padding. A detection at (6.4, 3.2, 32, 16) in padded pixels is
@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mrcnn_helpers.data.images import list_image_files
 from mrcnn_helpers.errors import DataError
-from mrcnn_helpers.predict import Predictor, iter_image_files, postprocess_detections, run_inference
+from mrcnn_helpers.inference import Predictor, annotate_images, postprocess_detections
 
 IMAGE_SIZE = (64, 64)
 CLASS_NAMES = ["background", "cat", "dog"]
@@ -124,21 +125,23 @@ def test_postprocess_empty_detections():
     assert out["masks"].shape == (0, 30, 40) and out["masks"].dtype == torch.bool
 
 
-def test_iter_image_files(tmp_path):
-    for name in ("b.PNG", "a.jpg", "c.jpeg", "d.bmp", "notes.txt"):
+def test_list_image_files(tmp_path):
+    for name in ("b.PNG", "a.jpg", "c.jpeg", "d.bmp", "e.TIF", "f.webp", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.png").mkdir()
-    assert [p.name for p in iter_image_files(tmp_path)] == ["a.jpg", "b.PNG", "c.jpeg", "d.bmp"]
+    # The one extension list: what the converters accept, infer and deploy read too.
+    assert [p.name for p in list_image_files(tmp_path)] == ["a.jpg", "b.PNG", "c.jpeg", "d.bmp",
+                                                            "e.TIF", "f.webp"]
 
 
 def test_bad_inputs_name_the_path(tmp_path):
     missing = tmp_path / "no_such_dir"
     with pytest.raises(DataError, match="no_such_dir"):
-        iter_image_files(missing)
+        list_image_files(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no images .* in .*empty"):
-        iter_image_files(empty)
+        list_image_files(empty)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
     predictor = Predictor(_model(), _spec(), CLASS_NAMES)
@@ -154,9 +157,9 @@ def test_run_inference_writes_images_and_json(tmp_path):
     Image.fromarray(_image(30)).save(in_dir / "first.png")
     Image.fromarray(_image(30)).save(in_dir / "second.jpg", quality=100)
     json_path = tmp_path / "res" / "results.json"
-    summary = run_inference(_model(), _spec(batch_size=1), CLASS_NAMES, CATEGORY_IDS, in_dir,
-                            out_dir, threshold=0.5, include_mask=True, json_path=json_path,
-                            progress=False)
+    predictor = Predictor(_model(), _spec(batch_size=1), CLASS_NAMES, category_ids=CATEGORY_IDS)
+    summary = annotate_images(predictor, in_dir, out_dir, threshold=0.5, include_mask=True,
+                              json_path=json_path, progress=False)
     assert summary["images"] == 2 and summary["detections"] == 4
     assert sorted(p.name for p in out_dir.iterdir()) == ["first.png", "second.jpg"]
     drawn = np.asarray(Image.open(out_dir / "first.png"))
@@ -172,5 +175,41 @@ def test_run_inference_writes_images_and_json(tmp_path):
     assert results[0]["segmentation"]["size"] == [50, 100]
 
     with pytest.raises(DataError, match="overwrite"):
-        run_inference(_model(), _spec(), CLASS_NAMES, CATEGORY_IDS, in_dir, in_dir,
-                      threshold=0.5, include_mask=False, progress=False)
+        annotate_images(Predictor(_model(), _spec(), CLASS_NAMES, category_ids=CATEGORY_IDS),
+                        in_dir, in_dir, threshold=0.5, include_mask=False, progress=False)
+
+
+def test_load_model_file_rebuilds_the_checkpoint_network(tmp_path, monkeypatch):
+    from test_engine import FakeDetector, make_spec, new_model, run
+    from torch import nn
+
+    import mrcnn_helpers.engine.trainer as trainer_module
+    import mrcnn_helpers.inference.loading as loading
+    from mrcnn_helpers.engine import load_checkpoint
+    from mrcnn_helpers.errors import CheckpointError
+
+    monkeypatch.setattr(trainer_module, "spec_text",
+                        lambda spec: f"total_steps: {spec.total_steps}\nseed: {spec.seed}\n")
+    spec = make_spec()
+    run(spec, tmp_path, max_steps=6)
+    texts = []
+    monkeypatch.setattr(loading, "parse_spec",
+                        lambda text, source: texts.append((text, source)) or spec)
+    monkeypatch.setattr(loading, "build_model", lambda spec: new_model(seed=9))
+    path = tmp_path / "model.step-6.pth"
+    model, got_spec, names, ids = loading.load_model_file(path, device="cpu")
+    assert got_spec is spec and texts == [("total_steps: 20\nseed: 7\n", f"{path} (stored spec)")]
+    assert names == ["background", "cat", "dog"] and ids == [3, 7] and not model.training
+    for key, value in load_checkpoint(path)["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # A results directory means its newest checkpoint.
+    assert loading.load_model_file(tmp_path, device="cpu").source == path
+
+    class Wider(FakeDetector):
+        def __init__(self):
+            super().__init__()
+            self.rpn = nn.Linear(16, 4)
+
+    monkeypatch.setattr(loading, "build_model", lambda spec: Wider())
+    with pytest.raises(CheckpointError, match=r"model.step-6.pth does not fit the model"):
+        loading.load_model_file(path, spec=spec, device="cpu")

@@ -10,11 +10,11 @@ authenticated too (associated data).
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 from mrcnn_helpers.errors import MrcnnError
+from mrcnn_helpers.fileio import atomic_write
 
 MAGIC = b"MRCNENC1"
 SALT_BYTES, NONCE_BYTES = 16, 12
@@ -73,15 +73,8 @@ def decrypt_bytes(blob: bytes, passphrase: str | None, source: str = "<bytes>") 
 
 
 def write_encrypted(path, data: bytes, passphrase: str) -> Path:
-    """Encrypt `data` into `path` atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(encrypt_bytes(data, passphrase))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Encrypt `data` into `path` atomically (fileio.atomic_write)."""
+    return atomic_write(path, encrypt_bytes(data, passphrase), what="encrypted file")
 
 
 def read_maybe_encrypted(path, passphrase: str | None = None) -> bytes:
@@ -93,11 +86,3 @@ def read_maybe_encrypted(path, passphrase: str | None = None) -> bytes:
 def encrypt_file(src, dst, passphrase: str) -> Path:
     """Write an encrypted copy of `src` to `dst` (e.g. a checkpoint before sharing it)."""
     return write_encrypted(dst, Path(src).read_bytes(), passphrase)
-
-
-def load_checkpoint_bytes(path, passphrase: str | None = None):
-    """torch.load(weights_only=True) of a possibly encrypted checkpoint file."""
-    import torch
-
-    data = read_maybe_encrypted(path, passphrase)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

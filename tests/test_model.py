@@ -311,3 +311,28 @@ def test_folded_convolution_inference_cache_follows_weight_changes():
         bn.running_var.fill_(4.0)
         assert torch.allclose(conv(x), reference(), atol=1e-6)
     assert conv(x).requires_grad  # training computes the fold in the graph
+
+
+def test_losses_are_free_functions_with_hand_computed_values():
+    import math
+
+    from mrcnn_helpers.model.roi_heads import fastrcnn_loss, maskrcnn_loss
+
+    # Uniform class logits over 3 classes: cross-entropy log(3) on every valid slot.
+    logits = torch.zeros(4, 3)
+    deltas = torch.zeros(4, 12)
+    deltas.view(4, 3, 4)[1, 2] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # slot 1's class-2 deltas
+    target_classes = torch.tensor([[0, 2, 0, 0]])
+    box_targets = torch.zeros(1, 4, 4)
+    valid = torch.tensor([[True, True, True, False]])
+    positive = torch.tensor([[False, True, False, False]])
+    class_loss, box_loss = fastrcnn_loss(logits, deltas, target_classes, box_targets, valid,
+                                         positive)
+    assert class_loss.item() == pytest.approx(math.log(3))
+    # smooth-L1 (beta 1/9) of a delta of 1 is 1 - 0.5/9, over 3 valid slots.
+    assert box_loss.item() == pytest.approx((1 - 0.5 / 9) / 3)
+    # Mask: zero logits against all-ones targets give log(2) per pixel; no positive gives 0.
+    masks = torch.zeros(2, 4, 4)
+    assert maskrcnn_loss(masks, torch.ones(2, 4, 4), torch.tensor([True, False])).item() == \
+        pytest.approx(math.log(2))
+    assert maskrcnn_loss(masks, torch.ones(2, 4, 4), torch.tensor([False, False])).item() == 0.0

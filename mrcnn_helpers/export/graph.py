@@ -1,7 +1,11 @@
-"""A static-shape formulation of the Mask R-CNN inference path, for ONNX / TensorRT export.
+"""The Mask R-CNN inference path as one static ONNX graph, for ONNX Runtime / TensorRT / DeepStream.
 
-The model's own inference (`rpn.propose`, `roi_heads.detect`) loops over images and selects with
-data-dependent `nonzero` before each NMS. Here every tensor has a shape fixed at export time:
+Why a graph of its own rather than tracing `MaskRCNN.forward`: the model's inference is batched
+at fixed sizes, but two of its stages are built for PyTorch on a GPU, not for a static graph:
+NMS (model/nms.py) is a batched fixed point iterated until it converges, a loop whose trip count
+depends on the data, and multilevel RoIAlign groups the boxes by FPN level with counts read on the
+host. Neither can be written into ONNX as it is; ONNX has NonMaxSuppression for the first and a
+static formulation for the second. Here every tensor has a shape fixed at export time:
 
 - candidates that the model would drop before NMS get the score -1 instead, and ONNX
   `NonMaxSuppression` is given a score threshold (-0.5) that removes exactly those;
@@ -11,8 +15,9 @@ data-dependent `nonzero` before each NMS. Here every tensor has a shape fixed at
 - multilevel RoIAlign runs every RoI on every FPN level and picks the right level with `Where`.
 
 Everything else is the model's own submodules (backbone, rpn.head, box/mask heads) and its pure
-functions (anchors, box coding, the FPN level rule), so the exported graph computes what
-`model(images)` computes. The graph holds standard ONNX ops only (Conv, TopK, Gather, RoiAlign,
+functions (anchors, box coding, the FPN level rule, the network identity check), so the exported
+graph computes what `model(images)` computes; tests/test_export.py holds the two to 1e-3 of the
+image size on boxes. The graph holds standard ONNX ops only (Conv, TopK, Gather, RoiAlign,
 NonMaxSuppression, ScatterElements, Where, ...).
 """
 
@@ -30,6 +35,7 @@ from mrcnn_helpers.model.anchors import generate_anchors
 from mrcnn_helpers.model.maskrcnn import PIXEL_MEAN, PIXEL_STD
 from mrcnn_helpers.model.roi_heads import BOX_POOL_SIZE, assign_roi_levels
 from mrcnn_helpers.model.rpn import RPN_BOX_WEIGHTS
+from mrcnn_helpers.spec.network import network_differences, network_fields_of_model
 
 # Candidates the model filters out before NMS carry this score; NMS drops scores <= -0.5 and
 # TopK ranks them last, so they never reach an output (real scores are probabilities >= 0).
@@ -273,22 +279,13 @@ class ExportableMaskRCNN(nn.Module):
                 found.sum(dim=1).to(torch.int32))
 
 
-# Fields of MaskRCNNConfig that shape the network or its anchors (not inference settings).
-NETWORK_FIELDS = ("nlayers", "min_level", "max_level", "num_scales", "aspect_ratios",
-                  "anchor_scale", "mrcnn_resolution", "bbox_reg_weights", "include_mask")
-
-
-def check_same_network(model_cfg, cfg) -> None:
-    """ValueError naming the fields where `cfg` describes another network than `model_cfg`."""
-    differ = [f"{name}: model {getattr(model_cfg, name)!r}, spec {getattr(cfg, name)!r}"
-              for name in NETWORK_FIELDS
-              if _as_tuple(getattr(model_cfg, name)) != _as_tuple(getattr(cfg, name))]
+def check_same_network(model_cfg, cfg, num_classes: int = 0) -> None:
+    """ValueError naming the fields where `cfg` describes another network than `model_cfg`
+    (spec.network's identity: layers, shapes, anchors, box coding)."""
+    differ = network_differences(network_fields_of_model(model_cfg, num_classes),
+                                 network_fields_of_model(cfg, num_classes), saved_name="model")
     if differ:
         raise ValueError("the spec describes another network than the model: " + "; ".join(differ))
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def fold_input_scale(conv: nn.Conv2d, scale: float) -> None:

@@ -10,19 +10,20 @@ ExportMetadata (input contract, layout, classes, the spec) in its metadata_props
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import warnings
-from pathlib import Path
 
 import torch
 
+from mrcnn_helpers.crypto import write_encrypted
+from mrcnn_helpers.fileio import atomic_write
 from mrcnn_helpers.inference.metadata import (
     METADATA_KEY,
     ExportError,
     ExportMetadata,
     default_offsets,
 )
+from mrcnn_helpers.spec import format_spec
 
 from .graph import INPUT_NAME, NET_SCALE_FACTOR, ExportableMaskRCNN, output_names
 
@@ -52,8 +53,6 @@ def check_standard_ops(model_proto) -> None:
 
 def _spec_text(spec) -> str:
     try:
-        from mrcnn_helpers.spec import format_spec
-
         return format_spec(spec)
     except Exception:  # noqa: BLE001 - a duck-typed spec (tests, notebooks) has no text form
         return ""
@@ -125,32 +124,23 @@ def export_onnx(model: torch.nn.Module, spec, path, *, batch_size: int = 1,
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     dummy = torch.zeros((meta.batch_size, 3, *meta.image_size))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # Tracer warnings flag Python ints taken from shapes: here they are meant to be
-            # constants (the graph is static by design).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            torch.onnx.export(wrapper, (dummy,), tmp, input_names=[INPUT_NAME],
-                              output_names=list(meta.output_names), opset_version=int(opset),
-                              dynamo=False, do_constant_folding=True)
-        proto = onnx.load(tmp)
-        check_standard_ops(proto)
-        onnx.helper.set_model_props(proto, {METADATA_KEY: meta.to_json()})
-        onnx.checker.check_model(proto)
-        data = proto.SerializeToString()
-        if key:
-            from mrcnn_helpers.crypto import write_encrypted
-
-            write_encrypted(path, data, key)
-        else:
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    buffer = io.BytesIO()  # traced in memory: nothing is written until the graph is checked
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer warnings flag Python ints taken from shapes: here they are meant to be
+        # constants (the graph is static by design).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(wrapper, (dummy,), buffer, input_names=[INPUT_NAME],
+                          output_names=list(meta.output_names), opset_version=int(opset),
+                          dynamo=False, do_constant_folding=True)
+    proto = onnx.load_model_from_string(buffer.getvalue())
+    check_standard_ops(proto)
+    onnx.helper.set_model_props(proto, {METADATA_KEY: meta.to_json()})
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    if key:
+        write_encrypted(path, data, key)
+    else:
+        atomic_write(path, data, error=ExportError, what="ONNX model")
     return meta

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mrcnn_helpers.errors import MrcnnError
 from mrcnn_helpers.model.maskrcnn import PIXEL_MEAN
 
@@ -76,8 +78,6 @@ class ExportMetadata:
 def normalize_input(images, meta: ExportMetadata):
     """uint8 (or 0..255 float) images [N, 3, H, W] -> the float32 numpy array the graph takes:
     unchanged values when the graph normalizes itself, else scale * (pixel - offsets[c])."""
-    import numpy as np
-
     x = np.asarray(images, dtype=np.float32)
     if not meta.normalize_in_graph:
         offsets = np.asarray(meta.offsets, np.float32).reshape(1, 3, 1, 1)

@@ -163,20 +163,13 @@ class RoIHeads(nn.Module):
         roi_gt = matched.gather(1, index)
         valid = sampled >= 0
         positive = sampled == FOREGROUND
-        num_valid = valid.sum().clamp(min=1)
 
         class_logits, box_deltas = self.box_forward(features, rois)
-        target_classes = torch.where(positive, gt_classes.gather(1, roi_gt), 0).reshape(-1)
-        class_loss = (F.cross_entropy(class_logits.float(), target_classes, reduction="none")
-                      * valid.reshape(-1)).sum() / num_valid
-
+        target_classes = torch.where(positive, gt_classes.gather(1, roi_gt), 0)
         target_boxes = gt_boxes.gather(1, roi_gt[..., None].expand(-1, -1, 4))
-        box_targets = box_ops.encode_boxes(target_boxes, rois, self.box_weights).reshape(-1, 4)
-        box_deltas = box_deltas.reshape(-1, self.num_classes, 4)
-        pred = box_deltas[torch.arange(box_deltas.shape[0], device=box_deltas.device),
-                          target_classes].float()
-        box_loss = (F.smooth_l1_loss(pred, box_targets, beta=SMOOTH_L1_BETA, reduction="none")
-                    .sum(-1) * positive.reshape(-1)).sum() / num_valid
+        box_targets = box_ops.encode_boxes(target_boxes, rois, self.box_weights)
+        class_loss, box_loss = fastrcnn_loss(class_logits, box_deltas, target_classes,
+                                             box_targets, valid, positive)
         losses = {"fast_rcnn_class_loss": class_loss,
                   "fast_rcnn_box_loss": box_loss * cfg.fast_rcnn_box_loss_weight}
         if cfg.include_mask:
@@ -195,11 +188,7 @@ class RoIHeads(nn.Module):
         logits = logits[torch.arange(logits.shape[0], device=logits.device), classes]
         mask_targets = project_masks_to_rois(targets["masks"], targets["boxes"], rois, roi_gt,
                                              logits.shape[-1]).reshape(logits.shape)
-        per_roi = F.binary_cross_entropy_with_logits(
-            logits.float(), mask_targets, reduction="none").mean(dim=(-1, -2))
-        # No positive RoI (an image without objects) gives a zero loss, not NaN.
-        weight = positive.reshape(-1).float()
-        return (per_roi * weight).sum() / weight.sum().clamp(min=1) * self.cfg.mrcnn_weight_loss_mask
+        return maskrcnn_loss(logits, mask_targets, positive) * self.cfg.mrcnn_weight_loss_mask
 
     # ---- inference ----
     def detect(self, features, proposals, proposal_valid, image_size) -> dict:
@@ -230,3 +219,32 @@ class RoIHeads(nn.Module):
         return result
 
 
+def fastrcnn_loss(class_logits: Tensor, box_deltas: Tensor, target_classes: Tensor,
+                  box_targets: Tensor, valid: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """Classification and box-regression losses of the box head over sampled RoIs.
+
+    class_logits [B * K, C] and box_deltas [B * K, C * 4] for K RoIs per image; target_classes
+    [B, K] (0 = background), box_targets [B, K, 4] encoded against the RoIs; valid / positive
+    bool [B, K] (a sampled slot / a foreground one). Returns (cross-entropy over valid slots,
+    smooth-L1 of the target class's deltas over positives), both divided by the valid count.
+    """
+    num_valid = valid.sum().clamp(min=1)
+    target_classes = target_classes.reshape(-1)
+    class_loss = (F.cross_entropy(class_logits.float(), target_classes, reduction="none")
+                  * valid.reshape(-1)).sum() / num_valid
+    box_deltas = box_deltas.reshape(target_classes.shape[0], -1, 4)
+    pred = box_deltas[torch.arange(box_deltas.shape[0], device=box_deltas.device),
+                      target_classes].float()
+    box_loss = (F.smooth_l1_loss(pred, box_targets.reshape(-1, 4), beta=SMOOTH_L1_BETA,
+                                 reduction="none").sum(-1) * positive.reshape(-1)).sum() / num_valid
+    return class_loss, box_loss
+
+
+def maskrcnn_loss(mask_logits: Tensor, mask_targets: Tensor, positive: Tensor) -> Tensor:
+    """Per-pixel binary cross-entropy of the target class's mask logits [N, R, R] against
+    mask_targets [N, R, R] in [0, 1], averaged per RoI and over the positive RoIs (bool [N] or
+    [B, K]). No positive RoI (an image without objects) gives a zero loss, not NaN."""
+    per_roi = F.binary_cross_entropy_with_logits(
+        mask_logits.float(), mask_targets, reduction="none").mean(dim=(-1, -2))
+    weight = positive.reshape(-1).float()
+    return (per_roi * weight).sum() / weight.sum().clamp(min=1)

@@ -98,24 +98,40 @@ class RegionProposalNetwork(nn.Module):
 
     def losses(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: dict) -> dict:
         cfg = self.cfg
-        gt_boxes, gt_valid = targets["boxes"], targets["classes"] > 0
-        iou = box_ops.box_iou(anchors[None].expand(gt_boxes.shape[0], -1, -1), gt_boxes)
-        labels, matched = label_rpn_anchors(iou, gt_valid, cfg.rpn_positive_overlap,
-                                            cfg.rpn_negative_overlap)
-        index, sampled = sample_balanced(labels, cfg.rpn_batch_size_per_im, cfg.rpn_fg_fraction)
-        valid = sampled >= 0
-        num_sampled = valid.sum().clamp(min=1)
-        logits = objectness.gather(1, index)
-        score_loss = F.binary_cross_entropy_with_logits(
-            logits.float(), (sampled == FOREGROUND).float(), weight=valid.float(),
-            reduction="sum") / num_sampled
+        score_loss, box_loss = rpn_losses(
+            objectness, deltas, anchors, targets["boxes"], targets["classes"] > 0,
+            positive_overlap=cfg.rpn_positive_overlap, negative_overlap=cfg.rpn_negative_overlap,
+            batch_size_per_im=cfg.rpn_batch_size_per_im, fg_fraction=cfg.rpn_fg_fraction)
+        return {"rpn_score_loss": score_loss, "rpn_box_loss": box_loss * cfg.rpn_box_loss_weight}
 
-        positive = sampled == FOREGROUND
-        gt_index = matched.gather(1, index)
-        target_boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))
-        box_targets = box_ops.encode_boxes(target_boxes, anchors[index], RPN_BOX_WEIGHTS)
-        pred = deltas.gather(1, index[..., None].expand(-1, -1, 4)).float()
-        box_loss = (F.smooth_l1_loss(pred, box_targets, beta=SMOOTH_L1_BETA, reduction="none")
-                    .sum(-1) * positive).sum() / num_sampled
-        return {"rpn_score_loss": score_loss,
-                "rpn_box_loss": box_loss * cfg.rpn_box_loss_weight}
+
+def rpn_losses(objectness: Tensor, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor,
+               gt_valid: Tensor, *, positive_overlap: float, negative_overlap: float,
+               batch_size_per_im: int, fg_fraction: float) -> tuple[Tensor, Tensor]:
+    """Objectness and box-regression losses of the RPN, as in TLT / Detectron.
+
+    objectness [B, A] logits and deltas [B, A, 4] of every anchor; anchors [A, 4] input pixels;
+    gt_boxes [B, M, 4] with gt_valid bool [B, M] (padding rows False). Anchors are labelled by
+    IoU (positive >= positive_overlap or the best anchor of a ground truth, negative <
+    negative_overlap), batch_size_per_im of them sampled per image with fg_fraction positives.
+    Returns (binary cross-entropy over the sampled anchors, smooth-L1 over the positives; both
+    divided by the number of sampled anchors).
+    """
+    iou = box_ops.box_iou(anchors[None].expand(gt_boxes.shape[0], -1, -1), gt_boxes)
+    labels, matched = label_rpn_anchors(iou, gt_valid, positive_overlap, negative_overlap)
+    index, sampled = sample_balanced(labels, batch_size_per_im, fg_fraction)
+    valid = sampled >= 0
+    num_sampled = valid.sum().clamp(min=1)
+    logits = objectness.gather(1, index)
+    score_loss = F.binary_cross_entropy_with_logits(
+        logits.float(), (sampled == FOREGROUND).float(), weight=valid.float(),
+        reduction="sum") / num_sampled
+
+    positive = sampled == FOREGROUND
+    gt_index = matched.gather(1, index)
+    target_boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))
+    box_targets = box_ops.encode_boxes(target_boxes, anchors[index], RPN_BOX_WEIGHTS)
+    pred = deltas.gather(1, index[..., None].expand(-1, -1, 4)).float()
+    box_loss = (F.smooth_l1_loss(pred, box_targets, beta=SMOOTH_L1_BETA, reduction="none")
+                .sum(-1) * positive).sum() / num_sampled
+    return score_loss, box_loss

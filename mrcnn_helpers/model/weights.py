@@ -20,7 +20,9 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torchvision.models as tvm
 from torch import nn
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
 from ..errors import CheckpointError
 
@@ -50,9 +52,6 @@ class LoadReport:
 
 def torchvision_weights_file(name: str) -> str:
     """Path in the torch hub cache where torchvision keeps the weights called `name`."""
-    import torchvision.models as tvm
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
-
     if name == "maskrcnn_resnet50_fpn_coco":
         url = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url
     else:

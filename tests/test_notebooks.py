@@ -341,7 +341,7 @@ def test_07_deploys_with_onnx_and_pytorch(executed):
     texts = output_texts(nb)
     summaries = re.findall(r"3 frames in [\d.]+ s: [\d.]+ FPS \((\w+), batch \d+, (\d+) detections",
                            "".join(texts))
-    assert [backend for backend, _ in summaries] == ["OnnxRuntimeModel", "pytorch"]
+    assert [backend for backend, _ in summaries] == ["onnxruntime", "pytorch"]
     assert summaries[0][1] == summaries[1][1] != "0"  # same detections drawn by both backends
     for onnx_frame, torch_frame in zip(onnx_frames, torch_frames, strict=True):
         a = np.asarray(Image.open(onnx_frame), np.int16)

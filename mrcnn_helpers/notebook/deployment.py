@@ -160,10 +160,10 @@ def write_video(image_dir, path, *, fps: float = 5.0, max_frames: int | None = N
     OpenCV. Returns the path."""
     sink = VideoSink(path, fps=fps)
     try:
-        for i, frame in enumerate(ImageDirSource(image_dir)):
+        for i, (name, frame) in enumerate(ImageDirSource(image_dir)):
             if max_frames is not None and i >= max_frames:
                 break
-            sink.write(frame)
+            sink.write(name, frame)
     finally:
         sink.close()
     return Path(path)
@@ -185,15 +185,14 @@ def deploy_stats_table(runs: dict) -> Table:
 
 def show_frames(source, num_frames: int = 4, cols: int = 4) -> Figure:
     """The first frames of a deploy output or input (a folder of images or a video file, as
-    deploy.open_source reads it) in a grid, titled by frame number."""
+    deploy.open_source reads it) in a grid, titled by frame name."""
     frames = open_source(str(source))
     try:
         shown = []
-        for frame in frames:
+        for name, frame in frames:
             if len(shown) >= num_frames:
                 break
-            shown.append(frame)
+            shown.append((name, frame))
     finally:
         frames.close()
-    return image_grid(shown, [f"{Path(str(source)).name} frame {i}" for i in range(len(shown))],
-                      cols=cols)
+    return image_grid([frame for _, frame in shown], [name for name, _ in shown], cols=cols)

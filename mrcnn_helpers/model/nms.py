@@ -7,7 +7,10 @@ synchronization each, and torchvision's CUDA kernel resolves the suppression mas
 sequential pass over every box of the call (one thread block): ~30 ms per training step for the
 RPN's ~70k candidates at batch 8.
 
-On CUDA the same greedy result is computed for all rows at once as a fixed point: with M[i, j]
+On CUDA with Triton (model/kernels/nms.py) one program per row walks the row's boxes in score
+order, exactly as greedy NMS is defined, with no host sync and no K x K matrix: the path a CUDA
+graph captures. Without Triton, CUDA computes the same greedy result for all rows at once as a
+fixed point: with M[i, j]
 "box i suppresses box j if i is kept" (same group, higher score, IoU above the threshold),
 keep[j] = candidate[j] and no i with keep[i] and M[i, j]. Greedy NMS is the unique solution (by
 induction over the score order), and iterating keep <- f(keep) from all-candidates reaches it after
@@ -21,7 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from . import kernels
 from .box_ops import box_area
+
+if kernels.ENABLED:
+    from .kernels.nms import MAX_ROW, greedy_nms_rows
 
 # Fixed-point steps between convergence checks (each check is a host sync).
 STEPS_PER_CHECK = 4
@@ -39,6 +46,8 @@ def nms_keep_mask(boxes: Tensor, scores: Tensor, candidate: Tensor, iou_threshol
         groups = torch.zeros(candidate.shape, dtype=torch.long, device=candidate.device)
     if scores.numel() == 0:
         return candidate.clone()
+    if kernels.available(boxes) and boxes.shape[1] <= MAX_ROW:
+        return _kernel_nms(boxes, scores, candidate, iou_threshold, groups)
     if boxes.is_cuda:
         return _fixed_point_nms(boxes, scores, candidate, iou_threshold, groups)
     keep = torch.zeros_like(candidate)
@@ -73,10 +82,25 @@ def suppression_matrix(boxes: Tensor, candidate: Tensor, iou_threshold: float,
     return m
 
 
+def _score_order(scores: Tensor, candidate: Tensor) -> Tensor:
+    """Each row's indices by descending score, candidates first (stable: ties keep their order)."""
+    return scores.float().masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True,
+                                                                          stable=True)
+
+
+def _kernel_nms(boxes: Tensor, scores: Tensor, candidate: Tensor, iou_threshold: float,
+                groups: Tensor) -> Tensor:
+    order = _score_order(scores, candidate)
+    keep = greedy_nms_rows(boxes.gather(1, order[..., None].expand(-1, -1, 4)),
+                           groups.gather(1, order), candidate.gather(1, order), iou_threshold)
+    out = torch.empty_like(keep)
+    out.scatter_(1, order, keep)
+    return out
+
+
 def _fixed_point_nms(boxes: Tensor, scores: Tensor, candidate: Tensor, iou_threshold: float,
                      groups: Tensor) -> Tensor:
-    order = scores.float().masked_fill(~candidate, float("-inf")).argsort(dim=1, descending=True,
-                                                                           stable=True)
+    order = _score_order(scores, candidate)
     sorted_candidate = candidate.gather(1, order)
     m = suppression_matrix(boxes.gather(1, order[..., None].expand(-1, -1, 4)), sorted_candidate,
                            iou_threshold, groups.gather(1, order))

@@ -13,18 +13,23 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import roi_align
 
-from . import box_ops
+from . import box_ops, kernels
 from .masks import project_masks_to_rois
 from .nms import nms_keep_mask, top_kept
 from .rpn import SMOOTH_L1_BETA
 from .sampling import FOREGROUND, IGNORE, label_proposals, sample_balanced
 
+if kernels.ENABLED:
+    from .kernels.roi_align import multilevel_roi_align_triton
+
 BOX_POOL_SIZE = 7
 # RoIs are assigned to FPN levels 2..5 only (P6 feeds the RPN), by the FPN paper's rule.
 ROI_MAX_LEVEL = 5
 CANONICAL_SIZE, CANONICAL_LEVEL = 224, 4
-# Detection runs NMS on this many (box, class) candidates per image at first (see select_detections).
+# Detection runs NMS on this many (box, class) candidates per image at first (see
+# select_detections), on the GPU kernels' sync-free path on DEVICE_CANDIDATES.
 PRE_NMS_CANDIDATES = 1000
+DEVICE_CANDIDATES = 2048
 
 
 def assign_roi_levels(boxes: Tensor, min_level: int, max_level: int) -> Tensor:
@@ -39,19 +44,31 @@ def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int
     """RoIAlign each box on its FPN level.
 
     features: maps for levels min_level.. (stride 2**level); boxes: Tensor[B, K, 4] input pixels.
-    Returns Tensor[B * K, C, output_size, output_size] in box order.
+    Returns Tensor[B * K, C, output_size, output_size] in box order, in the features' dtype.
+    A non-finite box (a diverged model) is never sampled: it pools to zeros, so training stops at
+    its non-finite loss instead of reading memory with a NaN index.
     """
     batch, k = boxes.shape[:2]
     flat = boxes.reshape(-1, 4)
     image_index = torch.arange(batch, device=boxes.device).repeat_interleave(k).to(flat.dtype)
-    rois = torch.cat((image_index[:, None], flat), dim=1)
     num_levels = max_level - min_level + 1
-    # A non-finite box (a diverged model) must never reach RoIAlign, which would index memory
-    # with it: it goes to an extra bucket that pools to zeros.
     finite = torch.isfinite(flat).all(dim=1)
-    levels = assign_roi_levels(torch.nan_to_num(flat), min_level, max_level) - min_level
-    levels = torch.where(finite, levels, num_levels)
-    # Boxes grouped by level with one host sync for all level counts (not one per level).
+    flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    rois = torch.cat((image_index[:, None], flat), dim=1)
+    levels = assign_roi_levels(flat, min_level, max_level) - min_level
+    scales = [1.0 / 2 ** (min_level + i) for i in range(num_levels)]
+    if kernels.available(boxes):
+        levels = torch.where(finite, levels, -1)
+        return multilevel_roi_align_triton(features[:num_levels], rois, levels, scales,
+                                           output_size, sampling_ratio=2)
+    return _grouped_roi_align(features, rois, torch.where(finite, levels, num_levels), scales,
+                              output_size)
+
+
+def _grouped_roi_align(features, rois, levels, scales, output_size) -> Tensor:
+    """torchvision's RoIAlign per level on the boxes of that level (levels == len(scales): zeros).
+    Reads the level counts on the host once: the CPU path."""
+    num_levels = len(scales)
     order = levels.argsort(stable=True)
     counts = torch.bincount(levels, minlength=num_levels + 1).tolist()
     pooled, start = [], 0
@@ -66,8 +83,7 @@ def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int
             continue
         feat = features[offset]
         pooled.append(roi_align(feat, rois[idx].to(feat.dtype), (output_size, output_size),
-                                spatial_scale=1.0 / 2 ** (min_level + offset), sampling_ratio=2,
-                                aligned=False))
+                                spatial_scale=scales[offset], sampling_ratio=2, aligned=False))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return torch.cat(pooled)[inverse].to(features[0].dtype)
@@ -82,13 +98,16 @@ def select_detections(boxes: Tensor, scores: Tensor, classes: Tensor, candidate:
     found bool [B, D]) with D = num_det; the same detections as torchvision's per-image
     `batched_nms(...)[:num_det]`.
 
-    NMS runs on the PRE_NMS_CANDIDATES best candidates of each image. That is exact whenever an
-    image keeps at least num_det of them (suppression only comes from higher scores, so kept boxes
-    further down could never enter its top num_det); otherwise the candidate set grows and NMS
-    runs again.
+    NMS runs on the best candidates of each image: exact whenever an image keeps at least num_det
+    of them (suppression only comes from higher scores, so kept boxes further down could never
+    enter its top num_det). On the CPU the candidate set then grows and NMS runs again (a host
+    sync per check). With the GPU kernels the step stays free of host syncs (CUDA-graph
+    capturable): one NMS on DEVICE_CANDIDATES candidates per image, exact unless an image has
+    more than DEVICE_CANDIDATES - num_det of its best candidates suppressed.
     """
     total = scores.shape[1]
-    k = min(total, max(PRE_NMS_CANDIDATES, num_det))
+    device_path = kernels.available(boxes)
+    k = min(total, max(DEVICE_CANDIDATES if device_path else PRE_NMS_CANDIDATES, num_det))
     masked = scores.masked_fill(~candidate, -1.0)
     while True:
         top_scores, top = masked.topk(k, dim=1)
@@ -96,6 +115,8 @@ def select_detections(boxes: Tensor, scores: Tensor, classes: Tensor, candidate:
         top_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
         top_classes = classes.gather(1, top)
         kept = nms_keep_mask(top_boxes, top_scores, top_valid, iou_threshold, groups=top_classes)
+        if device_path:
+            break
         short = (kept.sum(dim=1) < num_det) & (candidate.sum(dim=1) > k)
         if k == total or not bool(short.any()):
             break
@@ -138,10 +159,12 @@ class RoIHeads(nn.Module):
 
     def forward(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor,
                 image_size: tuple[int, int], targets: dict | None = None):
-        # RoIAlign computes in fp32 on contiguous NCHW maps: convert the levels it reads once
-        # here, for both the box and the mask head (autocast would convert them on every call).
         num_levels = self.roi_levels[1] - self.roi_levels[0] + 1
-        features = [f.float().contiguous() for f in features[:num_levels]]
+        features = features[:num_levels]
+        if not kernels.available(features[0]):
+            # torchvision's RoIAlign computes in fp32 on contiguous NCHW maps: convert the levels
+            # once here, for both heads (autocast would convert them on every call).
+            features = [f.float().contiguous() for f in features]
         if self.training:
             return {}, self.losses(features, proposals, proposal_valid, targets)
         return self.detect(features, proposals, proposal_valid, image_size), {}

@@ -36,15 +36,15 @@ def label_rpn_anchors(iou: Tensor, gt_valid: Tensor, positive_overlap: float,
     """
     max_iou, matched = match_to_gt(iou, gt_valid)
     labels = torch.full_like(matched, IGNORE)
-    labels[max_iou < negative_overlap] = BACKGROUND
-    labels[max_iou >= positive_overlap] = FOREGROUND
+    labels.masked_fill_(max_iou < negative_overlap, BACKGROUND)
+    labels.masked_fill_(max_iou >= positive_overlap, FOREGROUND)
     if iou.shape[-1] > 0:
         masked = iou.masked_fill(~gt_valid[:, None, :], -1.0)
         best_per_gt = masked.max(dim=1, keepdim=True).values  # [B, 1, M]
         # A gt with no overlapping anchor at all gives no low-quality match (its best IoU is 0).
         is_best = (masked == best_per_gt) & (best_per_gt > 0) & gt_valid[:, None, :]
         low_quality = is_best.any(dim=-1)
-        labels[low_quality] = FOREGROUND
+        labels.masked_fill_(low_quality, FOREGROUND)
         # Point low-quality positives at the gt they are best for, not their argmax (ties aside
         # these are the same gt).
         best_gt = torch.where(is_best, masked, torch.full_like(masked, -2.0)).argmax(dim=-1)
@@ -57,14 +57,17 @@ def label_proposals(iou: Tensor, gt_valid: Tensor, fg_thresh: float, bg_thresh_h
     """Second-stage labels: foreground IoU >= fg_thresh, background in [bg_thresh_lo, bg_thresh_hi)."""
     max_iou, matched = match_to_gt(iou, gt_valid)
     labels = torch.full_like(matched, IGNORE)
-    labels[(max_iou >= bg_thresh_lo) & (max_iou < bg_thresh_hi)] = BACKGROUND
-    labels[max_iou >= fg_thresh] = FOREGROUND
+    labels.masked_fill_((max_iou >= bg_thresh_lo) & (max_iou < bg_thresh_hi), BACKGROUND)
+    labels.masked_fill_(max_iou >= fg_thresh, FOREGROUND)
     return labels, matched
 
 
 def sample_balanced(labels: Tensor, num_samples: int, positive_fraction: float,
                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Pick `num_samples` candidates per image, at most `positive_fraction` of them foreground.
+
+    Every step is a fixed-shape device operation (masked fills, top-k of random keys): no host
+    synchronization, so a CUDA graph can capture it.
 
     labels: Tensor[B, N] in {1, 0, -1}. Returns (index Long[B, S], sampled label Long[B, S]) with
     S = num_samples: the positives first (slots 0..P-1, P = min(#fg, S * fraction)), then negatives
@@ -88,7 +91,7 @@ def sample_balanced(labels: Tensor, num_samples: int, positive_fraction: float,
     pos_slot = slot.clamp(max=k - 1)
     index = torch.where(is_pos, pos_idx.gather(1, pos_slot), neg_idx.gather(1, neg_slot))
     sampled = torch.full_like(index, IGNORE)
-    sampled[is_pos] = FOREGROUND
-    sampled[is_neg] = BACKGROUND
+    sampled.masked_fill_(is_pos, FOREGROUND)
+    sampled.masked_fill_(is_neg, BACKGROUND)
     index = torch.where(sampled == IGNORE, torch.zeros_like(index), index)
     return index, sampled

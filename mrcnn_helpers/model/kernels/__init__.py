@@ -1,0 +1,25 @@
+"""GPU kernels written in Triton for the parts of the model PyTorch has no fast, sync-free op for.
+
+Triton comes with PyTorch's CUDA builds; without it (or without a GPU) the model uses its
+PyTorch formulations (torchvision's RoIAlign, the fixed-point NMS), so everything still runs on
+the CPU. `available(tensor)` says whether the kernels serve a tensor's device.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    import triton  # noqa: F401 - optional: ships with PyTorch's CUDA builds
+except ImportError:  # pragma: no cover - CPU-only installs without triton
+    triton = None
+
+# MRCNN_KERNELS=0 switches the kernels off (to compare with the PyTorch formulations); the
+# tests set TRITON_INTERPRET=1 to run them on the CPU.
+ENABLED = triton is not None and os.environ.get("MRCNN_KERNELS", "1") != "0"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(tensor) -> bool:
+    """Whether the Triton kernels run for `tensor`: on CUDA, or anywhere in interpreter mode."""
+    return ENABLED and (tensor.is_cuda or INTERPRET)

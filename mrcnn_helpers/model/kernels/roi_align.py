@@ -1,0 +1,169 @@
+"""Multi-level RoIAlign in Triton: every RoI pooled from its own FPN level, reading the levels in
+their own dtype and layout (bf16, channels_last on CUDA), with no host synchronization.
+
+The arithmetic is torchvision's `roi_align(aligned=False, sampling_ratio=S)`: a RoI (x1, y1, x2,
+y2) in input pixels is scaled to the level (1 / 2**level), at least 1 x 1; each of its P x P bins
+averages S x S bilinear samples; a sample outside [-1, size] contributes 0, one inside is clamped
+to the map. Accumulation is fp32; the result is written in the features' dtype.
+
+Why a kernel of its own: torchvision's op converts each level to fp32 NCHW (autocast upcasts it)
+and back, its backward scatters fp32 atomics across NCHW planes, and pooling each level
+separately needs the per-level counts on the host. Here one launch per level runs over all RoIs
+(RoIs of other levels return at once), loads and atomics run along the channels, which are
+contiguous in channels_last maps, and nothing waits for the host, so the step can be captured in
+a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _sample_weights(y, x, height, width):
+    """Bilinear corner indices and weights of one sample (torchvision's boundary rules)."""
+    valid = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width)
+    y = tl.maximum(y, 0.0)
+    x = tl.maximum(x, 0.0)
+    y_low = tl.minimum(y.to(tl.int32), height - 1)
+    x_low = tl.minimum(x.to(tl.int32), width - 1)
+    y_edge = y_low >= height - 1
+    x_edge = x_low >= width - 1
+    y_high = tl.where(y_edge, y_low, y_low + 1)
+    x_high = tl.where(x_edge, x_low, x_low + 1)
+    y = tl.where(y_edge, y_low.to(tl.float32), y)
+    x = tl.where(x_edge, x_low.to(tl.float32), x)
+    ly = y - y_low.to(tl.float32)
+    lx = x - x_low.to(tl.float32)
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    scale = tl.where(valid, 1.0, 0.0)
+    return (y_low, y_high, x_low, x_high, hy * hx * scale, hy * lx * scale, ly * hx * scale,
+            ly * lx * scale)
+
+
+@triton.jit
+def _roi_geometry(rois_ptr, n, spatial_scale, P: tl.constexpr):
+    batch = tl.load(rois_ptr + n * 5).to(tl.int32)
+    x1 = tl.load(rois_ptr + n * 5 + 1) * spatial_scale
+    y1 = tl.load(rois_ptr + n * 5 + 2) * spatial_scale
+    x2 = tl.load(rois_ptr + n * 5 + 3) * spatial_scale
+    y2 = tl.load(rois_ptr + n * 5 + 4) * spatial_scale
+    bin_w = tl.maximum(x2 - x1, 1.0) / P
+    bin_h = tl.maximum(y2 - y1, 1.0) / P
+    return batch, x1, y1, bin_w, bin_h
+
+
+@triton.jit
+def _roi_align_forward(feat_ptr, rois_ptr, levels_ptr, out_ptr, channels, height, width,
+                       stride_b, stride_c, stride_h, stride_w, spatial_scale,
+                       LEVEL: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    ph = tl.program_id(1)
+    if tl.load(levels_ptr + n) != LEVEL:
+        return
+    batch, x1, y1, bin_w, bin_h = _roi_geometry(rois_ptr, n, spatial_scale, P)
+    offs = tl.arange(0, BLOCK_C)
+    cmask = offs < channels
+    base = feat_ptr + batch.to(tl.int64) * stride_b + offs * stride_c
+    for pw in tl.static_range(P):
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for iy in tl.static_range(S):
+            y = y1 + ph * bin_h + (iy + 0.5) * bin_h / S
+            for ix in tl.static_range(S):
+                x = x1 + pw * bin_w + (ix + 0.5) * bin_w / S
+                y0, yh, x0, xh, w1, w2, w3, w4 = _sample_weights(y, x, height, width)
+                v1 = tl.load(base + y0 * stride_h + x0 * stride_w, mask=cmask, other=0.0)
+                v2 = tl.load(base + y0 * stride_h + xh * stride_w, mask=cmask, other=0.0)
+                v3 = tl.load(base + yh * stride_h + x0 * stride_w, mask=cmask, other=0.0)
+                v4 = tl.load(base + yh * stride_h + xh * stride_w, mask=cmask, other=0.0)
+                acc += (w1 * v1.to(tl.float32) + w2 * v2.to(tl.float32)
+                        + w3 * v3.to(tl.float32) + w4 * v4.to(tl.float32))
+        out = out_ptr + ((n * P + ph) * P + pw).to(tl.int64) * channels + offs
+        tl.store(out, (acc / (S * S)).to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _roi_align_backward(grad_ptr, rois_ptr, levels_ptr, grad_feat_ptr, channels, height, width,
+                        spatial_scale, LEVEL: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """grad_feat (fp32, [B, H, W, C] contiguous) += the adjoint of the forward's samples."""
+    n = tl.program_id(0)
+    ph = tl.program_id(1)
+    if tl.load(levels_ptr + n) != LEVEL:
+        return
+    batch, x1, y1, bin_w, bin_h = _roi_geometry(rois_ptr, n, spatial_scale, P)
+    offs = tl.arange(0, BLOCK_C)
+    cmask = offs < channels
+    row = width * channels
+    base = grad_feat_ptr + batch.to(tl.int64) * height * row + offs
+    for pw in tl.static_range(P):
+        g = tl.load(grad_ptr + ((n * P + ph) * P + pw).to(tl.int64) * channels + offs,
+                    mask=cmask, other=0.0).to(tl.float32) / (S * S)
+        for iy in tl.static_range(S):
+            y = y1 + ph * bin_h + (iy + 0.5) * bin_h / S
+            for ix in tl.static_range(S):
+                x = x1 + pw * bin_w + (ix + 0.5) * bin_w / S
+                y0, yh, x0, xh, w1, w2, w3, w4 = _sample_weights(y, x, height, width)
+                tl.atomic_add(base + y0 * row + x0 * channels, g * w1, mask=cmask)
+                tl.atomic_add(base + y0 * row + xh * channels, g * w2, mask=cmask)
+                tl.atomic_add(base + yh * row + x0 * channels, g * w3, mask=cmask)
+                tl.atomic_add(base + yh * row + xh * channels, g * w4, mask=cmask)
+
+
+def _block(channels: int) -> int:
+    return triton.next_power_of_2(int(channels))
+
+
+class MultilevelRoIAlign(torch.autograd.Function):
+    """RoIAlign of rois [N, 5] (batch index, x1, y1, x2, y2; finite) from features[levels[n]].
+
+    features: [B, C, H_l, W_l] per level (any strides, one dtype); levels: int32 [N] index into
+    features (-1: pooled to zeros). Returns [N, P, P, C] in the features' dtype (channels last).
+    """
+
+    @staticmethod
+    def forward(ctx, rois: Tensor, levels: Tensor, scales: tuple, output_size: int,
+                sampling_ratio: int, *features: Tensor) -> Tensor:
+        n, channels = rois.shape[0], features[0].shape[1]
+        out = torch.zeros((n, output_size, output_size, channels), dtype=features[0].dtype,
+                          device=rois.device)
+        if n:
+            for level, (feat, scale) in enumerate(zip(features, scales, strict=True)):
+                _roi_align_forward[(n, output_size)](
+                    feat, rois, levels, out, channels, feat.shape[2], feat.shape[3],
+                    *feat.stride(), float(scale), LEVEL=level, P=output_size, S=sampling_ratio,
+                    BLOCK_C=_block(channels))
+        ctx.save_for_backward(rois, levels)
+        ctx.meta = (scales, output_size, sampling_ratio,
+                    [(tuple(f.shape), f.dtype) for f in features])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        rois, levels = ctx.saved_tensors
+        scales, output_size, sampling_ratio, shapes = ctx.meta
+        grad_out = grad_out.contiguous()
+        grads = []
+        for level, ((b, c, h, w), dtype) in enumerate(shapes):
+            grad = torch.zeros((b, h, w, c), dtype=torch.float32, device=rois.device)
+            if rois.shape[0]:
+                _roi_align_backward[(rois.shape[0], output_size)](
+                    grad_out, rois, levels, grad, c, h, w, float(scales[level]), LEVEL=level,
+                    P=output_size, S=sampling_ratio, BLOCK_C=_block(c))
+            # [B, H, W, C] viewed as [B, C, H, W]: the channels_last layout of the features.
+            grads.append(grad.to(dtype).permute(0, 3, 1, 2))
+        return (None, None, None, None, None, *grads)
+
+
+def multilevel_roi_align_triton(features: list[Tensor], rois: Tensor, levels: Tensor,
+                                scales: list[float], output_size: int,
+                                sampling_ratio: int = 2) -> Tensor:
+    """[N, C, P, P] (a channels_last view) RoIAlign of each RoI from features[levels[n]]."""
+    out = MultilevelRoIAlign.apply(rois.float().contiguous(), levels.to(torch.int32).contiguous(),
+                                   tuple(scales), int(output_size), int(sampling_ratio), *features)
+    return out.permute(0, 3, 1, 2)

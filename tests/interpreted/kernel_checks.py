@@ -1,0 +1,91 @@
+"""Checks of the Triton kernels, run by tests/test_kernels.py in a subprocess with
+TRITON_INTERPRET=1 (Triton's interpreter runs the kernels on the CPU, the same code the GPU runs).
+
+Each kernel is compared with the PyTorch / torchvision op it replaces, in float64 where that op
+allows, on random inputs that include the edge cases (boxes partly or wholly outside the map,
+boxes under one pixel, non-finite boxes, ties in score, several groups per row).
+"""
+
+import os
+
+import torch
+from torchvision.ops import batched_nms, roi_align
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
+
+from mrcnn_helpers.model import kernels, nms  # noqa: E402
+from mrcnn_helpers.model.kernels.nms import greedy_nms_rows  # noqa: E402
+from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton  # noqa: E402
+from mrcnn_helpers.model.roi_heads import multilevel_roi_align  # noqa: E402
+
+
+def _random_rois(n, batch, generator):
+    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 90 - 15  # some outside
+    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * 50
+    wh[: n // 4] *= 0.01  # under one pixel: RoIAlign makes them 1 x 1
+    index = torch.randint(0, batch, (n, 1), generator=generator).double()
+    return torch.cat([index, xy, xy + wh], dim=1)
+
+
+def test_roi_align_matches_torchvision_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    batch, channels, scales = 2, 6, [1 / 4, 1 / 8, 1 / 16]
+    ref_feats = [torch.randn(batch, channels, 64 // 2 ** i, 80 // 2 ** i, generator=g,
+                             dtype=torch.float64, requires_grad=True) for i in range(3)]
+    # channels_last fp32 copies, as the model's CUDA features are laid out
+    feats = [f.detach().float().contiguous(memory_format=torch.channels_last)
+             .requires_grad_(True) for f in ref_feats]
+    rois = _random_rois(10, batch, g)
+    levels = torch.randint(0, 3, (10,), generator=g)
+    out = multilevel_roi_align_triton(feats, rois.float(), levels, scales, 3)
+    ref = torch.cat([roi_align(ref_feats[int(lv)], rois[i:i + 1], (3, 3),
+                               spatial_scale=scales[int(lv)], sampling_ratio=2, aligned=False)
+                     for i, lv in enumerate(levels)])
+    assert out.shape == ref.shape
+    assert (out.double() - ref).abs().max() < 1e-5
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref.backward(grad)
+    out.backward(grad.float())
+    for mine, theirs in zip(feats, ref_feats):
+        assert mine.grad.shape == theirs.grad.shape
+        assert (mine.grad.double() - theirs.grad).abs().max() < 1e-5 * theirs.grad.abs().max()
+
+
+def test_non_finite_rois_pool_to_zeros_and_take_no_gradient():
+    feats = [torch.randn(1, 4, 16, 16, requires_grad=True)]
+    boxes = torch.tensor([[[1.0, 1.0, 9.0, 9.0], [float("nan"), 0.0, 5.0, 5.0],
+                           [0.0, 0.0, float("inf"), 3.0]]])
+    out = multilevel_roi_align(feats, boxes, 2, 2, 2)
+    assert kernels.available(boxes)
+    assert out[0].abs().sum() > 0 and out[1:].abs().sum() == 0
+    out.sum().backward()
+    assert torch.isfinite(feats[0].grad).all()
+
+
+def test_greedy_nms_kernel_matches_torchvision():
+    g = torch.Generator().manual_seed(1)
+    rows, size = 4, 37
+    xy = torch.rand(rows, size, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + torch.rand(rows, size, 2, generator=g) * 25 + 0.5], dim=-1)
+    scores = torch.rand(rows, size, generator=g)
+    scores[:, 5:9] = 0.5  # ties
+    candidate = torch.rand(rows, size, generator=g) > 0.25
+    groups = torch.randint(0, 3, (rows, size), generator=g)
+    expected = torch.zeros_like(candidate)
+    for r in range(rows):
+        sel = candidate[r].nonzero().squeeze(1)
+        kept = batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.5)
+        expected[r, sel[kept]] = True
+    got = nms.nms_keep_mask(boxes, scores, candidate, 0.5, groups)
+    assert torch.equal(got, expected)
+    # The kernel alone, on rows already sorted: nothing but candidates can be kept.
+    keep = greedy_nms_rows(boxes, groups, candidate, 0.5)
+    assert not (keep & ~candidate).any() and keep[:, 0].eq(candidate[:, 0]).all()
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))

@@ -26,10 +26,13 @@ from PIL import Image
 from mrcnn_helpers.data.images import load_image
 from mrcnn_helpers.data.transforms import resize_and_pad
 from mrcnn_helpers.errors import DataError
+from mrcnn_helpers.model import kernels
 from mrcnn_helpers.model.maskrcnn import place_model
 from mrcnn_helpers.runtime import amp_dtype, autocast, device_of, precision_dtype
 from mrcnn_helpers.spec.network import class_names_with_background
 
+from . import graphs
+from .graphs import GraphedForward
 from .postprocess import postprocess_detections
 
 
@@ -74,11 +77,13 @@ class Predictor:
     device: PyTorch models are moved there (None = where their parameters are); exported backends
     keep their own device. precision: "fp32", "fp16", "bf16" autocast for PyTorch models on CUDA;
     None = the spec's use_amp (bf16 where supported). Exported backends run at the precision they
-    were exported / built with.
+    were exported / built with. cuda_graphs: replay the forward of a PyTorch model on CUDA from
+    CUDA graphs (inference.graphs); None = where the model's sync-free GPU kernels run.
     """
 
     def __init__(self, model, spec, class_names=None, *, category_ids=None, device=None,
-                 precision: str | None = None, source: str = ""):
+                 precision: str | None = None, source: str = "",
+                 cuda_graphs: bool | None = None):
         self.model = model
         self.spec = spec
         self.source = source
@@ -96,12 +101,17 @@ class Predictor:
             self.device = device_of(model)
             self.dtype = (amp_dtype(bool(spec.use_amp), self.device) if precision is None
                           else precision_dtype(precision, self.device))
+            if cuda_graphs is None:
+                cuda_graphs = (graphs.ENABLED and self.device.type == "cuda"
+                               and kernels.available(torch.empty(0, device=self.device)))
+            self._graphed = GraphedForward(model, self.dtype) if cuda_graphs else None
         else:
             if precision not in (None, "fp32"):
                 raise DataError(f"precision {precision} applies to PyTorch models; an exported "
                                 "model runs at the precision it was exported / built with")
             self.device = torch.device("cpu")  # inputs go to the backend through the host
             self.dtype = None
+            self._graphed = None
 
     @property
     def precision(self) -> str:
@@ -131,7 +141,10 @@ class Predictor:
         (boxes [B, D, 4] padded-input pixels, scores, classes, masks [B, D, R, R], num_detections)
         on the model's device (PyTorch) or the CPU (exported)."""
         with self._eval_mode():
-            return self.model(images.to(self.device, non_blocking=True))
+            images = images.to(self.device, non_blocking=True)
+            if self._graphed is not None:
+                return self._graphed(images)
+            return self.model(images)
 
     def preprocess(self, images) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
         """Images of any accepted kind -> (uint8 batch [B, 3, H, W], scales, original (h, w))."""

@@ -43,7 +43,7 @@ def cmd_spec(args) -> int:
 
 def cmd_train(args) -> int:
     from .engine import train
-    from .evaluate import format_metrics
+    from .evaluate import evaluate_model, format_metrics
     from .spec import load_spec
 
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
         return launch_processes(args.gpus, _without_option(argv, "--gpus"))
     spec = load_spec(args.experiment_spec)
     result = train(spec, args.results_dir, device=_device(args.device), max_steps=args.max_steps,
-                   sync_bn=args.sync_bn)
+                   sync_bn=args.sync_bn, evaluate_fn=evaluate_model)
     if result.get("metrics"):
         print(format_metrics(result["metrics"]))
     print(f"checkpoint: {result['checkpoint']}")

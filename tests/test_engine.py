@@ -543,7 +543,7 @@ def test_pretrained_weights_load_on_first_start_only(tmp_path, monkeypatch, caps
         with torch.no_grad():
             model.backbone.bias.fill_(0.5)
 
-    _fake_module(monkeypatch, "mrcnn_helpers.model", load_pretrained=load_pretrained)
+    monkeypatch.setattr(trainer_module, "load_pretrained", load_pretrained)
     spec = make_spec(checkpoint="pretrained.pth", init_learning_rate=0.0,
                      warmup_learning_rate=0.0)
     run(spec, tmp_path, max_steps=3)

@@ -139,7 +139,7 @@ def new_model(seed=0, **kwargs):
 def run(spec, results_dir, model=None, **kwargs):
     return train(spec, results_dir, device="cpu", model=model or new_model(),
                  train_loader=kwargs.pop("train_loader", None) or FakeLoader(),
-                 evaluate_fn=fake_evaluate, **kwargs)
+                 evaluate_fn=kwargs.pop("evaluate_fn", fake_evaluate), **kwargs)
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ from mrcnn_helpers.engine.checkpoint import (
 )
 from mrcnn_helpers.engine.distributed import wait_for_main
 from mrcnn_helpers.engine.rng import capture_rng_state, restore_rng_state
-from mrcnn_helpers.errors import MrcnnError
+from mrcnn_helpers.errors import TrainingError
 from mrcnn_helpers.fileio import atomic_write_json, json_safe
 
 # Record events the `on_log` callback receives (its documented contract).
@@ -146,7 +146,7 @@ class EvalHook(HookBase):
             if trainer.ctx.is_main:
                 metrics = json_safe(self._run())
                 if not isinstance(metrics, dict):
-                    raise MrcnnError(f"the evaluation function returned "
+                    raise TrainingError(f"the evaluation function returned "
                                      f"{type(metrics).__name__}; expected a dict of metrics")
                 trainer.metrics = metrics
                 trainer.publish(eval_record(step, metrics))

@@ -179,8 +179,8 @@ class ConsoleWriter(HookBase):
     def on_record(self, record: dict) -> None:
         event = record.get("event")
         if event == "train":
-            self.write(format_block(record) if self.blocks else format_line(record))
             self.bar.set_postfix(loss=f"{record['total_loss']:.4f}", refresh=False)
+            self.write(format_block(record) if self.blocks else format_line(record))
         elif event == "eval":
             self.write_eval(record)
         elif event == "message":

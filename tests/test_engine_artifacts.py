@@ -9,8 +9,13 @@ import os
 
 import pytest
 import torch
-from test_engine import fake_spec_text  # noqa: F401  (autouse fixture: a stand-in spec text)
-from test_engine import FakeLoader, make_spec, new_model, run
+from test_engine import (
+    FakeLoader,
+    fake_spec_text,  # noqa: F401  (autouse fixture: a stand-in spec text)
+    make_spec,
+    new_model,
+    run,
+)
 
 from mrcnn_helpers.engine import (
     latest_checkpoint,

@@ -10,8 +10,14 @@ import sys
 
 import pytest
 import torch
-from test_engine import FakeLoader, make_spec, new_model, run, weights
-from test_engine import fake_spec_text  # noqa: F401  (autouse fixture: a stand-in spec text)
+from test_engine import (
+    FakeLoader,
+    fake_spec_text,  # noqa: F401  (autouse fixture: a stand-in spec text)
+    make_spec,
+    new_model,
+    run,
+    weights,
+)
 
 from mrcnn_helpers.engine import HookBase, list_checkpoints, load_checkpoint, train
 from mrcnn_helpers.engine.checkpoint import Resume

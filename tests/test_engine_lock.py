@@ -8,8 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from test_engine import fake_spec_text  # noqa: F401  (autouse fixture: a stand-in spec text)
-from test_engine import make_spec, new_model, run
+from test_engine import (
+    fake_spec_text,  # noqa: F401  (autouse fixture: a stand-in spec text)
+    make_spec,
+    new_model,
+    run,
+)
 
 from mrcnn_helpers.engine.lock import LOCK_NAME, ResultsLock
 from mrcnn_helpers.errors import MrcnnError, TrainingError

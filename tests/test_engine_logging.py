@@ -13,8 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_engine import fake_spec_text  # noqa: F401  (autouse fixture: a stand-in spec text)
-from test_engine import fake_evaluate, make_spec, run
+from test_engine import (
+    fake_evaluate,
+    fake_spec_text,  # noqa: F401  (autouse fixture: a stand-in spec text)
+    make_spec,
+    run,
+)
 
 from mrcnn_helpers.engine import train
 from mrcnn_helpers.engine.logging import (

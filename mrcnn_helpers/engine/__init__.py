@@ -1,7 +1,7 @@
 """Training engine: the loop and its hooks, LR schedule, checkpoints and resume, logging.
 
     from mrcnn_helpers.engine import train
-    result = train(spec, "results/run1", evaluate_fn=my_eval)   # -> {"step", "checkpoint", "metrics"}
+    result = train(spec, "results/run1", evaluate_fn=my_eval)  # {"step", "checkpoint", "metrics"}
 
 The engine evaluates only through `evaluate_fn` (it imports no evaluation, inference, export or
 notebook code); `mrcnn_helpers.train` wires in COCO evaluation.
@@ -21,9 +21,9 @@ from mrcnn_helpers.engine.checkpoint import (
 from mrcnn_helpers.engine.hooks import HookBase
 from mrcnn_helpers.engine.inference import load_model_for_inference
 from mrcnn_helpers.engine.logging import MetricLogger
+from mrcnn_helpers.engine.loop import Trainer
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
 from mrcnn_helpers.engine.schedule import learning_rate_at
-from mrcnn_helpers.engine.loop import Trainer
 from mrcnn_helpers.engine.trainer import train
 
 __all__ = [

@@ -20,8 +20,8 @@ from mrcnn_helpers.engine.checkpoint import (
 )
 from mrcnn_helpers.engine.hooks import HookBase
 from mrcnn_helpers.engine.inference import load_model_for_inference
-from mrcnn_helpers.engine.logging import MetricLogger
 from mrcnn_helpers.engine.loop import Trainer
+from mrcnn_helpers.engine.metric_logger import MetricLogger
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
 from mrcnn_helpers.engine.schedule import learning_rate_at
 from mrcnn_helpers.engine.trainer import train

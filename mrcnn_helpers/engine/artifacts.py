@@ -20,6 +20,8 @@ import io
 import json
 import math
 import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,18 @@ from mrcnn_helpers.engine.checkpoint import (
     BEST_METRICS,
     INFERENCE_WEIGHTS,
     checkpoint_path,
-    link_checkpoint,
     save_inference_weights,
 )
 from mrcnn_helpers.engine.hooks import HookBase
-from mrcnn_helpers.errors import TrainingError
-from mrcnn_helpers.fileio import atomic_write, atomic_write_json, describe_os_error
+from mrcnn_helpers.errors import CheckpointError, TrainingError
+from mrcnn_helpers.fileio import (
+    _fsync_dir,
+    atomic_output,
+    atomic_write,
+    atomic_write_json,
+    describe_os_error,
+    temporary_pattern,
+)
 
 RESULTS_CSV = "results.csv"
 _AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -125,6 +133,38 @@ class ResultsCsv(HookBase):
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+
+
+def link_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Make `target` (e.g. model.best.pth) a second name of checkpoint `source`, atomically.
+
+    A hard link costs no space and survives the pruning of `source`; where the file system has
+    none (or across file systems) the bytes are copied through fileio.atomic_output. Either way
+    `target` is replaced in one rename: a reader sees the old file or the new one. Raises
+    CheckpointError naming both paths.
+    """
+    source, target = Path(source), Path(target)
+    temporary = target.with_name(temporary_pattern(target.name).replace("*", secrets.token_hex(4)))
+    try:
+        os.link(source, temporary)
+    except OSError:
+        try:
+            with open(source, "rb") as src, atomic_output(
+                    target, "wb", error=CheckpointError, what="checkpoint copy") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as exc:
+            raise CheckpointError(f"could not copy {source} to {target}: "
+                                  f"{describe_os_error(exc)}") from exc
+        return target
+    try:
+        os.replace(temporary, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"could not link {target} to {source}: "
+                              f"{describe_os_error(exc)}; the previous file, if any, is unchanged"
+                              ) from exc
+    return target
 
 
 def score_of(metrics: dict) -> tuple[str, float | None]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +33,7 @@ import torch
 from mrcnn_helpers.engine.rng import capture_rng_state, restore_rng_state  # noqa: F401 (API)
 from mrcnn_helpers.engine.schedule import is_eval_step
 from mrcnn_helpers.errors import CheckpointError
-from mrcnn_helpers.fileio import (
-    _fsync_dir,
-    atomic_output,
-    describe_os_error,
-    remove_temporaries,
-    temporary_pattern,
-)
+from mrcnn_helpers.fileio import atomic_output, describe_os_error, remove_temporaries
 from mrcnn_helpers.spec import format_spec
 from mrcnn_helpers.spec.network import (
     class_names_with_background,
@@ -201,38 +193,6 @@ def save_inference_weights(path: str | os.PathLike, state: dict) -> Path:
         if key in state:
             weights[key] = state[key]
     return save_checkpoint(path, weights)
-
-
-def link_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Make `target` (e.g. model.best.pth) a second name of checkpoint `source`, atomically.
-
-    A hard link costs no space and survives the pruning of `source`; where the file system has
-    none (or across file systems) the bytes are copied through fileio.atomic_output. Either way
-    `target` is replaced in one rename: a reader sees the old file or the new one. Raises
-    CheckpointError naming both paths.
-    """
-    source, target = Path(source), Path(target)
-    temporary = target.with_name(temporary_pattern(target.name).replace("*", secrets.token_hex(4)))
-    try:
-        os.link(source, temporary)
-    except OSError:
-        try:
-            with open(source, "rb") as src, atomic_output(
-                    target, "wb", error=CheckpointError, what="checkpoint copy") as dst:
-                shutil.copyfileobj(src, dst)
-        except OSError as exc:
-            raise CheckpointError(f"could not copy {source} to {target}: "
-                                  f"{describe_os_error(exc)}") from exc
-        return target
-    try:
-        os.replace(temporary, target)
-        _fsync_dir(target.parent)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise CheckpointError(f"could not link {target} to {source}: "
-                              f"{describe_os_error(exc)}; the previous file, if any, is unchanged"
-                              ) from exc
-    return target
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -8,8 +8,8 @@ A hook overrides any of
     on_record(record)    every record a hook publishes through trainer.publish
 
 Records are plain dicts with an "event": "train" (the loss averages of a logging window, see
-engine.logging.train_record), "eval" (the scalar metrics of an evaluation) or "checkpoint"
-({"step", "path"}). Writers (console, train.log, results.csv, TensorBoard, a notebook's plot) are
+engine.logging.train_record), "eval" (the scalar metrics of an evaluation, `eval_record`),
+"checkpoint" ({"step", "path"}) or "message" ({"text"}: trainer.say). Writers (console, train.log, results.csv, TensorBoard, a notebook's plot) are
 hooks that only listen to records; the hooks here do the work that produces them. Hooks run in
 the order they are registered; `after_step` work that must precede other work (the non-finite
 check before a checkpoint, the checkpoint before its evaluation) is ordered by registration.

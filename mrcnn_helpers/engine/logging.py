@@ -306,6 +306,7 @@ class LoggingHook(HookBase):
         step = trainer.step
         if not (step % self.period == 0 or step == trainer.total_steps):
             return
+        trainer.check_finite()  # a log never shows the average of a non-finite window
         averages, count = trainer.meter.read_window(trainer.ctx)
         elapsed = (time.perf_counter() - self._window_start
                    - (trainer.paused_seconds - self._paused_at_start))

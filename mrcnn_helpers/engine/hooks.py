@@ -1,4 +1,4 @@
-"""Hooks of the training loop: what happens around the steps (engine.trainer.Trainer).
+"""Hooks of the training loop: what happens around the steps (engine.loop.Trainer).
 
 A hook overrides any of
 
@@ -71,7 +71,7 @@ class NonFiniteCheck(HookBase):
     """Reads the device-side finiteness record every `period` steps and at the last step.
 
     The step itself never waits for the device: a non-finite loss is only noted there (see
-    engine.trainer.LossMeter). This hook turns that note into a TrainingError naming the first
+    engine.loop.LossMeter). This hook turns that note into a TrainingError naming the first
     bad step; PeriodicCheckpointer makes the same check before every checkpoint it writes.
     """
 

@@ -6,6 +6,8 @@ import csv
 import errno
 import json
 import os
+import sys
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from mrcnn_helpers.engine import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_model_for_inference,
     prune_checkpoints,
     save_checkpoint,
     save_inference_weights,
@@ -176,3 +179,17 @@ def test_weights_keep_tensors_that_would_overflow_fp16_and_non_float_ones(tmp_pa
     future = save_checkpoint(tmp_path / "f.pth", {**load_checkpoint(path), "version": 2})
     with pytest.raises(CheckpointError, match="format version 2; this version reads up to 1"):
         load_checkpoint(future)
+
+
+def test_weights_file_loads_for_inference(tmp_path, monkeypatch):
+    spec = make_spec()
+    run(spec, tmp_path, max_steps=6, evaluate_fn=None)
+    fake = ModuleType("mrcnn_helpers.model")
+    fake.build_model = lambda spec: new_model(seed=9)
+    monkeypatch.setitem(sys.modules, "mrcnn_helpers.model", fake)
+    model, _, names, ids = load_model_for_inference(tmp_path / "model.weights.pth", spec=spec,
+                                                    device="cpu")
+    assert names == ["background", "cat", "dog"] and ids == [3, 7]
+    full = load_checkpoint(tmp_path / "model.step-6.pth")["model"]
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, full[key].half().float()), key

@@ -138,7 +138,7 @@ def new_model(seed=0, **kwargs):
 def run(spec, results_dir, model=None, **kwargs):
     return train(spec, results_dir, device="cpu", model=model or new_model(),
                  train_loader=kwargs.pop("train_loader", None) or FakeLoader(),
-                 evaluate_fn=fake_evaluate, **kwargs)
+                 evaluate_fn=kwargs.pop("evaluate_fn", fake_evaluate), **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -542,7 +542,7 @@ def test_pretrained_weights_load_on_first_start_only(tmp_path, monkeypatch, caps
         with torch.no_grad():
             model.backbone.bias.fill_(0.5)
 
-    _fake_module(monkeypatch, "mrcnn_helpers.model", load_pretrained=load_pretrained)
+    monkeypatch.setattr(trainer_module, "load_pretrained", load_pretrained)
     spec = make_spec(checkpoint="pretrained.pth", init_learning_rate=0.0,
                      warmup_learning_rate=0.0)
     run(spec, tmp_path, max_steps=3)

@@ -213,3 +213,24 @@ def test_load_model_file_rebuilds_the_checkpoint_network(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "build_model", lambda spec: Wider())
     with pytest.raises(CheckpointError, match=r"model.step-6.pth does not fit the model"):
         loading.load_model_file(path, spec=spec, device="cpu")
+
+
+def test_weights_file_loads_for_inference(tmp_path, monkeypatch):
+    """model.weights.pth (fp16, weights only) serves infer / export / deploy like a checkpoint."""
+    from test_engine import make_spec, new_model, run
+
+    import mrcnn_helpers.engine.trainer as trainer_module
+    import mrcnn_helpers.inference.loading as loading
+    from mrcnn_helpers.engine import load_checkpoint
+
+    monkeypatch.setattr(trainer_module, "spec_text",
+                        lambda spec: f"total_steps: {spec.total_steps}\nseed: {spec.seed}\n")
+    spec = make_spec()
+    run(spec, tmp_path, max_steps=6, evaluate_fn=None)
+    monkeypatch.setattr(loading, "build_model", lambda spec: new_model(seed=9))
+    model, _, names, ids = loading.load_model_file(tmp_path / "model.weights.pth", spec=spec,
+                                                   device="cpu")
+    assert names == ["background", "cat", "dog"] and ids == [3, 7]
+    full = load_checkpoint(tmp_path / "model.step-6.pth")["model"]
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, full[key].half().float()), key

@@ -20,10 +20,10 @@ import torch
 from conftest import synthetic_workdir
 from test_pipeline import TINY_SPEC
 
-import mrcnn_helpers.engine.trainer as trainer_module
 from mrcnn_helpers.cli import main
 from mrcnn_helpers.engine import load_checkpoint
 from mrcnn_helpers.errors import CheckpointError, MrcnnError, TrainingError
+from mrcnn_helpers.fileio import atomic_write
 
 DISK_SPEC = (TINY_SPEC.replace("total_steps: 6", "total_steps: 4")
              .replace("num_steps_per_eval: 3", "num_steps_per_eval: 2")
@@ -198,7 +198,7 @@ def test_spec_and_metrics_files_are_never_half_written(tmp_path, monkeypatch, fa
     else:
         hit = _read_only_for(monkeypatch, "spec.txt")
     with pytest.raises(TrainingError, match=f"could not write {target}: "):
-        trainer_module.write_text_atomic(target, "new contents, longer than the room left\n")
+        atomic_write(target, "new contents, longer than the room left\n", error=TrainingError)
     monkeypatch.undo()
     assert hit and target.read_text() == "old contents\n" and _leftovers(tmp_path) == []
 

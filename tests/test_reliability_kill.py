@@ -13,9 +13,11 @@ training images, batch 2, a checkpoint every 2 steps), where a resume restores e
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +42,11 @@ SEED = 20240917
 PROCESS_LIMIT_S = 240  # a process that neither finishes nor gets killed by then has hung
 # Metrics that measure time, not the model: they differ between any two runs.
 TIMING_KEYS = {"eval_images_per_sec"}
+# The progress line of a logged step ("step 3/12 | loss ...").
+STEP_LOGGED = re.compile(r"^step \d+/\d+ \| loss", re.MULTILINE)
+# Temporary files the trainer's atomic writes may leave when killed.
+TRAINER_TEMPORARIES = (".model.step-", ".metrics_step-", ".spec.txt.", ".model.best.pth.",
+                       ".model.weights.pth.", ".best.json.", ".results.csv.")
 
 
 # The training processes are forked from a "zygote" that has imported torch, torchvision and the
@@ -149,7 +156,7 @@ def _kill_one(zygote: Zygote, pid: int, kind: str, rng: random.Random, results: 
         elif kind == "evaluation":
             fire = "evaluate" in log.read_text(errors="replace")
         elif kind == "after_step":
-            if trigger_at is None and "step: " in log.read_text(errors="replace"):
+            if trigger_at is None and STEP_LOGGED.search(log.read_text(errors="replace")):
                 trigger_at = now + delay
             fire = trigger_at is not None and now >= trigger_at
         else:
@@ -198,6 +205,12 @@ def zygote():
     z.close()
 
 
+def _csv_rows(results: Path) -> list[dict]:
+    with open(results / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: v for k, v in row.items() if k not in ("time", "samples_per_sec")} for row in rows]
+
+
 def _assert_same_as(results: Path, reference: Path, audit: CheckpointAudit, spec_text: str):
     """A finished killed run against the uninterrupted one: nothing lost, nothing differs."""
     assert _temporaries(results) == []  # stray temporaries ignored by resume, then removed
@@ -212,6 +225,19 @@ def _assert_same_as(results: Path, reference: Path, audit: CheckpointAudit, spec
                     strict=True):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"]), results
     assert torch.equal(whole["rng"]["torch"], resumed["rng"]["torch"]), results
+    # The run's artefacts agree too: results.csv (rows of killed stretches dropped on resume,
+    # timing columns aside), the best checkpoint and the inference weights.
+    assert _csv_rows(results) == _csv_rows(reference), results
+    best, best_reference = (json.loads((d / "best.json").read_text()) for d in (results, reference))
+    for entry in (best, best_reference):
+        entry["metrics"] = {k: v for k, v in entry["metrics"].items() if k not in TIMING_KEYS}
+    assert best == best_reference, results
+    for name in ("model.best.pth", "model.weights.pth"):
+        got = torch.load(results / name, weights_only=True)
+        expected = torch.load(reference / name, weights_only=True)
+        assert got["step"] == expected["step"] == best["step"], (results, name)
+        for key, tensor in expected["model"].items():
+            assert torch.equal(tensor, got["model"][key]), (results, name, key)
     # Every evaluation the uninterrupted run made exists after the kills too, with equal values.
     for step in range(EVAL_EVERY, TOTAL_STEPS + 1, EVAL_EVERY):
         expected = json.loads((reference / f"metrics_step-{step}.json").read_text())
@@ -255,7 +281,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(workdir, zygote):
             mid_write += 1  # this kill cut a checkpoint write short
         stray_seen.update(stray)
         # Nothing but the trainer's own temporaries is ever left behind.
-        assert all(n.startswith((".model.step-", ".metrics_step-", ".spec.txt.")) for n in stray)
+        assert all(n.startswith(TRAINER_TEMPORARIES) for n in stray)
         audit.check(runs[-1], spec_text)  # every checkpoint present after a kill is readable
 
     final = mrcnn(*_train_argv(runs[-1]), cwd=workdir)

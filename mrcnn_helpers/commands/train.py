@@ -34,6 +34,6 @@ def run(args) -> int:
     spec = load_spec(args.experiment_spec)
     result = train(spec, args.results_dir, device=resolve_device(args.device),
                    max_steps=args.max_steps, sync_bn=args.sync_bn,
-                   verbose=bool(getattr(args, "tlt_log", False)))
+                   tlt_log=args.tlt_log)
     print(f"checkpoint: {result['checkpoint']}")
     return 0

@@ -1,14 +1,18 @@
-"""Training checkpoints: atomic writes, safe loads, discovery and pruning.
+"""Checkpoint files of a results directory: writing, safe loading, discovery, pruning and resume.
 
-A checkpoint is `RESULTS_DIR/model.step-<N>.pth`, a dict written with `torch.save`:
+A training checkpoint is `RESULTS_DIR/model.step-<N>.pth`, a dict written with `torch.save`:
 
     {"format": "mrcnn-checkpoint", "version": 1, "step": int,
      "model": state_dict, "optimizer": state_dict, "scaler": state_dict (empty without fp16),
      "rng": capture_rng_state(), "spec_text": str (the spec in TLT text format),
-     "model_fields": {dotted spec field: plain value} (fields that define the network),
+     "model_fields": spec.network.network_fields(spec) (fields that define the network),
      "class_names": list[str] (index 0 = "background"), "category_ids": list[int]}
 
-Every value is a tensor, a plain container or a primitive, because checkpoints are loaded with
+An inference weights file (`model.weights.pth`, see `save_inference_weights`) is the same dict
+with "format": "mrcnn-weights", the floating tensors of "model" in fp16 and no "optimizer",
+"scaler" or "rng": it serves evaluation, inference and export, not resuming.
+
+Every value is a tensor, a plain container or a primitive, because files are loaded with
 `torch.load(weights_only=True)`: a checkpoint is a file people download and share, and a full
 unpickler would run whatever code a crafted file names. The spec therefore travels as text and the
 RNG states as tensors.
@@ -16,24 +20,38 @@ RNG states as tensors.
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import re
-import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mrcnn_helpers.engine.rng import capture_rng_state, restore_rng_state  # noqa: F401 (API)
+from mrcnn_helpers.engine.schedule import is_eval_step
 from mrcnn_helpers.errors import CheckpointError
+from mrcnn_helpers.fileio import atomic_output, describe_os_error, remove_temporaries
+from mrcnn_helpers.spec import format_spec
+from mrcnn_helpers.spec.network import (
+    class_names_with_background,
+    network_differences,
+    network_fields,
+)
 
 CHECKPOINT_FORMAT = "mrcnn-checkpoint"
 CHECKPOINT_VERSION = 1
+WEIGHTS_FORMAT = "mrcnn-weights"
+WEIGHTS_VERSION = 1
+_VERSIONS = {CHECKPOINT_FORMAT: CHECKPOINT_VERSION, WEIGHTS_FORMAT: WEIGHTS_VERSION}
+# Files of a results directory besides the step checkpoints; none matches _NAME_RE, so
+# latest_checkpoint and pruning never see them.
+BEST_CHECKPOINT = "model.best.pth"  # the checkpoint with the best evaluation (a hard link)
+BEST_METRICS = "best.json"  # its step and metrics
+INFERENCE_WEIGHTS = "model.weights.pth"  # fp16 weights of the best (or, without evaluation, last)
 _NAME_RE = re.compile(r"^model\.step-(\d+)\.pth$")
-# Temporary files of atomic writes into a results directory (`.<name>.<random>.tmp`).
-_TEMPORARY_PATTERNS = (".model.step-*.pth.*.tmp", ".metrics_step-*.json.*.tmp", ".spec.txt.*.tmp")
 
 
 class CheckpointWarning(UserWarning):
@@ -45,12 +63,26 @@ def checkpoint_path(results_dir: str | os.PathLike, step: int) -> Path:
     return Path(results_dir) / f"model.step-{int(step)}.pth"
 
 
+def metrics_path(results_dir: str | os.PathLike, step: int) -> Path:
+    """Path of the evaluation metrics of step `step`: `metrics_step-<step>.json`."""
+    return Path(results_dir) / f"metrics_step-{int(step)}.json"
+
+
+def read_metrics(results_dir: str | os.PathLike, step: int) -> dict | None:
+    """The metrics JSON of step `step`, or None when that evaluation is not recorded."""
+    path = metrics_path(results_dir, step)
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def list_checkpoints(results_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of every `model.step-<N>.pth` in `results_dir`, oldest step first.
 
     Sorted by the step number in the name (numerically: step 10 comes after step 9). Temporary
-    files of interrupted writes (`.model.step-<N>.pth.*.tmp`) never match. A missing directory
-    gives an empty list.
+    files of interrupted writes (`.model.step-<N>.pth.*.tmp`), model.best.pth and
+    model.weights.pth never match. A missing directory gives an empty list.
     """
     root = Path(results_dir)
     if not root.is_dir():
@@ -74,21 +106,16 @@ def latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(results_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest checkpoints (by step); `keep <= 0` keeps all.
+    """Delete all but the `keep` newest step checkpoints; `keep <= 0` keeps all.
 
-    Also removes temporary files left by writes that were killed: of checkpoints and of the
-    trainer's metrics JSON and spec.txt (see trainer.write_text_atomic). Returns the removed paths.
+    Also removes the temporary files that killed atomic writes left in `results_dir`
+    (fileio.remove_temporaries): the results directory has one writer, the run holding its lock.
+    model.best.pth is a second name of its checkpoint's file, so it survives that checkpoint's
+    pruning. Returns the removed paths.
     """
-    removed = []
-    root = Path(results_dir)
-    if root.is_dir():
-        for pattern in _TEMPORARY_PATTERNS:
-            for entry in root.glob(pattern):
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-    found = list_checkpoints(results_dir)
+    removed = remove_temporaries(results_dir)
     if keep > 0:
-        for _, path in found[:-keep]:
+        for _, path in list_checkpoints(results_dir)[:-keep]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -115,87 +142,74 @@ def _check_plain(value: Any, where: str) -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable (a crash right after os.replace could otherwise lose the
-    # directory entry). Not possible on every platform (Windows): then the rename is as durable
-    # as the file system makes it.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _find_os_error(exc: BaseException) -> OSError | None:
-    # torch.save reports a failed write of its zip stream as a RuntimeError whose context is the
-    # OSError raised by the file object (ENOSPC, EIO, ...): dig it out for the message.
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write `state` to `path` atomically; returns the path.
+    """Write `state` to `path` atomically (fileio.atomic_output: fsynced, then renamed); returns
+    the path.
 
-    The bytes go to a temporary file in the same directory, which is flushed, fsynced and then
-    renamed over `path` (os.replace is atomic within one file system). A crash or an error at any
-    point leaves either the old file or the new one, never a truncated checkpoint. On failure the
-    temporary file is removed and CheckpointError names the path and the OS error (disk full,
-    permission denied, ...); a previous file at `path` is untouched.
+    A crash or an error at any point leaves either the old file or the new one, never a truncated
+    checkpoint. On failure no temporary file is left and CheckpointError names the path and the OS
+    error (disk full, permission denied, ...); a previous file at `path` is untouched. A state
+    that weights_only loading could not read back is refused before anything is written.
     """
     path = Path(path)
     _check_plain(state, "state")
-    directory = path.parent
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_output(path, "wb", error=CheckpointError, what="checkpoint") as handle:
             torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_dir(directory)
-    except Exception as exc:  # noqa: BLE001 - wrapped below, with the OS error when there is one
-        os_error = _find_os_error(exc)
-        reason = (
-            f"{os_error.strerror or os_error} (errno {os_error.errno})"
-            if os_error is not None
-            else f"{type(exc).__name__}: {exc}"
-        )
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {reason}; "
-            "the previous checkpoint, if any, is unchanged"
-        ) from exc
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+    except CheckpointError as exc:
+        if exc.__cause__ is None:
+            raise
+        raise CheckpointError(f"could not write checkpoint {path}: "
+                              f"{describe_os_error(exc.__cause__)}; the previous checkpoint, if "
+                              "any, is unchanged") from exc.__cause__
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint` with `torch.load(weights_only=True)`.
+def _to_fp16(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor
+    half = tensor.detach().to(torch.float16)
+    # A value beyond fp16's range (65504) would turn into inf: such a tensor keeps its dtype.
+    if not torch.isfinite(half).all() and torch.isfinite(tensor).all():
+        return tensor.detach()
+    return half
 
-    Raises CheckpointError naming `path` when the file is missing, truncated or corrupt, when it
-    holds pickled objects other than plain weights (refused: loading them would run code), or when
-    it is not a checkpoint of this toolkit (e.g. bare pretrained weights, which belong in the
-    spec's `checkpoint` field instead).
+
+def save_inference_weights(path: str | os.PathLike, state: dict) -> Path:
+    """Write the weights-only inference file of a checkpoint `state` to `path` atomically.
+
+    state: a training checkpoint's dict (as written or loaded; "model" and "step" required).
+    The file holds {"format": "mrcnn-weights", "version": 1, "step", "model" (floating tensors
+    cast to fp16, except any that would overflow fp16; others as they are), "spec_text",
+    "model_fields", "class_names", "category_ids"}: no optimizer, scaler or RNG state, so about a
+    quarter of the checkpoint's size. `load_checkpoint` reads it. Raises CheckpointError as
+    save_checkpoint does.
+    """
+    weights = {
+        "format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "step": int(state["step"]),
+        "model": {name: _to_fp16(t) for name, t in state["model"].items()},
+    }
+    for key in ("spec_text", "model_fields", "class_names", "category_ids"):
+        if key in state:
+            weights[key] = state[key]
+    return save_checkpoint(path, weights)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a training checkpoint or an inference weights file with weights_only=True.
+
+    Returns the file's dict ("format" says which; both have "step" and "model"; a weights file's
+    floating tensors are fp16). Raises CheckpointError naming `path` when the file is missing,
+    truncated or corrupt, when it holds pickled objects other than plain weights (refused: loading
+    them would run code), or when it is not a file of this toolkit (e.g. bare pretrained weights,
+    which belong in the spec's `checkpoint` field instead).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:
         if "Weights only load failed" in str(exc):
             raise CheckpointError(
                 f"checkpoint {path} refused: not a plain-weights checkpoint (weights_only); it "
@@ -206,20 +220,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"checkpoint {path} is unreadable (corrupt or truncated): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}"
         ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    kind = state.get("format") if isinstance(state, dict) else None
+    if kind not in _VERSIONS:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this toolkit (no format "
-            f"'{CHECKPOINT_FORMAT}'); pretrained weights go in the spec's `checkpoint` field"
+            f"'{CHECKPOINT_FORMAT}' or '{WEIGHTS_FORMAT}'); pretrained weights go in the spec's "
+            "`checkpoint` field"
         )
     version = state.get("version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+    if not isinstance(version, int) or version > _VERSIONS[kind]:
         raise CheckpointError(
             f"checkpoint {path} has format version {version!r}; this version reads up to "
-            f"{CHECKPOINT_VERSION}"
+            f"{_VERSIONS[kind]}"
         )
     for key in ("step", "model"):
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks the '{key}' entry")
+    return state
+
+
+def require_training_state(state: dict, path: str | os.PathLike) -> dict:
+    """`state` when it can resume training; CheckpointError for an inference weights file."""
+    if state.get("format") == WEIGHTS_FORMAT:
+        raise CheckpointError(
+            f"{path} is an inference weights file ({WEIGHTS_FORMAT}: fp16 weights without "
+            "optimizer or RNG state): training cannot resume from it. Resume from a "
+            "model.step-<N>.pth checkpoint, or start a new results directory with this file as "
+            "the spec's `checkpoint` (pretrained weights)."
+        )
+    for key in ("optimizer", "rng"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks the '{key}' entry needed to resume")
     return state
 
 
@@ -250,62 +281,98 @@ def load_latest_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# Random number generator states, in a weights_only-safe form.
+# What a checkpoint records about the spec and the data, and resuming.
 
 
-def capture_rng_state() -> dict:
-    """States of torch (CPU and initialized CUDA devices), numpy and Python `random` as tensors.
+def spec_text(spec: Any) -> str:
+    """The spec in TLT text format (what checkpoints and RESULTS_DIR/spec.txt store)."""
+    return format_spec(spec)
 
-    numpy's MT19937 key and Python's 625-word state are stored as int64 tensors (the words are
-    < 2**32), the remaining scalars as int / float / None.
+
+def class_names_of(train_loader: Any, spec: Any) -> tuple[list[str], list[int]]:
+    """(class_names, category_ids) of the training set, for inference from a checkpoint.
+
+    Read from the loader's dataset (`class_names`: index 0 = "background"; `category_ids`: COCO
+    id of contiguous label i at index i-1). A dataset without them (e.g. a user's own loader)
+    gets generic names "class_<i>" and ids 1..num_classes-1, so a checkpoint can always be used.
     """
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    py_version, py_words, py_gauss = random.getstate()
-    cuda_states = []
-    # Only read CUDA states when CUDA is already in use: querying them would otherwise start a
-    # CUDA context in a CPU run.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_states = list(torch.cuda.get_rng_state_all())
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": cuda_states,
-        "numpy": {
-            "name": str(np_name),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached),
-        },
-        "python": {
-            "version": int(py_version),
-            "state": torch.tensor(py_words, dtype=torch.int64),
-            "gauss_next": py_gauss,
-        },
-    }
+    dataset = getattr(train_loader, "dataset", None)
+    names = class_names_with_background(getattr(dataset, "class_names", None),
+                                        int(spec.data_config.num_classes),
+                                        source="the training set's class names")
+    ids = getattr(dataset, "category_ids", None)
+    if ids is None:
+        ids = list(range(1, len(names)))
+    return names, [int(i) for i in ids]
 
 
-def restore_rng_state(state: dict) -> None:
-    """Inverse of `capture_rng_state`.
-
-    CUDA states are restored only when the number of visible devices matches the saved one (a
-    checkpoint moved to another machine continues with freshly seeded CUDA generators).
-    """
-    torch.set_rng_state(state["torch"].cpu())
-    cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["name"],
-            np_state["keys"].numpy().astype(np.uint32),
-            int(np_state["pos"]),
-            int(np_state["has_gauss"]),
-            float(np_state["cached_gaussian"]),
+def check_network(spec: Any, state: dict, source: Any) -> None:
+    """Raise CheckpointError listing the network-defining fields in which `spec` differs from the
+    checkpoint `state` (its "model_fields"; a checkpoint without them passes)."""
+    differ = ["  " + line for line in network_differences(state.get("model_fields"),
+                                                          network_fields(spec))]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume from {source}: the spec builds a different network than the one "
+            "the checkpoint was trained with:\n" + "\n".join(differ)
+            + "\nUse a new results directory for the changed spec, or restore these fields."
         )
-    )
-    py_state = state["python"]
-    random.setstate(
-        (int(py_state["version"]), tuple(int(w) for w in py_state["state"].tolist()),
-         py_state["gauss_next"])
-    )
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run continues: what `resume_or_load` found in a results directory.
+
+    step: the global step training continues from (0: a fresh start). path / state: the
+    checkpoint and its contents (None on a fresh start: the spec's pretrained weights are then
+    loaded). unevaluated: the checkpoint falls on an evaluation step whose metrics are missing (a
+    run stopped between writing it and evaluating it), so it is evaluated before training goes
+    on. done: "finished" (the checkpoint is at total_steps), "stopped" (at or past the stop step)
+    or None (train). metrics: the recorded metrics of `step`, if any.
+    """
+
+    step: int = 0
+    path: Path | None = None
+    state: dict | None = None
+    unevaluated: bool = False
+    done: str | None = None
+    metrics: dict | None = None
+
+    def message(self, total_steps: int, stop_step: int) -> str:
+        """What the run says about where it starts (or why it does nothing)."""
+        if self.done == "finished":
+            return (f"Training is finished: {self.path} is at step {self.step} of "
+                    f"{total_steps}.")
+        if self.done == "stopped":
+            return f"Stopped: {self.path} is at step {self.step}, max_steps is {stop_step}."
+        if self.path is None:
+            return f"Training from step 0 of {total_steps}"
+        return (f"Resuming from {self.path} at step {self.step} of {total_steps}"
+                + (" (evaluating it first: its evaluation is missing)" if self.unevaluated
+                   else ""))
+
+
+def resume_or_load(results_dir: str | os.PathLike, spec: Any, *, total_steps: int,
+                   stop_step: int, evaluates: bool) -> Resume:
+    """Decide where training in `results_dir` continues: the newest readable checkpoint, or a
+    fresh start when there is none.
+
+    evaluates: whether this run evaluates (an evaluation function is given); only then can a
+    checkpoint be "unevaluated". Raises CheckpointError when checkpoints exist but none is
+    readable, when the newest readable one cannot resume training (an inference weights file), or
+    when the spec builds another network than the checkpoint's (listing the fields that differ;
+    schedule and data fields may change).
+    """
+    found = load_latest_checkpoint(results_dir, map_location="cpu")
+    if found is None:
+        return Resume()
+    path, state = found
+    require_training_state(state, path)
+    check_network(spec, state, path)
+    step = int(state["step"])
+    metrics = read_metrics(results_dir, step)
+    unevaluated = evaluates and is_eval_step(step, spec, total_steps) and metrics is None
+    done = None
+    if not unevaluated:
+        done = "finished" if step >= total_steps else "stopped" if step >= stop_step else None
+    return Resume(step, path, state, unevaluated, done, metrics)

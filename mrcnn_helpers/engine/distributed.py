@@ -98,6 +98,19 @@ def all_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values / ctx.world_size
 
 
+def all_min(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The smallest of `value` (an integer tensor) over ranks; identity without a group."""
+    if not ctx.enabled:
+        return value
+    value = value.clone()
+    try:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    except Exception as exc:
+        raise TrainingError(f"rank {ctx.rank}: all-reduce of the finiteness check failed; "
+                            f"another rank probably died or timed out ({exc})") from None
+    return value
+
+
 def wait_for_main(ctx: DistContext) -> None:
     """Block until rank 0 reaches the same point (used while it writes or evaluates)."""
     if ctx.enabled:

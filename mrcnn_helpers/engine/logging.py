@@ -1,26 +1,44 @@
-"""Training log: running loss averages, TLT-style metric blocks, TensorBoard, progress bar.
+"""Training you can watch: one progress line per log, TLT's metric blocks, train.log, TensorBoard.
 
-Every `logging_frequency` steps the averages over the steps since the previous log are printed,
-either as TLT's block (verbose, as in TLT's training log)
+Every `logging_frequency` steps the averages over the steps since the previous log become a train
+record (`train_record`), printed as one line wherever the run is watched
 
-    throughput: 34.4 samples/sec
+    step 400/2500 | loss 1.8421 (rpn 0.3122, frcnn 0.6107, mask 0.5310, l2 0.3882) | lr 0.01
+        | 96.4 img/s | 16% ETA 0:07:35                                      (one line, wrapped here)
+
+(on a terminal tqdm's bar stays at the bottom and the lines are written above it; in a pipe, a
+file or a notebook there is no bar, only the lines), or, with `tlt_log`, as TLT's block
+
+    step: 400/2500
+    throughput: 96.4 samples/sec
     ==================== Metrics =====================
     FastRCNN box loss: 0.27979
     ...
-    Total loss: 3.19912
+    Total loss: 1.84211
 
-or as one line that fits a notebook cell. "Total loss" includes the L2 loss, as TLT's does.
+"Total loss" includes the L2 loss, as TLT's does. ETA counts training only (the img/s of the last
+window, which leaves checkpoint and evaluation time out). RESULTS_DIR/train.log receives every
+line and block with a timestamp, the evaluation metrics and the run's messages, whatever is
+printed. Evaluations print one line: AP, AP50, mask AP, mask AP50 (pycocotools' -1 for an
+undefined value is shown as n/a).
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
+
+from mrcnn_helpers.engine.hooks import HookBase
+from mrcnn_helpers.engine.optim import l2_loss_of
+from mrcnn_helpers.errors import TrainingError
+from mrcnn_helpers.fileio import describe_os_error
 
 # Loss keys the model returns (already weighted) and the derived ones, with TLT's log labels.
 LOG_LABELS = {
@@ -39,6 +57,9 @@ _DERIVED = {
     "fast_rcnn_total_loss": ("fast_rcnn_class_loss", "fast_rcnn_box_loss"),
     "rpn_total_loss": ("rpn_score_loss", "rpn_box_loss"),
 }
+EVAL_LINE_KEYS = ("AP", "AP50", "mask_AP", "mask_AP50")
+# Train-record keys that are not measurements (left out of TensorBoard).
+_NOT_SCALARS = ("event", "step", "total_steps", "eta_seconds")
 
 
 def _fmt(value: float) -> str:
@@ -46,162 +67,254 @@ def _fmt(value: float) -> str:
     return str(round(float(value), 5))
 
 
-class MetricLogger:
-    """Averages loss terms over each logging window and reports them.
+def format_metric_value(value: Any, digits: int = 9) -> str:
+    """A metric for printing: ints as ints, floats with `digits` decimals, and "n/a" for None,
+    NaN and pycocotools' -1 (no ground truth in that area range or class)."""
+    if value is None or isinstance(value, bool):
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value) or value == -1.0:
+        return "n/a"
+    return f"{value:.{digits}f}"
 
-    Reports go to stdout (through tqdm so a progress bar stays intact), to TensorBoard scalars in
-    `tensorboard_dir` (when the `tensorboard` package is importable and `rank == 0`), and to
-    `on_log(record)`, a callback for live plots that receives plain dicts:
-    train records `{"event": "train", "step", "total_steps", "samples_per_sec", "learning_rate",
-    "l2_loss", "total_loss", <each loss term>, "rpn_total_loss", "fast_rcnn_total_loss"}` and
-    eval records `{"event": "eval", "step", <each scalar metric>}`.
+
+def format_duration(seconds: float | None) -> str:
+    """h:mm:ss ("?" when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def train_record(step: int, total_steps: int, averages: dict[str, float], *,
+                 samples_per_sec: float, learning_rate: float, l2_loss: float,
+                 eta_seconds: float | None = None) -> dict:
+    """The train record of a logging window: {"event": "train", "step", "total_steps",
+    "samples_per_sec", <each loss term's average>, "rpn_total_loss", "fast_rcnn_total_loss",
+    "l2_loss", "learning_rate", "total_loss" (terms + L2, as TLT), "eta_seconds" (when known)}."""
+    record: dict[str, Any] = {"event": "train", "step": int(step), "total_steps": int(total_steps),
+                              "samples_per_sec": float(samples_per_sec)}
+    terms = {key: float(value) for key, value in sorted(averages.items())}
+    record.update(terms)
+    for name, parts in _DERIVED.items():
+        if all(part in terms for part in parts):
+            record[name] = sum(terms[part] for part in parts)
+    record["l2_loss"] = float(l2_loss)
+    record["learning_rate"] = float(learning_rate)
+    record["total_loss"] = sum(terms.values()) + float(l2_loss)
+    if eta_seconds is not None:
+        record["eta_seconds"] = float(eta_seconds)
+    return record
+
+
+def format_line(record: dict) -> str:
+    """One line of a train record: step, losses, lr, img/s, percent done and ETA."""
+    parts = [f"step {record['step']}/{record['total_steps']}",
+             f"loss {record['total_loss']:.4f}"]
+    short = {"rpn_total_loss": "rpn", "fast_rcnn_total_loss": "frcnn", "mask_loss": "mask",
+             "l2_loss": "l2"}
+    detail = [f"{name} {record[key]:.4f}" for key, name in short.items() if key in record]
+    if detail:
+        parts[-1] += " (" + ", ".join(detail) + ")"
+    parts.append(f"lr {record['learning_rate']:.3g}")
+    parts.append(f"{record['samples_per_sec']:.1f} img/s")
+    done = 100.0 * record["step"] / max(int(record["total_steps"]), 1)
+    parts.append(f"{done:.0f}% ETA {format_duration(record.get('eta_seconds'))}")
+    return " | ".join(parts)
+
+
+def format_block(record: dict) -> str:
+    """TLT's training log block of a train record."""
+    lines = [f"step: {record['step']}/{record['total_steps']}",
+             f"throughput: {record['samples_per_sec']:.1f} samples/sec",
+             "==================== Metrics ====================="]
+    extra = sorted(k for k in record if k.endswith("_loss") and k not in LOG_LABELS)
+    for key, label in LOG_LABELS.items():
+        if key in record:
+            lines.append(f"{label}: {_fmt(record[key])}")
+    lines += [f"{key}: {_fmt(record[key])}" for key in extra]
+    return "\n".join(lines)
+
+
+def format_eval_line(record: dict, total_steps: int) -> str:
+    """`step 6/20 eval: AP 0.2500, AP50 0.5000, mask_AP 0.1250, mask_AP50 n/a`."""
+    parts = [f"{key} {format_metric_value(record[key], 4)}" for key in EVAL_LINE_KEYS
+             if key in record]
+    return f"step {record['step']}/{total_steps} eval: " + (", ".join(parts) or "no AP")
+
+
+def format_eval_block(record: dict) -> str:
+    """TLT's metrics block of an eval record: `name: value` per scalar metric, sorted."""
+    lines = ["=========== Metrics ==========="]
+    lines += [f"{key}: {format_metric_value(value)}" for key, value in sorted(record.items())
+              if key not in ("event", "step")]
+    return "\n".join(lines)
+
+
+class ConsoleWriter(HookBase):
+    """Prints records and messages on stdout, with a progress bar on a terminal only.
+
+    blocks: TLT's blocks instead of one line per log. progress: show the bar where stdout is a
+    terminal (tqdm's disable=None); never in pipes, files or notebooks.
     """
 
-    def __init__(
-        self,
-        *,
-        total_steps: int,
-        logging_frequency: int,
-        batch_size: int,
-        start_step: int = 0,
-        tensorboard_dir: str | os.PathLike | None = None,
-        verbose: bool = True,
-        on_log: Callable[[dict], Any] | None = None,
-        rank: int = 0,
-        progress: bool = True,
-    ):
+    def __init__(self, total_steps: int, start_step: int = 0, *, blocks: bool = False,
+                 progress: bool = True):
         self.total_steps = int(total_steps)
-        self.logging_frequency = max(1, int(logging_frequency))
-        self.batch_size = int(batch_size)
-        self.verbose = verbose
-        self.on_log = on_log
-        self.rank = rank
-        self.writer = None
-        if tensorboard_dir is not None and rank == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time: logs still go to stdout
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=os.fspath(tensorboard_dir))
-        # disable=None: no bar when stdout is not a terminal (CI logs, files), so logs stay clean.
-        self.bar = tqdm(
-            total=self.total_steps,
-            initial=int(start_step),
-            desc="train",
-            unit="step",
-            mininterval=2.0,
-            dynamic_ncols=True,
-            disable=None if (progress and rank == 0) else True,
-            file=sys.stdout,
-        )
-        self._reset_window()
-
-    def _reset_window(self) -> None:
-        self._sums: dict[str, float] = {}
-        self._count = 0
-        self._window_start = time.perf_counter()
+        self.blocks = blocks
+        self.bar = tqdm(total=self.total_steps, initial=int(start_step), desc="train",
+                        unit="step", mininterval=2.0, dynamic_ncols=True,
+                        disable=None if progress else True, file=sys.stdout)
 
     def write(self, text: str) -> None:
-        """Print `text` (rank 0 only) without breaking the progress bar."""
-        if self.rank == 0:
-            self.bar.write(text, file=sys.stdout)
+        """Print `text` above the bar."""
+        self.bar.write(text, file=sys.stdout)
+        sys.stdout.flush()
 
-    def update(self, terms: dict[str, float]) -> None:
-        """Add one step's loss terms (plain floats, keyed as the model returns them)."""
-        for key, value in terms.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value)
-        self._count += 1
+    def after_step(self) -> None:
         self.bar.update(1)
 
-    def exclude_time(self, seconds: float) -> None:
-        """Leave `seconds` (checkpointing, evaluation) out of the current throughput window."""
-        self._window_start += seconds
-
-    def should_log(self, step: int) -> bool:
-        """True at steps that are multiples of logging_frequency, and at the last step."""
-        return step % self.logging_frequency == 0 or step == self.total_steps
-
-    def log(self, step: int, *, learning_rate: float, l2_loss: float) -> dict:
-        """Report the averages since the previous log at global step `step`; returns the record."""
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        count = max(self._count, 1)
-        record: dict[str, Any] = {"event": "train", "step": int(step),
-                                  "total_steps": self.total_steps,
-                                  "samples_per_sec": self._count * self.batch_size / elapsed}
-        terms = {key: value / count for key, value in sorted(self._sums.items())}
-        record.update(terms)
-        for name, parts in _DERIVED.items():
-            if all(part in terms for part in parts):
-                record[name] = sum(terms[part] for part in parts)
-        record["l2_loss"] = float(l2_loss)
-        record["learning_rate"] = float(learning_rate)
-        # TLT's "Total loss" is the optimized objective: the loss terms plus the L2 penalty.
-        record["total_loss"] = sum(terms.values()) + float(l2_loss)
-        self._reset_window()
-
-        if self.rank == 0:
-            self.write(self.format_block(record) if self.verbose else self.format_line(record))
+    def on_record(self, record: dict) -> None:
+        event = record.get("event")
+        if event == "train":
             self.bar.set_postfix(loss=f"{record['total_loss']:.4f}", refresh=False)
-            if self.writer is not None:
-                for key, value in record.items():
-                    if key not in ("event", "step", "total_steps") and math.isfinite(value):
-                        self.writer.add_scalar(f"train/{key}", value, step)
-        if self.on_log is not None:
-            self.on_log(dict(record))
-        return record
+            self.write(format_block(record) if self.blocks else format_line(record))
+        elif event == "eval":
+            self.write_eval(record)
+        elif event == "message":
+            self.write(record["text"])
 
-    def log_eval(self, step: int, metrics: dict, *, source: str = "") -> dict:
-        """Report evaluation metrics of global step `step` (only top-level numbers are logged)."""
-        scalars = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        record = {"event": "eval", "step": int(step), **scalars}
-        if self.rank == 0:
-            parts = [f"{key} {scalars[key]:.4f}" for key in ("AP", "AP50", "mask_AP", "mask_AP50")
-                     if key in scalars]
-            line = f"step {step}/{self.total_steps} eval: " + (", ".join(parts) or "no AP")
-            self.write(line + (f" ({source})" if source else ""))
-            if self.verbose and scalars:
-                lines = ["=========== Metrics ==========="]
-                lines += [f"{key}: {value:.9f}" for key, value in sorted(scalars.items())]
-                self.write("\n".join(lines))
-            if self.writer is not None:
-                for key, value in scalars.items():
-                    self.writer.add_scalar(f"eval/{key}", value, step)
-                self.writer.flush()
-        if self.on_log is not None:
-            self.on_log(dict(record))
-        return record
+    def write_eval(self, record: dict, source: str = "") -> None:
+        """The evaluation line (with the file holding the metrics), and TLT's block if blocks."""
+        self.write(format_eval_line(record, self.total_steps) + (f" ({source})" if source else ""))
+        if self.blocks:
+            self.write(format_eval_block(record))
 
-    def format_block(self, record: dict) -> str:
-        """TLT's training log block for a train record."""
-        lines = [f"step: {record['step']}/{record['total_steps']}",
-                 f"throughput: {record['samples_per_sec']:.1f} samples/sec",
-                 "==================== Metrics ====================="]
-        extra = sorted(k for k in record if k.endswith("_loss") and k not in LOG_LABELS)
-        for key, label in LOG_LABELS.items():
-            if key in record:
-                lines.append(f"{label}: {_fmt(record[key])}")
-        lines += [f"{key}: {_fmt(record[key])}" for key in extra]
-        return "\n".join(lines)
-
-    @staticmethod
-    def format_line(record: dict) -> str:
-        """One-line summary of a train record, for notebooks."""
-        parts = [f"step {record['step']}/{record['total_steps']}",
-                 f"loss {record['total_loss']:.4f}"]
-        short = {"rpn_total_loss": "rpn", "fast_rcnn_total_loss": "frcnn", "mask_loss": "mask",
-                 "l2_loss": "l2"}
-        detail = [f"{name} {record[key]:.4f}" for key, name in short.items() if key in record]
-        if detail:
-            parts[-1] += " (" + ", ".join(detail) + ")"
-        parts.append(f"lr {record['learning_rate']:.3g}")
-        parts.append(f"{record['samples_per_sec']:.1f} img/s")
-        return " | ".join(parts)
-
-    def close(self) -> None:
-        """Close the progress bar and flush TensorBoard."""
+    def after_train(self) -> None:
         self.bar.close()
+
+
+class TensorBoardWriter(HookBase):
+    """Train and eval scalars as TensorBoard events in `log_dir` (when tensorboard imports)."""
+
+    def __init__(self, log_dir: str | os.PathLike):
+        try:  # optional at run time: without it the logs still go to stdout and train.log
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            SummaryWriter = None
+        self.writer = SummaryWriter(log_dir=os.fspath(log_dir)) if SummaryWriter else None
+
+    def on_record(self, record: dict) -> None:
+        event = record.get("event")
+        if self.writer is None or event not in ("train", "eval"):
+            return
+        for key, value in record.items():
+            if (key not in _NOT_SCALARS and isinstance(value, (int, float))
+                    and math.isfinite(value)):
+                self.writer.add_scalar(f"{event}/{key}", value, record["step"])
+        if event == "eval":
+            self.writer.flush()
+
+    def after_train(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class TrainLog(HookBase):
+    """RESULTS_DIR/train.log: every record (line and TLT block), evaluation metrics (with the
+    per-class AP) and message, each line prefixed with a timestamp; appended across runs.
+
+    An append-only log, written line by line (a rewrite per line would cost the square of its
+    length); a line cut short by a killed run stays as it is.
+    """
+
+    def __init__(self, path: str | os.PathLike, notes: list[str] = ()):
+        self.path = Path(path)
+        self.notes = list(notes)  # messages from before the log was open
+        self.handle = None
+
+    def before_train(self) -> None:
+        try:
+            self.handle = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise TrainingError(f"cannot open {self.path}: {describe_os_error(exc)}") from None
+        for text in self.notes:
+            self.write(text)
+
+    def write(self, text: str) -> None:
+        if self.handle is None:
+            return
+        stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+        self.handle.write("".join(f"{stamp} | {line}\n" for line in text.splitlines()))
+        self.handle.flush()
+
+    def on_record(self, record: dict) -> None:
+        event = record.get("event")
+        if event == "train":
+            self.write(format_line(record) + "\n" + format_block(record))
+        elif event == "eval":
+            total = self.trainer.total_steps if self.trainer is not None else "?"
+            self.write(format_eval_line(record, total) + "\n" + format_eval_block(record))
+            metrics = getattr(self.trainer, "metrics", None) or {}
+            for name, values in (metrics.get("per_class") or {}).items():
+                if isinstance(values, dict):
+                    cells = ", ".join(f"{k} {format_metric_value(v, 4)}"
+                                      for k, v in values.items())
+                else:
+                    cells = format_metric_value(values, 4)
+                self.write(f"per class {name}: {cells}")
+        elif event == "checkpoint":
+            self.write(f"checkpoint {record['path']}")
+        elif event == "message":
+            self.write(record["text"])
+
+    def after_train(self) -> None:
+        if self.handle is not None:
+            error = getattr(self.trainer, "error", None)
+            if error is not None:
+                self.write(f"training stopped at step {self.trainer.step}: "
+                           f"{type(error).__name__}: {error}")
+            self.handle.close()
+            self.handle = None
+
+
+class LoggingHook(HookBase):
+    """Turns the loss sums of each logging window into a train record and publishes it.
+
+    Runs every `period` steps and at the last step. It reads the device-side sums once per
+    window (averaged over ranks) and computes TLT's L2 loss only then; throughput leaves out the
+    time the trainer spent paused (checkpoints, evaluations).
+    """
+
+    def __init__(self, period: int, batch_size: int, decayed: list, l2_weight_decay: float):
+        self.period = max(1, int(period))
+        self.batch_size = int(batch_size)
+        self.decayed = decayed
+        self.l2_weight_decay = float(l2_weight_decay)
+
+    def before_train(self) -> None:
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self._window_start = time.perf_counter()
+        self._paused_at_start = self.trainer.paused_seconds
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        step = trainer.step
+        if not (step % self.period == 0 or step == trainer.total_steps):
+            return
+        trainer.check_finite()  # a log never shows the average of a non-finite window
+        averages, count = trainer.meter.read_window(trainer.ctx)
+        elapsed = (time.perf_counter() - self._window_start
+                   - (trainer.paused_seconds - self._paused_at_start))
+        rate = count * self.batch_size / max(elapsed, 1e-9)
+        eta = (trainer.stop_step - step) * self.batch_size / rate if rate > 0 else None
+        record = train_record(step, trainer.total_steps, averages, samples_per_sec=rate,
+                              learning_rate=trainer.lr,
+                              l2_loss=l2_loss_of(self.decayed, self.l2_weight_decay),
+                              eta_seconds=eta)
+        trainer.publish(record)
+        self._start_window()

@@ -1,7 +1,8 @@
-"""Learning-rate schedule of TLT's Mask R-CNN: linear warmup, then step decay.
+"""Schedules of TLT's Mask R-CNN: the learning rate (linear warmup, then step decay) and the
+steps that are checkpointed and evaluated.
 
-The rate is a pure function of the global step, so a resumed run recomputes it instead of storing
-a scheduler's state, and it can be plotted from the spec alone (notebooks do).
+Both are pure functions of the global step, so a resumed run recomputes them instead of storing
+a scheduler's state, and they can be plotted from the spec alone (notebooks do).
 """
 
 from __future__ import annotations
@@ -48,3 +49,14 @@ def learning_rate_at(step: int, spec: Any) -> float:
         if step >= boundary:
             lr = init_lr * float(level)
     return lr
+
+
+def is_eval_step(step: int, spec: Any, total_steps: int | None = None) -> bool:
+    """Whether training writes a checkpoint and evaluates it after global step `step`.
+
+    Every `num_steps_per_eval` steps and at the last step (`total_steps`, default
+    spec.total_steps). A run stopped early (max_steps) also writes a checkpoint where it stops,
+    without evaluating it.
+    """
+    total = int(spec.total_steps if total_steps is None else total_steps)
+    return step % int(spec.num_steps_per_eval) == 0 or step == total

@@ -1,4 +1,5 @@
-"""The training loop: spec -> model + data -> SGD with warmup/step decay -> checkpoints + eval.
+"""Training a spec's model: `train` assembles model, data, optimizer, resume state and hooks into
+an engine.loop.Trainer and runs it.
 
 Re-running `train` with the same results directory resumes from the newest checkpoint (model,
 optimizer, AMP scaler, step and RNG states). What a resume does not restore exactly is the
@@ -7,67 +8,66 @@ and that epoch restarts from its beginning. A run resumed at an epoch boundary i
 identical to an uninterrupted one (bit-exact on CPU; on CUDA as far as the kernels are
 deterministic), provided the loader's own randomness (worker augmentation seeds) is keyed to the
 epoch too; one resumed mid-epoch differs only in which batches the rest of that epoch shows.
+
+Evaluation is injected (`evaluate_fn`): the engine does not depend on the evaluation code; the
+package's top-level `train` passes COCO evaluation.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import contextlib
+import dataclasses
 import os
-import random
-import tempfile
-import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from mrcnn_helpers.data import build_train_loader
+from mrcnn_helpers.engine.artifacts import RESULTS_CSV, BestCheckpointer, ResultsCsv
 from mrcnn_helpers.engine.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    capture_rng_state,
-    checkpoint_path,
-    load_latest_checkpoint,
-    prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
-from mrcnn_helpers.engine.distributed import (
-    DistContext,
-    all_mean,
-    init_distributed,
-    shutdown,
-    wait_for_main,
-)
-from mrcnn_helpers.engine.logging import MetricLogger
-from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
-from mrcnn_helpers.engine.schedule import learning_rate_at
-from mrcnn_helpers.engine.spec_fields import (
-    check_model_fields,
+    Resume,
     class_names_of,
-    model_fields,
+    resume_or_load,
     spec_text,
 )
+from mrcnn_helpers.engine.distributed import DistContext, init_distributed, shutdown
+from mrcnn_helpers.engine.hooks import (
+    CallbackHook,
+    EvalHook,
+    HookBase,
+    NonFiniteCheck,
+    PeriodicCheckpointer,
+    eval_record,
+)
+from mrcnn_helpers.engine.lock import ResultsLock
+from mrcnn_helpers.engine.logging import (
+    ConsoleWriter,
+    LoggingHook,
+    TensorBoardWriter,
+    TrainLog,
+    format_eval_line,
+)
+from mrcnn_helpers.engine.loop import LossMeter, Trainer
+from mrcnn_helpers.engine.optim import build_optimizer
+from mrcnn_helpers.engine.rng import seed_everything
+from mrcnn_helpers.engine.schedule import is_eval_step
 from mrcnn_helpers.errors import CheckpointError, DataError, TrainingError
+from mrcnn_helpers.fileio import atomic_write, check_writable_dir
+from mrcnn_helpers.model import build_model, load_pretrained
 from mrcnn_helpers.model.maskrcnn import place_model
+from mrcnn_helpers.runtime import amp_dtype as resolve_amp_dtype
+from mrcnn_helpers.runtime import resolve_device
+from mrcnn_helpers.spec.network import network_fields
 
-# Target entries of a batch the model consumes in train mode (see mrcnn_helpers.data).
-TARGET_KEYS = ("boxes", "classes", "masks")
-
+__all__ = ["DDP_OPTIONS", "LossMeter", "Trainer", "seed_everything", "set_loader_epoch", "train"]
 
 # DistributedDataParallel's options. Buffers (BN running statistics) stay per rank instead of
 # being broadcast from rank 0 before every forward (the checkpoint keeps rank 0's); gradients live
 # in the all-reduce buckets themselves, saving a copy of every gradient per step.
 DDP_OPTIONS = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python `random` from the spec's seed."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
@@ -94,29 +94,12 @@ def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
             generator.manual_seed(seed + epoch)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file via a temporary file and os.replace (never half-written).
-
-    Raises TrainingError naming the path and the OS error (disk full, read-only directory);
-    the previous file at `path`, if any, is then unchanged and no temporary file is left.
-    """
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise TrainingError(f"could not write {path}: {exc.strerror or exc} (errno {exc.errno}); "
-                            "the previous file, if any, is unchanged") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
 def _batches(loader: Any, start_step: int, seed: int) -> Iterator[dict]:
-    """Yield batches forever, starting a new epoch (and telling the loader) on exhaustion."""
+    """Yield batches forever, starting a new epoch (and telling the loader) on exhaustion.
+
+    The epoch of `start_step` restarts from its first batch (see the module doc); set_loader_epoch
+    before each epoch is what makes a resumed run see the batches an uninterrupted one sees.
+    """
     try:
         steps_per_epoch = len(loader)
     except TypeError:  # iterable-style loader without a length: epochs are counted from 0
@@ -136,23 +119,6 @@ def _batches(loader: Any, start_step: int, seed: int) -> Iterator[dict]:
         epoch += 1
 
 
-def _images_of(batch: dict) -> torch.Tensor:
-    for key in ("image", "images"):
-        if key in batch:
-            return batch[key]
-    raise DataError(f"training batch has no 'image' entry (keys: {sorted(batch)})")
-
-
-def _amp_setup(spec: Any, device: torch.device, say: Callable[[str], None]):
-    """(autocast dtype or None, GradScaler): bf16 where supported, fp16 + loss scaling otherwise."""
-    amp_dtype = None
-    if spec.use_amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif spec.use_amp:
-        say(f"note: use_amp ignored on {device.type} (mixed precision is used on CUDA only)")
-    # bf16 has fp32's exponent range, so its gradients do not underflow: only fp16 needs scaling.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return amp_dtype, scaler
 
 
 def train(
@@ -164,271 +130,207 @@ def train(
     model: nn.Module | None = None,
     train_loader: Any = None,
     evaluate_fn: Callable[..., dict] | None = None,
-    on_log: Callable[[dict], Any] | None = None,
-    verbose: bool = True,
+    on_log: Callable[[dict], Any] | HookBase | None = None,
+    verbose: bool = False,
+    tlt_log: bool = False,
     sync_bn: bool = False,
+    hooks: Iterable[HookBase] = (),
 ) -> dict:
     """Train (or resume training) the model of `spec`, writing checkpoints to `results_dir`.
 
-    - device: default CUDA when available, else CPU.
+    - device: default CUDA when available, else CPU (runtime.resolve_device).
     - max_steps: stop once the global step reaches it (an absolute step, not a count), leaving
       the schedule, which follows spec.total_steps, unchanged; a checkpoint is written at the stop.
       Calling again with a larger value (or None) continues from there.
-    - model / train_loader / evaluate_fn: default `build_model(spec)`, `build_train_loader(spec)`
-      and `evaluate_model(model, spec, device=...)`; pass your own to reuse objects in a notebook.
-      `model(images, targets)` in train mode must return a dict of scalar loss tensors; the loader
-      yields dict batches ("image" uint8 [B,3,H,W], "boxes", "classes", "masks");
-      `evaluate_fn(model, spec, device=...)` returns a metrics dict ("AP", "mask_AP", ...).
-    - on_log: called with a plain dict at every log and evaluation (see MetricLogger).
-    - verbose: TLT's full metric blocks (True) or one line per log (False).
+    - model / train_loader: default `build_model(spec)` and `build_train_loader(spec)`; pass your
+      own to reuse objects in a notebook. `model(images, targets)` in train mode must return a
+      dict of scalar loss tensors (the same keys every step); the loader yields dict batches
+      ("image" uint8 [B,3,H,W], "boxes", "classes", "masks").
+    - evaluate_fn(model, spec, device=...) -> metrics dict ("AP", "mask_AP", ...), called on the
+      main process every num_steps_per_eval steps and at total_steps. None: no evaluation runs
+      (checkpoints are still written). `mrcnn_helpers.train` passes COCO evaluation.
+    - on_log: called with a plain dict at every log and evaluation (records as in
+      engine.logging.train_record and engine.hooks.eval_record); a HookBase is registered as is.
+      hooks: more hooks. Both run on the main process only, after the built-in writers.
+    - verbose / tlt_log: also print TLT's metric blocks (train.log always gets them); by default
+      one progress line per log.
     - sync_bn: with several processes on CUDA, BatchNorm statistics over the global batch.
 
     Data-parallel: when launched by torchrun (WORLD_SIZE > 1, see engine.distributed) every
     process trains on its shard of the data with spec.train_batch_size images per step; gradients
-    are averaged by DistributedDataParallel, the logged losses over ranks. Rank 0 alone prints,
-    writes checkpoints and metrics, and evaluates while the others wait. Checkpoints hold the plain
-    model, so a run can resume with any number of processes.
+    are averaged by DistributedDataParallel, the logged losses over ranks. Rank 0 alone locks the
+    results directory, prints, writes checkpoints and metrics, and evaluates while the others
+    wait. Checkpoints hold the plain model, so a run can resume with any number of processes.
 
-    Every num_steps_per_eval steps and at total_steps a checkpoint `model.step-<N>.pth` is written,
-    old ones are pruned to spec.num_checkpoints_to_keep, and the model is evaluated; the metrics go
-    to `metrics_step-<N>.json` and TensorBoard. Returns dict(step, checkpoint (path or None),
-    metrics (the last evaluation's dict or None)).
+    Writes to results_dir (see engine.checkpoint and engine.artifacts): `model.step-<N>.pth`
+    every num_steps_per_eval steps, at total_steps and where max_steps stops (pruned to
+    spec.num_checkpoints_to_keep); `metrics_step-<N>.json` per evaluation; `model.best.pth` +
+    `best.json`; `model.weights.pth`; `results.csv`; `train.log`; `spec.txt`; TensorBoard events
+    in `tensorboard/`. Returns dict(step, checkpoint (path or None), metrics (the last
+    evaluation's dict or None)); the final metrics are printed once.
 
-    Raises TrainingError on a non-finite loss (naming the step, the loss terms and the last good
-    checkpoint; nothing is written after the bad step), CheckpointError when a checkpoint cannot
-    be written, none of the existing ones can be read, or the spec builds a different network
-    than the checkpoint's (resuming then is refused, listing the fields that differ).
+    Raises TrainingError on a non-finite loss (naming the first bad step, its loss terms and the
+    last good checkpoint; nothing is written after it) and when another run holds results_dir;
+    CheckpointError when a checkpoint cannot be written, none of the existing ones can be read,
+    or the spec builds a different network than the checkpoint's (resuming then is refused,
+    listing the fields that differ).
     """
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    results_dir = check_writable_dir(results_dir, option="results directory")
+    device = resolve_device(device)
     total_steps = int(spec.total_steps)
     stop_step = total_steps if max_steps is None else min(int(max_steps), total_steps)
+    extra = list(hooks)
+    if on_log is not None:
+        extra.append(on_log if isinstance(on_log, HookBase) else CallbackHook(on_log))
 
     owns_group = not torch.distributed.is_initialized()
     ctx, device = init_distributed(device)
     try:
-        return _train(spec, results_dir, device, ctx, total_steps, stop_step, model, train_loader,
-                      evaluate_fn, on_log, verbose, sync_bn)
+        # Rank 0 alone writes the results directory, so it alone locks it.
+        with ResultsLock(results_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train(spec, results_dir, device, ctx, total_steps, stop_step, model,
+                          train_loader, evaluate_fn, extra, verbose or tlt_log, sync_bn)
     finally:
         if owns_group:
             shutdown(ctx)
 
 
 def _train(spec, results_dir: Path, device: torch.device, ctx: DistContext, total_steps: int,
-           stop_step: int, model, train_loader, evaluate_fn, on_log, verbose: bool,
+           stop_step: int, model, train_loader, evaluate_fn, extra_hooks: list, blocks: bool,
            sync_bn: bool) -> dict:
-    def say(text: str) -> None:
+    notes: list[str] = []  # printed now, and written to train.log once it is open
+
+    def note(text: str) -> None:
+        notes.append(text)
         if ctx.is_main:
             print(text, flush=True)
 
     seed_everything(int(spec.seed))
-    resumed = load_latest_checkpoint(results_dir, map_location="cpu")
-    if resumed is not None:
-        ckpt_path, ckpt = resumed
-        check_model_fields(model_fields(spec), ckpt.get("model_fields"), ckpt_path)
-        start_step = int(ckpt["step"])
-        # A run stopped between writing a checkpoint and its evaluation (killed, disk full)
-        # evaluates that checkpoint when it comes back (below), so no evaluation goes missing.
-        unevaluated = (_is_eval_step(start_step, spec, total_steps)
-                       and _read_metrics(results_dir, start_step) is None)
-        if start_step >= total_steps and not unevaluated:
-            say(f"Training is finished: {ckpt_path} is at step {start_step} of {total_steps}.")
-            return {"step": start_step, "checkpoint": str(ckpt_path),
-                    "metrics": _read_metrics(results_dir, start_step)}
-        if start_step >= stop_step and not unevaluated:
-            say(f"Stopped: {ckpt_path} is at step {start_step}, max_steps is {stop_step}.")
-            return {"step": start_step, "checkpoint": str(ckpt_path),
-                    "metrics": _read_metrics(results_dir, start_step)}
-        say(f"Resuming from {ckpt_path} at step {start_step} of {total_steps}"
-            + (" (evaluating it first: its evaluation is missing)" if unevaluated else ""))
-    else:
-        ckpt_path, ckpt, start_step, unevaluated = None, None, 0, False
+    resume = resume_or_load(results_dir, spec, total_steps=total_steps, stop_step=stop_step,
+                            evaluates=evaluate_fn is not None)
+    if resume.done:
+        if ctx.is_main:
+            print(resume.message(total_steps, stop_step), flush=True)
+            if resume.metrics:
+                print(format_eval_line(eval_record(resume.step, resume.metrics), total_steps),
+                      flush=True)
+        return {"step": resume.step, "checkpoint": str(resume.path), "metrics": resume.metrics}
+    note(resume.message(total_steps, stop_step))
 
+    model, train_loader, optimizer, decayed, scaler, amp, metadata = _prepare(
+        spec, resume.state, ctx, device, model, train_loader, note)
+    if ctx.is_main:
+        _write_spec_copy(results_dir / "spec.txt", metadata["spec_text"])
+    model, forward_model = _data_parallel(model, spec, ctx, device, sync_bn, note)
+    rng_state = resume.state["rng"] if resume.state is not None else None
+    resume = dataclasses.replace(resume, state=None)  # the weights are loaded: free the copy
+
+    trainer = Trainer(model=model, forward_model=forward_model, optimizer=optimizer,
+                      scaler=scaler, batches=_batches(train_loader, resume.step, int(spec.seed)),
+                      spec=spec, device=device, amp_dtype=amp, ctx=ctx, resume=resume,
+                      total_steps=total_steps, stop_step=stop_step, metadata=metadata,
+                      rng_state=rng_state)
+    trainer.register_hooks(default_hooks(spec, results_dir, ctx, resume, total_steps,
+                                         evaluate_fn, decayed, notes, blocks) + extra_hooks)
+    trainer.train()
+    if ctx.is_main and trainer.step < total_steps:
+        print(f"Stopped at step {trainer.step} of {total_steps} (max_steps); run again to "
+              "continue.", flush=True)
+    return {"step": trainer.step,
+            "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+            "metrics": trainer.metrics}
+
+
+def _prepare(spec, state: dict | None, ctx: DistContext, device: torch.device, model,
+             train_loader, note: Callable[[str], None]):
+    """(model on `device` with the checkpoint's or the pretrained weights, loader, optimizer
+    (restored), decayed parameters, GradScaler, autocast dtype, checkpoint metadata)."""
     if model is None:
-        from mrcnn_helpers.model import build_model
-
         model = build_model(spec)
-    if ckpt is None and getattr(spec, "checkpoint", ""):
-        from mrcnn_helpers.model import load_pretrained
-
+    if state is None and getattr(spec, "checkpoint", ""):
         report = load_pretrained(model, spec.checkpoint)
         summary = getattr(report, "summary", None)
-        say(summary() if callable(summary) else f"Loaded pretrained weights from {spec.checkpoint}")
+        note(summary() if callable(summary)
+             else f"Loaded pretrained weights from {spec.checkpoint}")
     place_model(model, device)
     if train_loader is None:
-        from mrcnn_helpers.data import build_train_loader
-
         train_loader = build_train_loader(spec, rank=ctx.rank, world_size=ctx.world_size)
-    if evaluate_fn is None:
-        from mrcnn_helpers.evaluate import evaluate_model
-
-        evaluate_fn = evaluate_model
-
     optimizer, decayed = build_optimizer(model, spec)
-    amp_dtype, scaler = _amp_setup(spec, device, say)
+    amp = resolve_amp_dtype(spec.use_amp, device)
+    if spec.use_amp and amp is None:
+        note(f"note: use_amp ignored on {device.type} (mixed precision is used on CUDA only)")
+    # bf16 has fp32's exponent range, so its gradients do not underflow: only fp16 needs scaling.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     text = spec_text(spec)
     class_names, category_ids = class_names_of(train_loader, spec)
-    if ckpt is not None:
+    if state is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {ckpt_path} does not fit the model: {exc}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        class_names = ckpt.get("class_names") or class_names
-        category_ids = ckpt.get("category_ids") or category_ids
-        if ckpt.get("spec_text") != text:
-            say("note: the spec differs from the checkpoint's in fields that keep the network "
-                "(schedule, data, ...); training continues with the current spec")
-    spec_file = results_dir / "spec.txt"
-
-    if ctx.is_main and (not spec_file.is_file() or spec_file.read_text(encoding="utf-8") != text):
-        write_text_atomic(spec_file, text)
-    forward_model = model
-    if ctx.enabled:
-        if sync_bn and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            forward_model = model
-        forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **DDP_OPTIONS)
-        say(f"Data-parallel training on {ctx.world_size} processes, {spec.train_batch_size} "
-            f"images each ({spec.train_batch_size * ctx.world_size} per step)")
-
-    logger = MetricLogger(
-        total_steps=total_steps, logging_frequency=spec.logging_frequency,
-        batch_size=spec.train_batch_size * ctx.world_size, start_step=start_step,
-        tensorboard_dir=results_dir / "tensorboard", verbose=verbose, on_log=on_log,
-        rank=ctx.rank)
-    # Restored last: everything above may draw random numbers (model init, logger set-up), and
-    # the run must continue with exactly the stream the interrupted run would have seen.
-    if ckpt is not None:
-        restore_rng_state(ckpt["rng"])
-    if ctx.enabled:
-        # Each rank draws its own anchor / RoI samples (the checkpoint's RNG is rank 0's).
-        torch.manual_seed(int(spec.seed) + 7919 * ctx.rank + start_step)
-    del ckpt
-
-    def make_state(step: int) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "rng": capture_rng_state(), "spec_text": text,
-            "model_fields": model_fields(spec), "class_names": list(class_names),
-            "category_ids": list(category_ids),
-        }
-
-    metrics = _read_metrics(results_dir, start_step) if start_step else None
-    # Every rank decided `unevaluated` before DDP's construction (a collective), hence before
-    # rank 0 can have written the metrics: all ranks agree and meet at wait_for_main.
-    if unevaluated:
-        if ctx.is_main:
-            metrics = _evaluate(model, spec, device, evaluate_fn, results_dir, start_step, logger)
-        wait_for_main(ctx)
-    last_checkpoint = ckpt_path
-    step = start_step
-    model.train()
-    batches = _batches(train_loader, start_step, int(spec.seed))
-    try:
-        while step < stop_step:
-            batch = next(batches)
-            lr = learning_rate_at(step, spec)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = _images_of(batch).to(device, non_blocking=True)
-            targets = {k: batch[k].to(device, non_blocking=True) for k in TARGET_KEYS if k in batch}
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                losses = forward_model(images, targets)
-            if not isinstance(losses, dict) or not losses:
-                raise TrainingError(f"the model returned {type(losses).__name__} in train mode; "
-                                    "expected a dict of scalar loss tensors")
-            names = sorted(losses)
-            total = sum(losses[name].float() for name in names)
-            # One host transfer per step for all terms: needed for the finiteness check anyway.
-            values = all_mean(torch.stack([losses[n].detach().float() for n in names]),
-                              ctx).cpu().tolist()
-            terms = dict(zip(names, values))
-            if not all(math.isfinite(v) for v in values):
-                shown = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
-                where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
-                         else "no checkpoint was written yet")
-                # Reported as step + 1: the step this update would have completed, the numbering
-                # of the logs and of the checkpoint names.
-                raise TrainingError(
-                    f"non-finite loss at step {step + 1} (lr {lr:.6g}): {shown}; {where}. "
-                    "Nothing was written after this step; try a lower init_learning_rate, a "
-                    "longer warmup, or check the data of this step.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-
-            logger.update(terms)
-            if logger.should_log(step):
-                logger.log(step, learning_rate=lr,
-                           l2_loss=l2_loss_of(decayed, float(spec.l2_weight_decay)))
-            at_eval = _is_eval_step(step, spec, total_steps)
-            if at_eval or step == stop_step:
-                paused = time.perf_counter()
-                last_checkpoint = checkpoint_path(results_dir, step)
-                if ctx.is_main:
-                    save_checkpoint(last_checkpoint, make_state(step))
-                    prune_checkpoints(results_dir, int(spec.num_checkpoints_to_keep))
-                    if at_eval:
-                        metrics = _evaluate(model, spec, device, evaluate_fn, results_dir, step,
-                                            logger)
-                wait_for_main(ctx)
-                logger.exclude_time(time.perf_counter() - paused)  # throughput of training only
-    finally:
-        logger.close()
-        batches.close()
-    if step < total_steps:
-        say(f"Stopped at step {step} of {total_steps} (max_steps); run again to continue.")
-    return {"step": step, "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-            "metrics": metrics}
+            raise CheckpointError(f"the checkpoint at step {state['step']} does not fit the "
+                                  f"model: {exc}") from None
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        class_names = state.get("class_names") or class_names
+        category_ids = state.get("category_ids") or category_ids
+        if state.get("spec_text") != text:
+            note("note: the spec differs from the checkpoint's in fields that keep the network "
+                 "(schedule, data, ...); training continues with the current spec")
+    metadata = {"spec_text": text, "model_fields": network_fields(spec),
+                "class_names": list(class_names), "category_ids": list(category_ids)}
+    return model, train_loader, optimizer, decayed, scaler, amp, metadata
 
 
-def _is_eval_step(step: int, spec, total_steps: int) -> bool:
-    """Whether training evaluates (and saves metrics_step-<step>.json) after `step`."""
-    return step % int(spec.num_steps_per_eval) == 0 or step == total_steps
+def _write_spec_copy(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write(path, text, error=TrainingError)
 
 
-def _evaluate(model, spec, device, evaluate_fn, results_dir: Path, step: int,
-              logger: MetricLogger) -> dict:
-    """Evaluate in eval mode without disturbing the training RNG streams; save metrics JSON."""
-    rng = capture_rng_state()
-    model.eval()
-    try:
-        with torch.no_grad():
-            metrics = evaluate_fn(model, spec, device=device)
-    finally:
-        model.train()
-        # Evaluation draws random numbers (data loader seeds, ...). Restoring the streams keeps
-        # training after an evaluation identical to training resumed from its checkpoint.
-        restore_rng_state(rng)
-    path = results_dir / f"metrics_step-{step}.json"
-    write_text_atomic(path, json.dumps(metrics, indent=2, sort_keys=True, default=_jsonable))
-    logger.log_eval(step, metrics, source=path.name)
-    return metrics
+def _data_parallel(model: nn.Module, spec, ctx: DistContext, device: torch.device,
+                   sync_bn: bool, note: Callable[[str], None]) -> tuple[nn.Module, nn.Module]:
+    """(model, the module the steps call): DDP around the model under torchrun, else itself."""
+    if not ctx.enabled:
+        return model, model
+    if sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    forward_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **DDP_OPTIONS)
+    note(f"Data-parallel training on {ctx.world_size} processes, {spec.train_batch_size} "
+         f"images each ({spec.train_batch_size * ctx.world_size} per step)")
+    return model, forward_model
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"metric value of type {type(value).__name__} is not JSON serializable")
+def default_hooks(spec, results_dir: Path, ctx: DistContext, resume: Resume, total_steps: int,
+                  evaluate_fn, decayed: list, notes: list[str], blocks: bool) -> list[HookBase]:
+    """The hooks of `train`, in the order they run.
 
+    Writers first (main process only: console, train.log, results.csv, TensorBoard, the best
+    checkpoint), so they are ready for records the others publish from before_train on; then the
+    non-finite check, the logging window, the checkpointer and the evaluation, in that order
+    after each step (a log or checkpoint never follows an unchecked step; an evaluation follows
+    its checkpoint).
+    """
+    def due(step: int) -> bool:
+        return is_eval_step(step, spec, total_steps)
 
-def _read_metrics(results_dir: Path, step: int) -> dict | None:
-    path = results_dir / f"metrics_step-{step}.json"
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    writers: list[HookBase] = []
+    if ctx.is_main:
+        writers = [
+            ConsoleWriter(total_steps, resume.step, blocks=blocks),
+            TrainLog(results_dir / "train.log", notes=notes),
+            ResultsCsv(results_dir / RESULTS_CSV, resume_step=resume.step,
+                       drop_eval=resume.unevaluated),
+            TensorBoardWriter(results_dir / "tensorboard"),
+            BestCheckpointer(results_dir, follows_evaluation=evaluate_fn is not None,
+                             start_step=resume.step),
+        ]
+    work: list[HookBase] = [
+        NonFiniteCheck(spec.logging_frequency),
+        LoggingHook(spec.logging_frequency, spec.train_batch_size * ctx.world_size, decayed,
+                    spec.l2_weight_decay),
+        PeriodicCheckpointer(results_dir, spec.num_checkpoints_to_keep, due),
+    ]
+    if evaluate_fn is not None:
+        work.append(EvalHook(evaluate_fn, results_dir, due))
+    return writers + work

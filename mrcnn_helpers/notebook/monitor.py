@@ -1,10 +1,12 @@
 """Live training plot for notebooks: `train(spec, results_dir, on_log=TrainingMonitor(results_dir))`.
 
-The monitor receives the trainer's log records (see engine.logging.MetricLogger), redraws one
-figure in place (a Jupyter display handle, so the cell shows a single, updating picture) and
-appends every record to RESULTS_DIR/notebook_log.jsonl. A monitor built on the same results
-directory reads that file back, so re-running the training cell (which resumes from the last
-checkpoint) continues the curves instead of starting them anew.
+The monitor is a training hook (engine.hooks.HookBase) that listens to the trainer's train and
+eval records (engine.logging.train_record, engine.hooks.eval_record); it is also a plain callable
+for anything else that produces such records. It redraws one figure in place (a Jupyter display
+handle, so the cell shows a single, updating picture) and appends every record to
+RESULTS_DIR/notebook_log.jsonl. A monitor built on the same results directory reads that file
+back, so re-running the training cell (which resumes from the last checkpoint) continues the
+curves instead of starting them anew.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from mrcnn_helpers.engine.hooks import HookBase
+from mrcnn_helpers.fileio import atomic_write
 
 HISTORY_FILE = "notebook_log.jsonl"
 # Loss terms plotted thin under the total (keys of the trainer's train records).
@@ -36,8 +41,8 @@ def _plain(record: dict) -> dict:
     return out
 
 
-class TrainingMonitor:
-    """Callable for `train(..., on_log=monitor)` drawing loss, throughput and AP curves.
+class TrainingMonitor(HookBase):
+    """Hook (or callable) for `train(..., on_log=monitor)` drawing loss, throughput and AP curves.
 
     results_dir: where the history file lives (None: keep the history in memory only).
     min_interval: least seconds between redraws of train records (evaluations and the last step
@@ -61,6 +66,9 @@ class TrainingMonitor:
                     self._add(json.loads(line))
         self.redraw()
 
+    def on_record(self, record: dict) -> None:
+        self(record)
+
     def __call__(self, record: dict) -> None:
         record = _plain(record)
         if record.get("event") not in ("train", "eval") or "step" not in record:
@@ -71,8 +79,8 @@ class TrainingMonitor:
             if truncated:  # a resumed run repeats steps: keep the file equal to the history
                 lines = [json.dumps(r) for r in sorted(self.train_records + self.eval_records,
                                                        key=lambda r: (r["step"], r["event"]))]
-                self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            else:
+                atomic_write(self.path, "".join(line + "\n" for line in lines))
+            else:  # an append-only log: one line per record
                 with open(self.path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record) + "\n")
         last = record["step"] >= record.get("total_steps", math.inf)

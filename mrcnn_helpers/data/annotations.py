@@ -38,8 +38,8 @@ PROBLEMS: dict[str, tuple[str, str, str, str]] = {
     "invalid_area": ("error", "area is not a finite number >= 0", "area recomputed from the mask",
                      REFUSED),
     "invalid_iscrowd": ("error", "iscrowd is not 0 or 1", "annotation dropped", REFUSED),
-    "empty_mask": ("error", "segmentation covers no pixel of the image (e.g. no polygon of >= 3 "
-                            "points, or all of it outside the image)", "annotation dropped",
+    "empty_mask": ("error", ("segmentation covers no pixel of the image (e.g. no polygon of >= 3 "
+                             "points, or all of it outside the image)"), "annotation dropped",
                    DROPPED),
     "degenerate_box": ("error", "bbox width or height <= 0", "bbox recomputed from the mask",
                        DROPPED),

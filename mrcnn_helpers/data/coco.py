@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 import pycocotools.mask as mask_utils
-import torch
 from pycocotools.coco import COCO
 
 from ..errors import DataError

@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import DataError
 from ..fileio import atomic_output, atomic_write, atomic_write_json, check_output_path, json_safe
-from .annotations import KIND, PROBLEMS as ANNOTATION_PROBLEMS, REFUSED, check_annotation
+from .annotations import KIND, REFUSED, check_annotation
+from .annotations import PROBLEMS as ANNOTATION_PROBLEMS
 from .coco import read_coco_json
 from .images import ImageTooLargeError, check_image_size, open_image
 from .progress import progress_bar

@@ -151,10 +151,18 @@ def _disk_full(part: str, exc: OSError, total: int | None, url: str) -> Download
     folder = os.path.dirname(os.path.abspath(part))
     have = os.path.getsize(part) if os.path.exists(part) else 0
     free = shutil.disk_usage(folder).free
-    need = (f"{(total - have) / 2**30:.2f} GiB more are needed, " if total is not None else "")
+    need = f"{_human(total - have)} more are needed, " if total is not None else ""
     return DownloadError(f"{url}: cannot write {part}: {describe_os_error(exc)}; {need}"
-                         f"{free / 2**30:.2f} GiB free in {folder}; make room and re-run to "
-                         f"resume from {have} bytes")
+                         f"{_human(free)} free in {folder}; make room and re-run to resume "
+                         f"from {have} bytes")
+
+
+def _human(size: int) -> str:
+    """A byte count as "1.50 GiB" / "29.3 MiB" / "512 bytes"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{size} bytes"
 
 
 def _receive(response, part: str, mode: str, chunk_size: int, bar, total, url: str) -> int:

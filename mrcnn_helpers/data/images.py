@@ -21,8 +21,8 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -111,9 +111,12 @@ def open_image(source: str | os.PathLike | bytes, where: str | None = None) -> I
     except FileNotFoundError as e:
         raise DataError(f"image file not found: {where}") from e
     except Image.DecompressionBombError as e:
+        # PIL's own guard (at twice the limit) fired before the size could be read: its
+        # message holds the pixel count.
         found = re.search(r"\((\d+) pixels\)", str(e))
-        count = f" ({found.group(1)} pixels)" if found else ""
-        raise ImageTooLargeError(f"image {where}{count} has more than {_limit_text(limit)}") from e
+        count = f"{found.group(1)} pixels" if found else f"more than {2 * limit} pixels"
+        raise ImageTooLargeError(f"image {where} has {count}, more than "
+                                 f"{_limit_text(limit)}") from e
     except _DECODE_ERRORS as e:
         raise DataError(f"cannot read image {where}: {str(e) or type(e).__name__}") from e
 

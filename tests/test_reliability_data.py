@@ -860,3 +860,71 @@ def test_decode_mask_checks_the_size_before_decoding():
         decode_mask(png, "m", size=(8, 9))
     with pytest.raises(DataError, match="expected PNG bytes"):
         decode_mask(3.5, "m")
+
+
+def test_voc_index_pngs_with_impossible_values(tmp_path):
+    from mrcnn_helpers.data import convert_voc
+
+    root = tmp_path / "VOC"
+    for sub in ("JPEGImages", "SegmentationObject", "SegmentationClass"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (8, 6)).save(root / "JPEGImages" / "a.jpg")
+    # A 16-bit "index" PNG: values past 255 are no VOC instance (and a distinct value per pixel
+    # of a large image would make one full-size mask per pixel).
+    Image.fromarray((np.arange(48).reshape(6, 8) * 1000).astype(np.uint16)).save(
+        root / "SegmentationObject" / "a.png")
+    Image.new("L", (8, 6), 1).save(root / "SegmentationClass" / "a.png")
+    with pytest.raises(DataError) as info:
+        convert_voc(root, tmp_path / "out.json")
+    _clear(info.value, "SegmentationObject/a.png has value 47000", "1..254")
+    Image.new("L", (8, 6), 1).save(root / "SegmentationObject" / "a.png")
+    Image.fromarray(np.full((6, 8), 60000, np.uint16)).save(root / "SegmentationClass" / "a.png")
+    with pytest.raises(DataError) as info:
+        convert_voc(root, tmp_path / "out.json")
+    _clear(info.value, "SegmentationClass/a.png has class index 60000", "21 class names")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_deeply_nested_json_is_one_line(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError) as info:
+        load_coco(tmp_path / "deep.json")
+    _clear(info.value, "deep.json")
+    folder = _labelme_folder(tmp_path, [])
+    (folder / "b.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match="cannot read LabelMe file .*b.json"):
+        convert_labelme(folder, tmp_path / "o.json")
+
+
+def test_server_sending_more_than_the_manifest_size(server, tmp_path):
+    data = os.urandom(30_000)
+    server.files["zips/val2017.zip"] = data
+    with pytest.raises(dl.DownloadError, match="announces 30000 bytes, the manifest expects 100"):
+        dl.download_file(server.url + "zips/val2017.zip", tmp_path / "v.zip", size=100,
+                         progress=False)
+    assert not (tmp_path / "v.zip").exists()
+
+
+def test_unwritable_output_folders_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MrcnnError) as info:
+        dl.download_coco(tmp_path / "file", ("val",), manifest={"val": dl.RemoteFile("v.zip")})
+    _clear(info.value, "download folder", "file")
+    with pytest.raises(DataError) as info:
+        generate_synthetic_dataset(tmp_path / "file", num_train=1, num_val=0)
+    _clear(info.value, "is a file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_images_with_hundreds_of_annotations(base, tmp_path):
+    """pycocotools' area() of a list overflows past 255 RLEs: an image of 300 instances reads."""
+    data = copy.deepcopy(base["coco"])
+    data["annotations"] = [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                            "segmentation": [[k % 60, 0, k % 60 + 4, 0, k % 60 + 4, 4]],
+                            "bbox": [k % 60, 0, 4, 4]} for k in range(300)]
+    json_file = tmp_path / "many.json"
+    json_file.write_text(json.dumps(data))
+    dataset = CocoInstanceDataset(json_file, base["images"], image_size=(64, 64),
+                                  max_num_instances=300)
+    assert dataset.num_dropped_annotations == 0 and len(dataset._instances[1]) == 300
+    assert check_dataset(json_file).counts.get("empty_mask") is None

@@ -39,6 +39,8 @@ def read_coco_json(json_file: str | os.PathLike) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    except RecursionError as e:
+        raise DataError(f"{path}: not a COCO instances file (nested too deeply to read)") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read annotation file {path}: {e}") from e
     if not isinstance(data, dict):
@@ -149,17 +151,17 @@ def select_instances(coco: COCO, image_id: int, source: str,
     so they keep the same annotations the dataset doctor passes.
     """
     info = coco.imgs[image_id]
-    picked, dropped = [], []
+    checks = []
     for ann in coco.imgToAnns.get(image_id, []):
         check = check_structure(ann, info)
         problem = check.refusal()
         if problem:
             raise refusal_error(source, ann, problem)
-        if check.iscrowd and skip_crowd:
-            continue
-        check_geometry(check)
-        (dropped if check.drop_reason() else picked).append(check)
-    return picked, dropped
+        if not (check.iscrowd and skip_crowd):
+            checks.append(check)
+    check_geometry(checks)
+    picked = [c for c in checks if not c.drop_reason()]
+    return picked, [c for c in checks if c.drop_reason()]
 
 
 def full_rle(ann: dict, info: dict) -> dict:

@@ -48,8 +48,9 @@ from .tfrecord import TFRecordWriter, decode_example, encode_example, index_tfre
 
 log = logging.getLogger(__name__)
 
-# More shards than any dataset needs (TLT wrote 256 for COCO); each is an open file while writing.
-MAX_SHARDS = 4096
+# More shards than any dataset needs (TLT wrote 256 for COCO); each is an open file while writing,
+# and the usual limit of open files per process is 1024.
+MAX_SHARDS = 1000
 
 
 def shard_paths(out_prefix: str | os.PathLike, num_shards: int) -> list[str]:

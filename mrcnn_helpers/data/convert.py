@@ -175,6 +175,7 @@ def convert_voc(voc_root: str | os.PathLike, out_json: str | os.PathLike, *,
                                   "SegmentationObject PNG", size)
         classes = _read_index_png(os.path.join(classes_dir, stem + ".png"),
                                   "SegmentationClass PNG", size)
+        _check_voc_indices(objects, classes, stem, len(class_names))
         images.append({"id": image_id, "file_name": file_name, "width": size[0],
                        "height": size[1]})
         for value in np.unique(objects):
@@ -187,9 +188,6 @@ def convert_voc(voc_root: str | os.PathLike, out_json: str | os.PathLike, *,
                 skipped["background_instances"] += 1
                 continue
             label = int(np.argmax(votes))
-            if label >= len(class_names):
-                raise DataError(f"SegmentationClass/{stem}.png has class index {label}, beyond the "
-                                f"{len(class_names)} class names")
             annotations.append(mask_annotation(mask, len(annotations) + 1, image_id, label,
                                                polygon_tolerance))
     categories = [{"id": i, "name": str(n), "supercategory": ""}
@@ -199,6 +197,19 @@ def convert_voc(voc_root: str | os.PathLike, out_json: str | os.PathLike, *,
     return {"json": write_coco_json(data, out_json), "images": images_dir,
             "num_images": len(images), "num_annotations": len(annotations),
             "categories": list(class_names[1:]), "skipped": skipped}
+
+
+def _check_voc_indices(objects: np.ndarray, classes: np.ndarray, stem: str, num_names: int) -> None:
+    """Refuse index PNGs whose values VOC's layout cannot have (a 16- or 32-bit PNG could hold
+    millions of distinct "instances", or class indices that would size an array by their value)."""
+    if objects.size and (objects.min() < 0 or objects.max() > 255):
+        value = objects.min() if objects.min() < 0 else objects.max()
+        raise DataError(f"SegmentationObject/{stem}.png has value {value}; instance indices are "
+                        f"1..254 (0 = background, 255 = void)")
+    bad = classes[(classes != 255) & ((classes < 0) | (classes >= num_names))]
+    if bad.size:
+        raise DataError(f"SegmentationClass/{stem}.png has class index {bad[0]}, beyond the "
+                        f"{num_names} class names (255 = void)")
 
 
 # ------------------------------------------------------------------------- per-instance masks

@@ -27,7 +27,14 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import DataError
-from ..fileio import atomic_output, atomic_write, atomic_write_json, check_output_path, json_safe
+from ..fileio import (
+    atomic_output,
+    atomic_write,
+    atomic_write_json,
+    check_output_path,
+    check_writable_dir,
+    json_safe,
+)
 from .annotations import KIND, REFUSED, check_annotation
 from .annotations import PROBLEMS as ANNOTATION_PROBLEMS
 from .coco import read_coco_json
@@ -357,7 +364,7 @@ def fix_dataset(json_file: str | os.PathLike, image_dir: str | os.PathLike,
     fixed = report.fixed
     images_out = os.path.join(out_dir, "images")
     json_out = os.path.join(out_dir, "annotations", os.path.basename(json_file))
-    os.makedirs(images_out, exist_ok=True)
+    check_writable_dir(images_out, option="--fix images folder")
     for info in progress_bar(fixed["images"], "writing the fixed copy", unit="img",
                              enabled=progress):
         src = os.path.realpath(os.path.join(image_dir, info["file_name"]))

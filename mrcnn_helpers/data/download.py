@@ -34,7 +34,7 @@ import zipfile
 import zlib
 
 from ..errors import DataError
-from ..fileio import atomic_write_json, describe_os_error
+from ..fileio import atomic_write_json, check_writable_dir, describe_os_error
 from .progress import byte_bar, progress_bar
 
 DEFAULT_BASE_URL = "http://images.cocodataset.org/"
@@ -99,7 +99,7 @@ def load_manifest(path: str | os.PathLike) -> dict[str, RemoteFile]:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DataError(f"cannot read manifest {path}: {e} (expected {{part: {{\"path\": ..., "
                         f"\"size\": ..., \"md5\": ...}}}})") from e
     if not isinstance(raw, dict) or not raw:
@@ -168,10 +168,13 @@ def _human(size: int) -> str:
 def _receive(response, part: str, mode: str, chunk_size: int, bar, total, url: str) -> int:
     """Append the body to `part` (mode "ab" or "wb"); returns the bytes received.
 
-    A failing local write raises DownloadError at once (_disk_full); a failing read returns
+    A failing local write raises DownloadError at once (_disk_full), as does a body running
+    past the expected size (MAX_ARCHIVE_BYTES when none is known); a failing read returns
     early (the caller resumes), raising nothing.
     """
     got = 0
+    room = (total if total is not None else MAX_ARCHIVE_BYTES) - (
+        os.path.getsize(part) if mode == "ab" and os.path.exists(part) else 0)
     try:
         f = open(part, mode)  # noqa: SIM115 - closed below
     except OSError as e:
@@ -184,6 +187,10 @@ def _receive(response, part: str, mode: str, chunk_size: int, bar, total, url: s
                 return got  # the connection dropped: the caller resumes
             if not block:
                 return got
+            if got + len(block) > room:
+                raise DownloadError(f"{url}: the server sends more than the "
+                                    f"{total if total is not None else MAX_ARCHIVE_BYTES} bytes "
+                                    f"expected; not the archive the manifest names")
             try:
                 f.write(block)
                 f.flush()
@@ -357,6 +364,7 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
     name = os.path.basename(archive)
     marker = os.path.join(out_dir, f".done-{name}")
     staging = os.path.join(out_dir, f".extract-{name}")
+    check_writable_dir(out_dir, option="extraction folder")
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -366,7 +374,6 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
                 if bad is not None:
                     raise DataError(f"{archive}: member {bad} fails its CRC check: the archive is "
                                     f"corrupt; delete it and download again")
-            os.makedirs(out_dir, exist_ok=True)
             same, blocking = _placed(infos, out_dir)
             if blocking:
                 raise DataError(f"extracting {archive} would replace {blocking[0]}"
@@ -390,7 +397,14 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
                     from e
     except zipfile.BadZipFile as e:
         raise DataError(f"{archive}: not a valid zip ({e}); delete it and download again") from e
-    _move_into_place(staging, out_dir)
+    except OSError as e:  # the archive itself cannot be read
+        raise DataError(f"cannot read {archive}: {describe_os_error(e)}") from e
+    try:
+        _move_into_place(staging, out_dir)
+    except OSError as e:
+        raise DataError(f"placing the files of {archive} into {out_dir} failed: "
+                        f"{describe_os_error(e)}; re-run to finish (what was placed is "
+                        f"complete)") from e
     tops = sorted({i.filename.replace("\\", "/").split("/")[0] for i in infos})
     atomic_write_json(marker, {"archive": name, "entries": tops}, error=DataError,
                       what="extraction marker")
@@ -434,7 +448,7 @@ def download_coco(out_dir: str | os.PathLike, parts=("annotations", "val", "trai
         raise DataError(f"base URL {base_url!r}: expected an http://, https:// or file:// URL")
     out_dir = os.fspath(out_dir)
     downloads = os.path.join(out_dir, "downloads")
-    os.makedirs(downloads, exist_ok=True)
+    check_writable_dir(downloads, option="download folder")
     result = {}
     for part in parts:
         remote = manifest[part]

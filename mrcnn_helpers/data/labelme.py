@@ -175,7 +175,7 @@ def _scan(root: str, out_json: str, skipped: dict) -> list[dict]:
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise DataError(f"cannot read LabelMe file {path}: {e}") from e
         is_labelme = (isinstance(doc, dict) and isinstance(doc.get("shapes"), list)
                       and doc.get("imagePath"))

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import DataError
-from ..fileio import atomic_output, atomic_write
+from ..fileio import atomic_output, atomic_write, check_writable_dir
 from .contours import mask_to_segmentation
 
 CLASS_NAMES = ("circle", "triangle", "square")
@@ -195,8 +195,7 @@ def _annotation(ann_id: int, image_id: int, label: int, visible: np.ndarray) -> 
 
 def _write_split(out_dir: Path, split: str, num_images: int, height: int, width: int,
                  seed: int) -> tuple[str, str]:
-    image_dir = out_dir / split
-    image_dir.mkdir(parents=True, exist_ok=True)
+    image_dir = check_writable_dir(out_dir / split, option="synthetic image folder")
     images, annotations = [], []
     for index in range(num_images):
         rng = image_rng(seed, split, index)

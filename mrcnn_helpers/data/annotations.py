@@ -199,8 +199,9 @@ class AnnotationCheck:
     rle: compressed RLE of the whole-image mask (set by check_geometry, or for RLE input).
     mask_area / mask_box: pixel count and [x, y, w, h] of the mask (check_geometry).
     bbox: the given bbox as floats when valid, else None; box: training's box, float64
-    (x1, y1, x2, y2) clipped to the image (None when the annotation is dropped or refused).
-    area: the given area when valid, else the mask's. iscrowd: the crowd flag as a bool.
+    (x1, y1, x2, y2) clipped to the image (None when the annotation is dropped or refused);
+    fixed_bbox: the [x, y, w, h] `--fix` writes. area: the given area when valid, else the
+    mask's. iscrowd: the crowd flag as a bool.
     """
 
     ann: dict

@@ -185,13 +185,19 @@ def test_extraction_is_atomic_and_checks_the_zip(server, tmp_path):
     archive = tmp_path / "val2017.zip"
     archive.write_bytes(files["zips/val2017.zip"])
     out = tmp_path / "coco"
-    # What an interrupted earlier run may leave: a staging folder and a folder with no marker.
+    # What an interrupted earlier run may leave: a staging folder and a folder with no marker,
+    # holding some of the archive's files (each placed whole); beside them a file of the user's.
     (out / ".extract-val2017.zip" / "val2017").mkdir(parents=True)
     (out / "val2017").mkdir()
-    (out / "val2017" / "half.jpg").write_bytes(b"x")
+    first = sorted(images)[0]
+    (out / first).write_bytes(images[first])
+    (out / "val2017" / "mine.jpg").write_bytes(b"x")
     assert not dl.is_extracted("val2017.zip", out)
     assert dl.extract_zip(archive, out) == ["val2017"]
-    assert sorted(os.listdir(out / "val2017")) == sorted(n.split("/")[1] for n in images)
+    assert sorted(os.listdir(out / "val2017")) == sorted(
+        [n.split("/")[1] for n in images] + ["mine.jpg"])
+    assert all((out / n).read_bytes() == data for n, data in images.items())
+    assert (out / "val2017" / "mine.jpg").read_bytes() == b"x"      # never removed
     assert dl.is_extracted("val2017.zip", out) and not (out / ".extract-val2017.zip").exists()
 
     # Without an MD5 the zip's CRCs are checked: a flipped byte inside a member is caught.

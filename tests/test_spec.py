@@ -469,3 +469,63 @@ def test_replace_spec_edits_blocks_and_validates():
         replace_spec(spec, **{"data_config.num_clases": 3})
     with pytest.raises(SpecError, match="mrcnn_resolution"):
         replace_spec(spec, **{"maskrcnn_config.mrcnn_resolution": 30})
+
+
+# --- bounds on size-like fields and the memory of one batch --------------------------------------
+
+@pytest.mark.parametrize("text, field, fragment", [
+    ('data_config { image_size: "(64, 1000000000)" }', "data_config.image_size",
+     "at most 16384 (valid: multiples of 64 from 64 to 16384)"),
+    ("data_config { max_num_instances: 1000000000 }", "data_config.max_num_instances",
+     "at most 10000 (valid: 1..10000)"),
+    ("maskrcnn_config { gt_mask_size: 1000000 }", "maskrcnn_config.gt_mask_size",
+     "at most 1024 (valid: 1..1024)"),
+    ("maskrcnn_config { mrcnn_resolution: 512 gt_mask_size: 512 }",
+     "maskrcnn_config.mrcnn_resolution", "at most 256"),
+    ("train_batch_size: 100000", "train_batch_size", "at most 1024"),
+    ("eval_batch_size: 5000", "eval_batch_size", "at most 1024"),
+    ("maskrcnn_config { train_rpn_pre_nms_topn: 10000000 }",
+     "maskrcnn_config.train_rpn_pre_nms_topn", "at most 100000"),
+    ("maskrcnn_config { test_rpn_post_nms_topn: 10000000 }",
+     "maskrcnn_config.test_rpn_post_nms_topn", "at most 100000"),
+    ("maskrcnn_config { test_detections_per_image: 1000000 }",
+     "maskrcnn_config.test_detections_per_image", "at most 10000"),
+    ("maskrcnn_config { batch_size_per_im: 10000000 }", "maskrcnn_config.batch_size_per_im",
+     "at most 100000"),
+    ("data_config { num_classes: 10000000 }", "data_config.num_classes", "at most 100000"),
+    ("data_config { n_workers: 100000 }", "data_config.n_workers", "at most 256"),
+    ("maskrcnn_config { num_scales: 1000 }", "maskrcnn_config.num_scales", "at most 16"),
+])
+def test_size_fields_are_bounded(text, field, fragment):
+    message = spec_error(text + "\n")
+    assert f"{field} = " in message and fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text, field, fragment", [
+    # Each field within its bound, the batch not: the field whose default would fit is named.
+    ("train_batch_size: 1000", "train_batch_size", "one training batch would need at least 95"),
+    ("data_config { num_classes: 100000 }", "data_config.num_classes", "mask_head 224.3"),
+    ("data_config { max_num_instances: 10000 }\nmaskrcnn_config { gt_mask_size: 1024 }",
+     "data_config.max_num_instances", "gt_masks 146.5"),
+    ('data_config { image_size: "(16384, 16384)" }', "data_config.image_size",
+     "one evaluation batch would need at least 200 GiB"),
+    ("maskrcnn_config { test_detections_per_image: 10000 }",
+     "maskrcnn_config.test_detections_per_image", "more than the 64 GiB one device has"),
+])
+def test_batches_that_cannot_fit_one_device_are_refused(text, field, fragment):
+    message = spec_error(text + "\n")
+    assert f"{field} = " in message and fragment in message and f"lower {field}" in message
+
+
+def test_memory_estimate_of_the_seed_spec(seed_env):
+    from mrcnn_helpers.spec.validate import MAX_BATCH_BYTES, estimate_batch_memory
+
+    spec = parse_quiet(SEED_SPEC.replace('"\n$DATA_DIR/train', '"$DATA_DIR/train'))
+    parts = estimate_batch_memory(spec)
+    assert parts["images"] == 3 * 3 * 832 * 1344 * 5
+    assert parts["gt_masks"] == 3 * 200 * 112 * 112 * 5
+    assert parts["mask_head"] == 3 * 128 * 91 * 28 * 28 * 8
+    assert parts["inference_masks"] == 8 * 100 * 832 * 1344
+    assert sum(parts.values()) < MAX_BATCH_BYTES / 50
+    for path in SHIPPED:  # every shipped spec validates (bounds and memory included)
+        load_spec(path)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "coco_subset": ("coco_edit", "coco_subset"),
     "TfRecordInstanceDataset": ("coco_tfrecord", "TfRecordInstanceDataset"),
     "write_coco_tfrecords": ("coco_tfrecord", "write_coco_tfrecords"),
-    "convert_labelme": ("convert", "convert_labelme"),
+    "convert_labelme": ("labelme", "convert_labelme"),
     "convert_mask_folder": ("convert", "convert_mask_folder"),
     "convert_voc": ("convert", "convert_voc"),
     "DoctorReport": ("doctor", "DoctorReport"),
@@ -92,10 +92,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .coco import CocoInstanceDataset, load_coco
     from .coco_edit import coco_merge, coco_subset
     from .coco_tfrecord import TfRecordInstanceDataset, write_coco_tfrecords
-    from .convert import convert_labelme, convert_mask_folder, convert_voc
+    from .convert import convert_mask_folder, convert_voc
     from .doctor import DoctorReport, check_dataset, fix_dataset
     from .download import download_coco
     from .images import IMAGE_EXTENSIONS, decode_image, list_image_files, load_image
+    from .labelme import convert_labelme
     from .loader import (
         build_eval_dataset,
         build_eval_loader,

@@ -6,21 +6,21 @@ the samples of every dataset kind the same way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import logging
-import math
 import os
 
 import numpy as np
 import pycocotools.mask as mask_utils
-import torch
 from pycocotools.coco import COCO
 
 from ..errors import DataError
-from .images import DOCTOR_HINT, load_image
-from .instances import InstanceSampleDataset, box_pixel_window, clip_box
+from .annotations import AnnotationCheck, check_geometry, check_structure, polygons_of
+from .images import DOCTOR_HINT, check_image_size, load_image
+from .instances import InstanceSampleDataset, box_pixel_window
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ def read_coco_json(json_file: str | os.PathLike) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    except RecursionError as e:
+        raise DataError(f"{path}: not a COCO instances file (nested too deeply to read)") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read annotation file {path}: {e}") from e
     if not isinstance(data, dict):
@@ -60,16 +62,20 @@ def coco_from_dict(data: dict) -> COCO:
     return coco
 
 
-def load_coco(json_file: str | os.PathLike) -> COCO:
+def load_coco(json_file: str | os.PathLike, *, check_annotations: bool = True) -> COCO:
     """Read and check a COCO instances JSON; returns a pycocotools COCO object (quietly).
 
     Raises DataError naming the file when it is missing, not JSON, or not COCO instances (missing
-    "images" / "annotations" / "categories", entries without their ids, unknown references,
-    duplicate ids: pycocotools would silently keep only one of each).
+    "images" / "annotations" / "categories", entries without their ids or of the wrong types,
+    images over the pixel limit, unknown references, duplicate ids: pycocotools would silently
+    keep only one of each), and, with check_annotations, for any annotation with a problem
+    that annotations.PROBLEMS says readers refuse (NaN or out-of-range coordinates, malformed
+    RLE, ...), so pycocotools (here, in COCOeval) never rasterizes one. The datasets pass
+    False and judge the annotations of the images they use themselves (annotations.py).
     """
     path = os.fspath(json_file)
     data = read_coco_json(path)
-    _check_entries(path, data)
+    _check_entries(path, data, check_annotations)
     return coco_from_dict(data)
 
 
@@ -80,13 +86,20 @@ def _is_int(value) -> bool:
 # field: (test, what is valid). Anything else fails deep inside pycocotools or the sampler.
 _FIELD_TYPES = {
     "id": (_is_int, "an integer"),
+    "image_id": (_is_int, "an integer"),
+    "category_id": (_is_int, "an integer"),
     "file_name": (lambda v: isinstance(v, str), "a string"),
     "width": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
     "height": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
 }
 
 
-def _check_entries(path: str, data: dict) -> None:
+def refusal_error(source: str, ann: dict, problem: tuple[str, str]) -> DataError:
+    """The DataError readers raise for an annotation with a "refused" problem (annotations.py)."""
+    return DataError(f"{source}: annotation {ann['id']} has {problem[1]}; {DOCTOR_HINT}")
+
+
+def _check_entries(path: str, data: dict, check_annotations: bool) -> None:
     for key, fields in (("images", ("id", "file_name", "width", "height")), ("categories", ("id", "name")),
                         ("annotations", ("id", "image_id", "category_id", "segmentation"))):
         for index, entry in enumerate(data[key]):
@@ -98,20 +111,23 @@ def _check_entries(path: str, data: dict) -> None:
                 if field in _FIELD_TYPES and not _FIELD_TYPES[field][0](entry[field]):
                     raise DataError(f"{path}: {key}[{index}] has {field} {entry[field]!r}; "
                                     f"expected {_FIELD_TYPES[field][1]}; {DOCTOR_HINT}")
-    image_ids = {img["id"] for img in data["images"]}
+            if key == "images":
+                check_image_size(entry["width"], entry["height"],
+                                 f"{entry['file_name']} (images[{index}] of {path})")
+    images = {img["id"]: img for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     for ann in data["annotations"]:
-        if ann["image_id"] not in image_ids:
+        if ann["image_id"] not in images:
             raise DataError(f"{path}: annotation {ann['id']} refers to image id {ann['image_id']}, "
                             f"which is not in 'images'")
         if ann["category_id"] not in category_ids:
             raise DataError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, "
                             f"not one of the categories {sorted(category_ids)}")
-        field = _non_finite_field(ann)
-        if field:
-            raise DataError(f"{path}: annotation {ann['id']} has a NaN or infinite number in its "
-                            f"{field}; coordinates must be finite; {DOCTOR_HINT}")
-    for key, count in (("images", len(image_ids)), ("categories", len(category_ids)),
+        if check_annotations:
+            problem = check_structure(ann, images[ann["image_id"]]).refusal()
+            if problem:
+                raise refusal_error(path, ann, problem)
+    for key, count in (("images", len(images)), ("categories", len(category_ids)),
                        ("annotations", len({a["id"] for a in data["annotations"]}))):
         if count != len(data[key]):
             seen, dups = set(), []
@@ -123,90 +139,45 @@ def _check_entries(path: str, data: dict) -> None:
                             f"{dups[:5]}); every id must be unique; {DOCTOR_HINT}")
 
 
-def _non_finite_field(ann: dict) -> str | None:
-    """The field of `ann` ("bbox" or "segmentation") holding a NaN or an infinity, or None.
+def select_instances(coco: COCO, image_id: int, source: str,
+                     skip_crowd: bool) -> tuple[list[AnnotationCheck], list[AnnotationCheck]]:
+    """Judge the annotations of an image (annotations.py); returns (picked, dropped) in file order.
 
-    Refused when the file is read: pycocotools' polygon rasterizer (used here and by COCOeval)
-    allocates without bound on a NaN vertex until the process is killed for memory, and a NaN
-    bbox clips to the whole image width. Non-numbers are left to the checks that read them.
-    """
-    bbox = ann.get("bbox")
-    if isinstance(bbox, list) and not _finite(bbox):
-        return "bbox"
-    segm = ann.get("segmentation")
-    if isinstance(segm, list) and not all(_finite(p) for p in segm if isinstance(p, list)):
-        return "segmentation"
-    return None
-
-
-def _finite(values: list) -> bool:
-    try:
-        return math.isfinite(sum(values))  # a NaN or an infinity carries through the sum
-    except (TypeError, OverflowError):
-        return True
-
-
-def usable_instances(coco: COCO, image_id: int, source: str, skip_crowd: bool):
-    """The annotations of an image that can give a training target, in file order.
-
-    Returns (picked, dropped): picked is a list of (area, box, ann) with box float64
-    (x1, y1, x2, y2) clipped to the image; dropped counts the annotations with an empty box or no
-    polygon of >= 3 points (left out). Crowd annotations are left out, uncounted, when
-    skip_crowd. Raises DataError naming `source` for a segmentation that is neither polygons nor
-    RLE. The dataset and the TFRecord writer both select with this, so they keep the same ones.
+    picked: the checks of the annotations that give a training target (check.box is the float64
+    (x1, y1, x2, y2) box clipped to the image, check.area the area, check.rle the mask);
+    dropped: those training leaves out (check.drop_reason() says why). Crowd annotations are
+    left out of both when skip_crowd. Raises DataError naming `source` and the annotation for a
+    problem that refuses the file. The datasets and the TFRecord writer all select with this,
+    so they keep the same annotations the dataset doctor passes.
     """
     info = coco.imgs[image_id]
-    picked, dropped = [], 0
+    checks = []
     for ann in coco.imgToAnns.get(image_id, []):
-        if ann.get("iscrowd", 0) and skip_crowd:
-            continue
-        segm = ann["segmentation"]
-        if isinstance(segm, list):
-            # Polygons need >= 3 points; an annotation with none cannot give a mask.
-            if not polygons_of(segm):
-                dropped += 1
-                continue
-        elif not (isinstance(segm, dict) and "counts" in segm and "size" in segm):
-            raise DataError(f"{source}: annotation {ann['id']} has a segmentation that is "
-                            f"neither a list of polygons nor an RLE dict with 'size' and 'counts'")
-        box = _box_of(ann, info, source)
-        if box is None:
-            dropped += 1
-            continue
-        area = float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1])))
-        picked.append((area, box, ann))
-    return picked, dropped
+        check = check_structure(ann, info)
+        problem = check.refusal()
+        if problem:
+            raise refusal_error(source, ann, problem)
+        if not (check.iscrowd and skip_crowd):
+            checks.append(check)
+    check_geometry(checks)
+    picked = [c for c in checks if not c.drop_reason()]
+    return picked, [c for c in checks if c.drop_reason()]
 
 
-def _box_of(ann: dict, info: dict, source: str) -> np.ndarray | None:
-    bbox = ann.get("bbox")
-    if bbox is None:  # some converters omit it: take the mask's own box
-        bbox = mask_utils.toBbox(full_rle(ann, info, source)).tolist()
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{source}: annotation {ann['id']} has bbox {bbox!r}; "
-                        f"expected [x, y, width, height]") from e
-    return clip_box(x, y, w, h, info["width"], info["height"])
-
-
-def full_rle(ann: dict, info: dict, source: str) -> dict:
-    """Compressed RLE of an annotation's whole-image mask (polygons merged; RLE checked)."""
+def full_rle(ann: dict, info: dict) -> dict:
+    """Compressed RLE of a (checked) annotation's whole-image mask, polygons merged."""
     segm = ann["segmentation"]
     height, width = int(info["height"]), int(info["width"])
     if isinstance(segm, list):
         return mask_utils.merge(mask_utils.frPyObjects(polygons_of(segm), height, width))
-    if list(segm["size"]) != [height, width]:
-        raise DataError(f"{source}: annotation {ann['id']} has an RLE of size "
-                        f"{list(segm['size'])}, but image {info['id']} is {[height, width]} (h, w)")
     if isinstance(segm["counts"], list):  # uncompressed RLE
         return mask_utils.frPyObjects(segm, height, width)
     return segm
 
 
-def annotation_mask_crop(ann: dict, info: dict, box: np.ndarray,
-                         source: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """Binary mask of `ann` inside its (integer-expanded) box: (uint8 [h', w'], origin (x, y))."""
+def annotation_mask_crop(ann: dict, info: dict, box: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Binary mask of a (checked) annotation inside its (integer-expanded) box:
+    (uint8 [h', w'], origin (x, y))."""
     x0, y0, x1, y1 = box_pixel_window(box, info["width"], info["height"])
     # Rasterized on the image's own grid cut at the box's bottom-right corner: pycocotools fills
     # there exactly the pixels it fills on the whole image (the COCO reference mask, which is
@@ -217,7 +188,7 @@ def annotation_mask_crop(ann: dict, info: dict, box: np.ndarray,
     if isinstance(segm, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons_of(segm), y1, x1))
         return mask_utils.decode(rle)[y0:y1, x0:x1], (x0, y0)
-    full = mask_utils.decode(full_rle(ann, info, source))
+    full = mask_utils.decode(full_rle(ann, info))
     return full[y0:y1, x0:x1], (x0, y0)
 
 
@@ -228,10 +199,13 @@ class CocoInstanceDataset(InstanceSampleDataset):
     id of label i and `class_names[i]` its name (`class_names[0]` = "background"). Crowd
     annotations are skipped when training with skip_crowd, and always in eval mode (the
     evaluator reads them from the JSON). Per image at most max_num_instances instances are kept,
-    the largest by area; `truncated_image_ids` lists the images that had more. Annotations with
-    an empty box or no usable segmentation are dropped and counted (`num_dropped_annotations`).
-    A JSON with duplicate ids or dangling references is refused (DataError) at construction; a
-    missing or corrupt image when its sample is read. With train and augment, each sample gets
+    the largest by area; `truncated_image_ids` lists the images that had more. Annotations are
+    judged as the dataset doctor judges them (annotations.PROBLEMS): those it says training
+    drops (empty mask, degenerate or outside box) are dropped and counted
+    (`num_dropped_annotations`, `dropped_by_problem`); a JSON with duplicate ids, dangling
+    references or an annotation training refuses (malformed or out-of-range coordinates,
+    RLE, area, iscrowd) raises DataError at construction; a missing or corrupt image when its
+    sample is read. With train and augment, each sample gets
     a random horizontal flip and a random scale in scale_range on top of the fit-to-image_size
     scale, then a random crop / pad to image_size; instances left with a box under 1 px are
     dropped. Randomness comes from torch's RNG, which DataLoader seeds per worker.
@@ -247,7 +221,8 @@ class CocoInstanceDataset(InstanceSampleDataset):
         self.source = self.json_file
         self.image_dir = os.fspath(image_dir)
 
-        self.coco = load_coco(self.json_file)
+        # Annotations are judged below, image by image, with the pixels (annotations.py).
+        self.coco = load_coco(self.json_file, check_annotations=False)
         cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]
         self.class_names = ["background"] + [str(c["name"]) for c in cats]
@@ -258,18 +233,21 @@ class CocoInstanceDataset(InstanceSampleDataset):
             self.image_ids = self.image_ids[:max(0, int(max_images))]
         self._instances = {}
         self.truncated_image_ids = []
-        self.num_dropped_annotations = 0
+        self.dropped_by_problem = collections.Counter()
         for image_id in self.image_ids:
-            picked, dropped = usable_instances(self.coco, image_id, self.json_file, self.skip_crowd)
-            self.num_dropped_annotations += dropped
+            picked, dropped = select_instances(self.coco, image_id, self.json_file, self.skip_crowd)
+            self.dropped_by_problem.update(check.drop_reason() for check in dropped)
             kept, truncated = self._keep_largest(
-                [(area, box, self._label_of[ann["category_id"]], ann) for area, box, ann in picked])
+                [(c.area, c.box, self._label_of[c.ann["category_id"]], c.ann) for c in picked])
             self._instances[image_id] = kept
             if truncated:
                 self.truncated_image_ids.append(image_id)
+        self.num_dropped_annotations = sum(self.dropped_by_problem.values())
         if self.num_dropped_annotations:
-            log.warning("%s: dropped %d annotations with an empty box or no polygon of >= 3 points",
-                        self.json_file, self.num_dropped_annotations)
+            log.warning("%s: dropped %d annotations (%s); %s", self.json_file,
+                        self.num_dropped_annotations, ", ".join(
+                            f"{code}: {n}" for code, n in sorted(self.dropped_by_problem.items())),
+                        DOCTOR_HINT)
         if self.truncated_image_ids:
             log.warning("%s: %d images have more than %d instances; kept the largest",
                         self.json_file, len(self.truncated_image_ids), self.max_num_instances)
@@ -281,7 +259,7 @@ class CocoInstanceDataset(InstanceSampleDataset):
                                 f"{self.json_file}); check the image directory '{self.image_dir}'")
 
     def _mask_crop(self, source, box):
-        return annotation_mask_crop(source, self.coco.imgs[source["image_id"]], box, self.json_file)
+        return annotation_mask_crop(source, self.coco.imgs[source["image_id"]], box)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -298,6 +276,3 @@ class CocoInstanceDataset(InstanceSampleDataset):
         return self._sample(image, image_id, self._instances[image_id])
 
 
-def polygons_of(segm: list) -> list[list[float]]:
-    """The polygons of a COCO polygon segmentation that have at least 3 points."""
-    return [p for p in segm if isinstance(p, list) and len(p) >= 6]

@@ -1,7 +1,9 @@
 """Editing COCO instances files: keep a subset of categories, merge several datasets.
 
-Both write a new JSON (atomically) and never modify their inputs. Category ids of the output
-run 1..K, as the toolkit's labels and TLT's num_classes (= K + 1) expect.
+Both write a new JSON (atomically) and refuse an output that is one of their inputs. Category
+ids of the output run 1..K, as the toolkit's labels and TLT's num_classes (= K + 1) expect.
+Categories are named by their names, so a file where two categories share a name is refused
+where a name would pick one of them silently (select those by id).
 """
 
 from __future__ import annotations
@@ -9,16 +11,30 @@ from __future__ import annotations
 import os
 
 from ..errors import DataError
+from ..fileio import check_output_path
 from .coco import load_coco
 from .convert import write_coco_json
+
+
+def _shared_names(cats: list[dict]) -> dict[str, list[int]]:
+    """{name: [ids]} of the category names that more than one category has."""
+    ids: dict[str, list[int]] = {}
+    for cat in cats:
+        ids.setdefault(str(cat["name"]), []).append(cat["id"])
+    return {name: found for name, found in ids.items() if len(found) > 1}
 
 
 def _select_categories(cats: list[dict], wanted, source: str) -> list[dict]:
     """The category dicts named by `wanted` (names, or ids as int / digit strings), in its order."""
     by_name = {str(c["name"]): c for c in cats}
     by_id = {int(c["id"]): c for c in cats}
+    shared = _shared_names(cats)
     out = []
     for item in wanted:
+        if str(item) in shared:
+            raise DataError(f"{source}: categories {shared[str(item)]} are all named "
+                            f"{str(item)!r}; select them by id (e.g. -c "
+                            f"{','.join(map(str, shared[str(item)]))})")
         cat = by_name.get(str(item))
         if cat is None and str(item).strip().lstrip("-").isdigit():
             cat = by_id.get(int(item))
@@ -38,12 +54,13 @@ def coco_subset(json_file: str | os.PathLike, out_json: str | os.PathLike, categ
     """Keep only some categories of a COCO instances file.
 
     categories: names or ids, in the order that gives the new ids (1..K when renumber; original
-    ids kept otherwise). Annotations of other categories are dropped; images left without
+    ids kept otherwise); a name two categories share is refused (give their ids). Annotations of other categories are dropped; images left without
     annotations are dropped unless keep_empty_images. Image and annotation ids are unchanged,
     so results still match the original images. Returns dict(json, num_images,
     num_annotations, categories=[(new id, name, old id)]).
     """
     source = os.fspath(json_file)
+    check_output_path(out_json, [source], option="output JSON")
     coco = load_coco(source)
     data = coco.dataset
     chosen = _select_categories(data["categories"], categories, source)
@@ -75,6 +92,7 @@ def coco_merge(sources, out_json: str | os.PathLike, *, image_root: str | os.Pat
     sources = [(os.fspath(j), os.fspath(d)) for j, d in sources]
     if not sources:
         raise DataError("coco_merge needs at least one (json, image_dir) input")
+    check_output_path(out_json, [j for j, _ in sources], option="output JSON")
     dirs = [os.path.realpath(d) for _, d in sources]
     root = os.path.realpath(os.fspath(image_root)) if image_root else os.path.commonpath(dirs)
     categories: dict[str, dict] = {}
@@ -82,6 +100,12 @@ def coco_merge(sources, out_json: str | os.PathLike, *, image_root: str | os.Pat
     annotations = []
     for (json_file, _), image_dir in zip(sources, dirs):
         data = load_coco(json_file).dataset
+        shared = _shared_names(data["categories"])
+        if shared:
+            name, ids = next(iter(shared.items()))
+            raise DataError(f"{json_file}: categories {ids} are all named {name!r}; merging matches "
+                            f"categories by name, so rename them or keep one "
+                            f"(`mrcnn data coco-subset`) first")
         cat_map = {}
         for cat in data["categories"]:
             name = str(cat["name"])

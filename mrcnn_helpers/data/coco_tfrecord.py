@@ -25,11 +25,12 @@ error of a multiple of 0.01 px back to it, so integer and COCO boxes round-trip 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
-import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -37,12 +38,19 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from ..errors import DataError
-from .coco import full_rle, load_coco, usable_instances
-from .images import DOCTOR_HINT, decode_image
+from ..fileio import atomic_write_json, check_output_path
+from .annotations import KIND, coordinate_limit
+from .coco import load_coco, select_instances
+from .images import DOCTOR_HINT, check_image_size, decode_image, decode_mask, open_image
 from .instances import InstanceSampleDataset, box_pixel_window
+from .progress import progress_bar
 from .tfrecord import TFRecordWriter, decode_example, encode_example, index_tfrecord, read_record
 
 log = logging.getLogger(__name__)
+
+# More shards than any dataset needs (TLT wrote 256 for COCO); each is an open file while writing,
+# and the usual limit of open files per process is 1024.
+MAX_SHARDS = 1000
 
 
 def shard_paths(out_prefix: str | os.PathLike, num_shards: int) -> list[str]:
@@ -58,28 +66,25 @@ def _png_mask(mask: np.ndarray) -> bytes:
 
 
 def coco_image_example(coco, image_id: int, image_dir: str, source: str,
-                       include_masks: bool = True) -> tuple[bytes, int]:
-    """(serialized tf.train.Example of one image, number of annotations dropped)."""
+                       include_masks: bool = True) -> tuple[bytes, list]:
+    """(serialized tf.train.Example of one image, checks of the annotations dropped)."""
     info = coco.imgs[image_id]
     path = os.path.join(image_dir, info["file_name"])
+    where = f"{path} (image id {image_id})"
     try:
         with open(path, "rb") as f:
             encoded = f.read()
     except OSError as e:
-        raise DataError(f"cannot read image {path} (image id {image_id}): {e.strerror or e}; "
-                        f"{DOCTOR_HINT}") from e
-    try:
-        with Image.open(io.BytesIO(encoded)) as im:
-            fmt, (w, h) = (im.format or "").lower(), im.size
-    except OSError as e:
-        raise DataError(f"cannot read image {path} (image id {image_id}): {e}; {DOCTOR_HINT}") from e
+        raise DataError(f"cannot read image {where}: {e.strerror or e}; {DOCTOR_HINT}") from e
+    with open_image(encoded, where) as im:
+        fmt, (w, h) = (im.format or "").lower(), im.size
     height, width = int(info["height"]), int(info["width"])
     if (h, w) != (height, width):
-        raise DataError(f"image {path} (image id {image_id}) is {h}x{w} (h x w) but {source} says "
+        raise DataError(f"image {where} is {h}x{w} (h x w) but {source} says "
                         f"{height}x{width}; {DOCTOR_HINT}")
-    picked, dropped = usable_instances(coco, image_id, source, skip_crowd=False)
+    picked, dropped = select_instances(coco, image_id, source, skip_crowd=False)
     names = {c["id"]: str(c["name"]) for c in coco.dataset["categories"]}
-    boxes = np.array([box for _, box, _ in picked], dtype=np.float64).reshape(-1, 4)
+    boxes = np.array([c.box for c in picked], dtype=np.float64).reshape(-1, 4)
     features = {
         "image/encoded": encoded, "image/format": fmt or "unknown",
         "image/height": height, "image/width": width,
@@ -89,14 +94,14 @@ def coco_image_example(coco, image_id: int, image_dir: str, source: str,
         "image/object/bbox/xmax": ("float", (boxes[:, 2] / width).tolist()),
         "image/object/bbox/ymin": ("float", (boxes[:, 1] / height).tolist()),
         "image/object/bbox/ymax": ("float", (boxes[:, 3] / height).tolist()),
-        "image/object/class/label": ("int", [ann["category_id"] for _, _, ann in picked]),
-        "image/object/class/text": ("bytes", [names[ann["category_id"]] for _, _, ann in picked]),
-        "image/object/is_crowd": ("int", [int(bool(ann.get("iscrowd", 0))) for _, _, ann in picked]),
-        "image/object/area": ("float", [area for area, _, _ in picked]),
+        "image/object/class/label": ("int", [c.ann["category_id"] for c in picked]),
+        "image/object/class/text": ("bytes", [names[c.ann["category_id"]] for c in picked]),
+        "image/object/is_crowd": ("int", [int(c.iscrowd) for c in picked]),
+        "image/object/area": ("float", [c.area for c in picked]),
     }
     if include_masks:
-        features["image/object/mask"] = ("bytes", [
-            _png_mask(mask_utils.decode(full_rle(ann, info, source))) for _, _, ann in picked])
+        features["image/object/mask"] = ("bytes", [_png_mask(mask_utils.decode(c.rle))
+                                                   for c in picked])
     return encode_example(features), dropped
 
 
@@ -105,61 +110,51 @@ def write_coco_tfrecords(json_file: str | os.PathLike, image_dir: str | os.PathL
                          include_masks: bool = True, progress: bool = True) -> dict:
     """Convert a COCO instances dataset into `num_shards` TFRecord files (TLT's schema, see above).
 
-    Images go in image-id order, image k (0-based) to shard k mod num_shards. Shards are
-    written to "<name>.tmp" and renamed when complete. Also writes OUT_PREFIX_warnings.json
-    (TAO's form: {image id: {"box": [annotation ids dropped for their box], "mask": [ids
-    dropped for their segmentation]}}). Returns dict(files=[...], num_images, num_annotations,
-    num_dropped, warnings_json). Raises DataError for unreadable images or size mismatches.
+    Images go in image-id order, image k (0-based) to shard k mod num_shards. Every shard is
+    written through fileio.atomic_output: a shard appears only when complete, and a failure (a
+    full disk) leaves no partial or temporary file. Also writes OUT_PREFIX_warnings.json (TAO's
+    form: {image id: {"box": [annotation ids dropped for their box], "mask": [ids dropped for
+    their segmentation]}}). Returns dict(files=[...], num_images, num_annotations,
+    num_dropped, warnings_json). Raises DataError for unreadable images, size mismatches,
+    annotations readers refuse, and outputs that would replace an input.
     """
-    from tqdm.auto import tqdm
-
-    if int(num_shards) < 1:
-        raise DataError(f"--shards must be >= 1, got {num_shards}")
+    if not isinstance(num_shards, int) or not 1 <= num_shards <= MAX_SHARDS:
+        raise DataError(f"--shards must be an integer from 1 to {MAX_SHARDS}, got {num_shards!r}")
     source = os.fspath(json_file)
-    coco = load_coco(source)
+    paths = shard_paths(out_prefix, num_shards)
+    warnings_json = f"{os.fspath(out_prefix)}_warnings.json"
+    for output in (*paths, warnings_json):
+        check_output_path(output, [source, image_dir], option="output")
+    coco = load_coco(source, check_annotations=False)  # judged image by image below
     if any(c["id"] == 0 for c in coco.dataset["categories"]):
         raise DataError(f"{source}: category id 0 is background in TLT's records; {DOCTOR_HINT} "
                         f"(the fix renumbers it)")
-    paths = shard_paths(out_prefix, int(num_shards))
-    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
-    writers = [TFRecordWriter(p) for p in paths]
     warnings, num_annotations, num_dropped = {}, 0, 0
     image_ids = sorted(coco.imgs)
-    try:
-        for k, image_id in enumerate(tqdm(image_ids, desc="to-tfrecord", unit="img",
-                                          disable=not progress)):
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(TFRecordWriter(p)) for p in paths]
+        for k, image_id in enumerate(progress_bar(image_ids, "to-tfrecord", unit="img",
+                                                  enabled=progress)):
             data, dropped = coco_image_example(coco, image_id, os.fspath(image_dir), source,
                                                include_masks)
             writers[k % len(writers)].write(data)
-            num_annotations += len(coco.imgToAnns.get(image_id, [])) - dropped
-            num_dropped += dropped
+            num_annotations += len(coco.imgToAnns.get(image_id, [])) - len(dropped)
+            num_dropped += len(dropped)
             if dropped:
-                warnings[str(image_id)] = _dropped_reasons(coco, image_id, source)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    for w in writers:
-        w.close()
-    warnings_json = f"{os.fspath(out_prefix)}_warnings.json"
-    with open(warnings_json, "w", encoding="utf-8") as f:
-        json.dump(warnings, f, indent=1)
+                warnings[str(image_id)] = _dropped_reasons(dropped)
+    atomic_write_json(warnings_json, warnings, indent=1, error=DataError, what="warnings file")
     if num_dropped:
-        log.warning("%s: %d annotations dropped (empty box or no usable polygon); see %s",
+        log.warning("%s: %d annotations dropped (empty mask, degenerate or outside box); see %s",
                     source, num_dropped, warnings_json)
     return {"files": paths, "num_images": len(image_ids), "num_annotations": num_annotations,
             "num_dropped": num_dropped, "warnings_json": warnings_json}
 
 
-def _dropped_reasons(coco, image_id: int, source: str) -> dict:
-    kept = {id(ann) for _, _, ann in usable_instances(coco, image_id, source, False)[0]}
+def _dropped_reasons(dropped: list) -> dict:
+    """TAO's {"box": [ids], "mask": [ids]} of an image's dropped annotations."""
     out = {"box": [], "mask": []}
-    for ann in coco.imgToAnns.get(image_id, []):
-        if id(ann) not in kept:
-            segm = ann["segmentation"]
-            bad_mask = isinstance(segm, list) and not any(isinstance(p, list) and len(p) >= 6
-                                                          for p in segm)
-            out["mask" if bad_mask else "box"].append(ann["id"])
+    for check in dropped:
+        out[KIND[check.drop_reason()]].append(check.ann["id"])
     return out
 
 
@@ -236,10 +231,14 @@ class TfRecordInstanceDataset(InstanceSampleDataset):
     def __getitem__(self, index: int) -> dict:
         feats, where = self._read(index)
         image_id = self._image_id(feats, where)
-        encoded = _one(feats, "image/encoded", where)
-        image = decode_image(encoded, where)
+        declared = (_int_feature(feats, "image/height", where),
+                    _int_feature(feats, "image/width", where))
+        if min(declared) < 1:
+            raise DataError(f"{where}: image/height x image/width = {declared[0]}x{declared[1]}; "
+                            f"both must be >= 1")
+        check_image_size(declared[1], declared[0], f"of {where}")
+        image = decode_image(_one(feats, "image/encoded", where), where)
         height, width = int(image.shape[1]), int(image.shape[2])
-        declared = (int(_one(feats, "image/height", where)), int(_one(feats, "image/width", where)))
         if declared != (height, width):
             raise DataError(f"{where}: image/height x image/width say {declared[0]}x{declared[1]} "
                             f"but the encoded image is {height}x{width}")
@@ -250,7 +249,7 @@ class TfRecordInstanceDataset(InstanceSampleDataset):
         raw = _one(feats, "image/source_id", where)
         try:
             image_id = int(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise DataError(f"{where}: image/source_id {raw!r} is not an integer COCO image id") from e
         if self.coco is not None and image_id not in self.coco.imgs:
             raise DataError(f"{where}: image id {image_id} is not in the ground truth JSON; the "
@@ -258,6 +257,9 @@ class TfRecordInstanceDataset(InstanceSampleDataset):
         return image_id
 
     def _instances(self, feats: dict, where: str, width: int, height: int) -> list:
+        """(box, label, mask source) of the objects of a record, checked like COCO annotations:
+        coordinates finite and within annotations.coordinate_limit of the image (else DataError),
+        empty boxes after clipping left out."""
         keys = ("xmin", "ymin", "xmax", "ymax")
         coords = [feats.get(f"image/object/bbox/{k}", []) for k in keys]
         labels = feats.get("image/object/class/label", [])
@@ -270,39 +272,46 @@ class TfRecordInstanceDataset(InstanceSampleDataset):
             raise DataError(f"{where}: {n} objects but {0 if masks is None else len(masks)} "
                             f"image/object/mask entries; Mask R-CNN needs one PNG mask per object "
                             f"(write the records with masks)")
-        crowd = feats.get("image/object/is_crowd") or [0] * n
-        areas = feats.get("image/object/area") or [None] * n
+        crowd = _object_values(feats, "image/object/is_crowd", n, 0, where)
+        areas = _object_values(feats, "image/object/area", n, None, where)
+        limit = coordinate_limit(height, width)
         picked = []
         for k in range(n):
+            if crowd[k] not in (0, 1):
+                raise DataError(f"{where}: object {k} has image/object/is_crowd {crowd[k]!r}; "
+                                f"expected 0 or 1")
             if crowd[k] and self.skip_crowd:
                 continue
-            x1, x2 = (_snap(coords[i][k] * width, width) for i in (0, 2))
-            y1, y2 = (_snap(coords[i][k] * height, height) for i in (1, 3))
+            pixels = []
+            for key, values, extent in zip(keys, coords, (width, height, width, height)):
+                value = values[k]
+                if not (isinstance(value, float) and math.isfinite(value)
+                        and abs(value * extent) <= limit):
+                    raise DataError(f"{where}: object {k} has image/object/bbox/{key} {value!r}; "
+                                    f"box edges must be finite and within +-{limit:g} px "
+                                    f"(normalized: +-{limit / extent:g})")
+                pixels.append(_snap(value * extent, extent))
+            x1, y1, x2, y2 = pixels
             box = np.array([max(0.0, x1), max(0.0, y1), min(float(width), x2),
                             min(float(height), y2)], dtype=np.float64)
             if not (box[2] > box[0] and box[3] > box[1]):
                 continue
-            label = self._label_of.get(int(labels[k]))
+            label = self._label_of.get(labels[k]) if isinstance(labels[k], int) else None
             if label is None:
                 raise DataError(f"{where}: object {k} has image/object/class/label {labels[k]}, "
                                 f"not one of the category ids {self.category_ids}")
-            area = float(areas[k]) if areas[k] is not None else float(
-                (box[2] - box[0]) * (box[3] - box[1]))
+            area = areas[k]
+            if area is None:
+                area = float((box[2] - box[0]) * (box[3] - box[1]))
+            elif not (isinstance(area, float) and math.isfinite(area) and area >= 0):
+                raise DataError(f"{where}: object {k} has image/object/area {area!r}; expected a "
+                                f"finite number >= 0")
             picked.append((area, box, label, (masks[k], where, k, width, height)))
         return self._keep_largest(picked)[0]
 
     def _mask_crop(self, source, box):
         png, where, k, width, height = source
-        try:
-            with Image.open(io.BytesIO(png)) as im:
-                mask = np.asarray(im)
-        except OSError as e:
-            raise DataError(f"{where}: image/object/mask {k} is not a readable PNG ({e})") from e
-        if mask.ndim == 3:
-            mask = mask[..., 0]
-        if mask.shape != (height, width):
-            raise DataError(f"{where}: image/object/mask {k} is {mask.shape[0]}x{mask.shape[1]}, "
-                            f"the image {height}x{width}")
+        mask = decode_mask(png, f"{where}: image/object/mask {k}", size=(width, height))
         x0, y0, x1, y1 = box_pixel_window(box, width, height)
         return (mask[y0:y1, x0:x1] > 0).astype(np.uint8), (x0, y0)
 
@@ -320,3 +329,18 @@ def _one(feats: dict, key: str, where: str):
     if not values:
         raise DataError(f"{where}: feature '{key}' is missing (TLT's TFRecord schema needs it)")
     return values[0]
+
+
+def _int_feature(feats: dict, key: str, where: str) -> int:
+    value = _one(feats, key, where)
+    if not isinstance(value, int):
+        raise DataError(f"{where}: feature '{key}' is {value!r}; expected an int64 value")
+    return value
+
+
+def _object_values(feats: dict, key: str, n: int, default, where: str) -> list:
+    """The per-object values of an optional feature (`default` for each when absent)."""
+    values = feats.get(key) or [default] * n
+    if len(values) != n:
+        raise DataError(f"{where}: {len(values)} values of '{key}' for {n} objects")
+    return values

@@ -52,23 +52,25 @@ def cmd_download_coco(args) -> int:
 
 
 def cmd_convert_labelme(args) -> int:
-    from .convert import convert_labelme, read_label_list
+    from .convert import read_label_list
+    from .labelme import convert_labelme
 
     labels = read_label_list(args.labels) if args.labels else None
     _print_result(convert_labelme(args.labelme_dir, args.out_json, labels=labels,
-                                  polygon_tolerance=args.polygon_tolerance))
+                                  polygon_tolerance=args.polygon_tolerance,
+                                  progress=not args.no_progress))
     return 0
 
 
 def cmd_convert_voc(args) -> int:
-    from .convert import VOC_CLASSES, convert_voc
+    from .convert import VOC_CLASSES, convert_voc, read_name_list
 
     names = VOC_CLASSES
     if args.class_names:
-        with open(args.class_names, encoding="utf-8") as f:
-            names = tuple(line.strip() for line in f if line.strip())
+        names = tuple(read_name_list(args.class_names, "class names file"))
     _print_result(convert_voc(args.voc_root, args.out_json, split=args.split, class_names=names,
-                              polygon_tolerance=args.polygon_tolerance))
+                              polygon_tolerance=args.polygon_tolerance,
+                              progress=not args.no_progress))
     return 0
 
 
@@ -78,7 +80,8 @@ def cmd_convert_masks(args) -> int:
     _print_result(convert_mask_folder(args.root, args.out_json, categories=_names(args.categories),
                                       images_subdir=args.images_subdir,
                                       masks_subdir=args.masks_subdir,
-                                      polygon_tolerance=args.polygon_tolerance))
+                                      polygon_tolerance=args.polygon_tolerance,
+                                      progress=not args.no_progress))
     return 0
 
 
@@ -99,6 +102,19 @@ def cmd_coco_merge(args) -> int:
     return 0
 
 
+def _report_path(args) -> str:
+    """Where `data check` writes its warnings JSON: --report, else <json stem>_warnings.json in
+    the --fix folder, else beside the annotation file (never the current directory)."""
+    from ..fileio import check_output_path
+
+    stem = os.path.splitext(os.path.basename(args.json_file))[0]
+    if args.report:
+        check_output_path(args.report, [args.json_file, args.images], option="--report")
+        return args.report
+    folder = args.fix or os.path.dirname(os.path.abspath(args.json_file))
+    return os.path.join(folder, f"{stem}_warnings.json")
+
+
 def cmd_check(args) -> int:
     """Exit status: 0 when the dataset (with --fix: the fixed copy) has no error, else 1."""
     from ..errors import DataError
@@ -106,19 +122,20 @@ def cmd_check(args) -> int:
 
     if args.fix and args.images is None:
         raise DataError("--fix needs --images: missing and corrupt images must be left out")
+    if args.workers < 1 or args.workers > 256:
+        raise DataError(f"--workers {args.workers}: expected 1 to 256 threads")
+    report_path = _report_path(args)
+    progress = not args.no_progress
     report = check_dataset(args.json_file, args.images, decode_images=not args.quick,
-                           workers=args.workers)
+                           workers=args.workers, progress=progress)
     print(report.format())
-    stem = os.path.splitext(os.path.basename(args.json_file))[0]
-    report_path = args.report or (os.path.join(args.fix, f"{stem}_warnings.json") if args.fix
-                                  else f"{stem}_warnings.json")
     if args.fix:
         fixed = fix_dataset(args.json_file, args.images, args.fix, copy_images=args.copy_images,
-                            report=report)
+                            report=report, progress=progress)
         report.write_json(report_path)
         print(f"report: {report_path}")
         again = check_dataset(fixed["json"], fixed["images"], decode_images=not args.quick,
-                              workers=args.workers)
+                              workers=args.workers, progress=progress)
         print(f"fixed copy: {fixed['json']} ({fixed['num_images']} images, "
               f"{fixed['num_annotations']} annotations), images in {fixed['images']}: "
               f"{again.num_errors} errors, {again.num_warnings} warnings")
@@ -167,11 +184,13 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
     tolerance = {"type": float, "default": 0.0,
                  "help": "simplify polygons by this many px (0 = exact pixel outlines)"}
+    quiet = {"action": "store_true", "help": "no progress bar (none is drawn off a terminal)"}
     s = sub.add_parser("convert-labelme", help="LabelMe JSON folder -> COCO instances JSON")
     s.add_argument("labelme_dir")
     s.add_argument("out_json")
     s.add_argument("--labels", default=None, help="class names file, one per line, in id order")
     s.add_argument("--polygon-tolerance", **tolerance)
+    s.add_argument("--no-progress", **quiet)
     s.set_defaults(func=cmd_convert_labelme)
 
     s = sub.add_parser("convert-voc", help="VOC SegmentationObject/Class PNGs -> COCO")
@@ -181,6 +200,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--class-names", default=None,
                    help="file of class names by index, background first (default: VOC's 20)")
     s.add_argument("--polygon-tolerance", **tolerance)
+    s.add_argument("--no-progress", **quiet)
     s.set_defaults(func=cmd_convert_voc)
 
     s = sub.add_parser("convert-masks", help="ROOT/images + ROOT/masks/<image>/<class>_<k>.png "
@@ -191,6 +211,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--images-subdir", default="images")
     s.add_argument("--masks-subdir", default="masks")
     s.add_argument("--polygon-tolerance", **tolerance)
+    s.add_argument("--no-progress", **quiet)
     s.set_defaults(func=cmd_convert_masks)
 
     s = sub.add_parser("coco-subset", help="keep some categories, renumbered 1..K")
@@ -215,8 +236,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.add_argument("json_file")
     s.add_argument("--images", default=None, help="image folder (omit to check the JSON only)")
     s.add_argument("--report", default=None,
-                   help="warnings JSON path (default: <json stem>_warnings.json here, or in "
-                        "the --fix folder)")
+                   help="warnings JSON path (default: <json stem>_warnings.json beside the "
+                        "JSON, or in the --fix folder)")
     s.add_argument("--fix", default=None, metavar="OUT_DIR",
                    help="write a cleaned copy there (new or empty folder)")
     s.add_argument("--copy-images", action="store_true",
@@ -224,6 +245,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true",
                    help="read image headers only (misses truncated files)")
     s.add_argument("--workers", type=int, default=8, help="threads reading images")
+    s.add_argument("--no-progress", **quiet)
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("to-tfrecord", help="COCO -> sharded TFRecords in TLT's schema")

@@ -137,15 +137,6 @@ class InstanceSampleDataset(Dataset):
         return torch.stack(boxes).float(), classes, masks
 
 
-def clip_box(x: float, y: float, w: float, h: float, width: float, height: float) -> np.ndarray | None:
-    """COCO box [x, y, w, h] -> float64 [4] (x1, y1, x2, y2) clipped to the image; None if empty."""
-    x1, y1 = max(0.0, x), max(0.0, y)
-    x2, y2 = min(float(width), x + w), min(float(height), y + h)
-    if not (x2 > x1 and y2 > y1):
-        return None
-    return np.array([x1, y1, x2, y2], dtype=np.float64)
-
-
 def box_pixel_window(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
     """Integer pixel window (x0, y0, x1, y1) covering a box in an image of width x height."""
     return (math.floor(box[0]), math.floor(box[1]),

@@ -18,18 +18,27 @@ from __future__ import annotations
 
 import colorsys
 import json
+import operator
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import DataError
+from ..fileio import atomic_output, atomic_write, check_writable_dir
 from .contours import mask_to_segmentation
 
 CLASS_NAMES = ("circle", "triangle", "square")
 # Hue (0..1) each class leans towards; a quarter of the objects take any hue instead.
 _CLASS_HUES = (0.02, 0.33, 0.62)
 _SPLITS = {"train": 1, "val": 2}
+# Bounds of generate_synthetic_dataset's arguments: a render allocates a few float images of
+# image_size per object, and every image is written as an almost incompressible PNG.
+MIN_SIDE, MAX_SIDE = 32, 4096
+MAX_IMAGES = 1_000_000
+_DESCRIPTION = "synthetic shapes"
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -186,8 +195,7 @@ def _annotation(ann_id: int, image_id: int, label: int, visible: np.ndarray) -> 
 
 def _write_split(out_dir: Path, split: str, num_images: int, height: int, width: int,
                  seed: int) -> tuple[str, str]:
-    image_dir = out_dir / split
-    image_dir.mkdir(parents=True, exist_ok=True)
+    image_dir = check_writable_dir(out_dir / split, option="synthetic image folder")
     images, annotations = [], []
     for index in range(num_images):
         rng = image_rng(seed, split, index)
@@ -195,23 +203,71 @@ def _write_split(out_dir: Path, split: str, num_images: int, height: int, width:
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         # Low zlib effort: these noisy textures barely compress, and speed matters more here.
-        Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
+        with atomic_output(image_dir / file_name, error=DataError, what="synthetic image") as f:
+            Image.fromarray(pixels).save(f, format="PNG", compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for label, visible in instances:
             annotations.append(_annotation(len(annotations) + 1, image_id, label, visible))
     coco = {
-        "info": {"description": f"synthetic shapes, {split} split, seed {seed}"},
+        "info": {"description": f"{_DESCRIPTION}, {split} split, seed {seed}"},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
                        for i, name in enumerate(CLASS_NAMES)],
     }
     json_path = out_dir / "annotations" / f"instances_{split}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(coco, separators=(",", ":")))
-    os.replace(tmp, json_path)
+    atomic_write(json_path, json.dumps(coco, separators=(",", ":")), error=DataError,
+                 what="synthetic annotations")
     return str(json_path), str(image_dir)
+
+
+def _check_arguments(out: Path, num_train, num_val, image_size, seed) -> tuple[int, int]:
+    """(height, width) of valid arguments; DataError naming the argument and its range else."""
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("seed", seed)):
+        try:
+            operator.index(value)
+        except TypeError:
+            raise DataError(f"{name} = {value!r}: must be a whole number") from None
+    for name, value in (("num_train", num_train), ("num_val", num_val)):
+        if not 0 <= value <= MAX_IMAGES:
+            raise DataError(f"{name} = {value!r}: must be a whole number from 0 to {MAX_IMAGES}")
+    try:
+        height, width = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise DataError(f"image_size = {image_size!r}: must be (height, width)") from None
+    if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+        raise DataError(f"image_size = ({height}, {width}): height and width must be from "
+                        f"{MIN_SIDE} to {MAX_SIDE} px")
+    if not 0 <= seed < 2**63:
+        raise DataError(f"seed = {seed!r}: must be a whole number from 0 to 2**63 - 1")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"synthetic dataset folder {out} is a file: name a folder")
+    for split in _SPLITS:
+        existing = out / "annotations" / f"instances_{split}.json"
+        if existing.exists() and not _is_synthetic(existing):
+            raise DataError(f"{existing} exists and is not a synthetic dataset: writing {out} "
+                            f"would replace it; choose another folder")
+        images = out / split
+        if not existing.exists() and images.is_dir() and any(images.iterdir()):
+            raise DataError(f"{images} holds files but no synthetic dataset: writing {out} could "
+                            f"replace them; choose another folder")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    needed = (num_train + num_val) * height * width * 3  # the PNGs barely compress
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise DataError(f"the synthetic dataset needs about {needed / 2**30:.2f} GiB, only "
+                        f"{free / 2**30:.2f} GiB free in {parent}; lower num_train / num_val / "
+                        f"image_size")
+    return height, width
+
+
+def _is_synthetic(path: Path) -> bool:
+    """Whether `path` is the annotation file of a dataset this module wrote."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8")).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(info, dict) and str(info.get("description", "")).startswith(_DESCRIPTION)
 
 
 def generate_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 200, num_val: int = 50,
@@ -221,16 +277,15 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 200,
     Layout: out_dir/train/NNNNNN.png, out_dir/val/NNNNNN.png,
     out_dir/annotations/instances_train.json and instances_val.json (COCO instances; image ids
     1..N per split; categories 1 "circle", 2 "triangle", 3 "square"). image_size is (height,
-    width). Deterministic: the same arguments give byte-identical JSON and identical pixels;
-    train and val are drawn from separate random streams. Returns dict(train_json=...,
-    train_images=..., val_json=..., val_images=...) with str paths.
+    width), each side 32..4096; num_train / num_val 0..1000000; seed >= 0. Deterministic: the
+    same arguments give byte-identical JSON and identical pixels; train and val are drawn from
+    separate random streams. out_dir may hold an earlier synthetic dataset (it is replaced),
+    nothing else of that layout. Every file is written atomically. Raises DataError for bad
+    arguments, a folder holding other annotations, or too little disk space. Returns
+    dict(train_json=..., train_images=..., val_json=..., val_images=...) with str paths.
     """
-    height, width = int(image_size[0]), int(image_size[1])
-    if height < 32 or width < 32:
-        raise ValueError(f"image_size must be at least (32, 32), got {image_size}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
     out = Path(out_dir)
+    height, width = _check_arguments(out, num_train, num_val, image_size, seed)
     train_json, train_images = _write_split(out, "train", num_train, height, width, seed)
     val_json, val_images = _write_split(out, "val", num_val, height, width, seed)
     return {"train_json": train_json, "train_images": train_images,

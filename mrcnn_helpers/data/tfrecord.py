@@ -14,6 +14,7 @@ minutes per GB for COCO).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -23,6 +24,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from ..errors import DataError
+from ..fileio import atomic_output, describe_os_error
 
 try:  # optional accelerated CRC32C
     import google_crc32c as _google_crc32c
@@ -82,30 +84,37 @@ def frame_record(data: bytes) -> bytes:
 
 
 class TFRecordWriter:
-    """Appends records to a TFRecord file, written to `path + ".tmp"` and renamed on close, so
-    an interrupted conversion never leaves a complete-looking shard. Use as a context manager;
-    on an exception the partial file is removed."""
+    """Appends records to a TFRecord file through fileio.atomic_output: the bytes go to a
+    temporary file beside it, renamed over `path` on close, so an interrupted conversion never
+    leaves a complete-looking shard, and a failure (a full disk) or an exception in the `with`
+    block removes the temporary file. A failing write raises DataError naming the shard; other
+    exceptions of the block propagate as they are."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._tmp = self.path + ".tmp"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by close() / abort()
+        self._stack = contextlib.ExitStack()
+        self._file = self._stack.enter_context(
+            atomic_output(self.path, "wb", error=DataError, what="TFRecord shard"))
         self.num_records = 0
 
     def write(self, data: bytes) -> None:
-        self._file.write(frame_record(data))
+        try:
+            self._file.write(frame_record(data))
+        except OSError as e:
+            self.abort()
+            raise DataError(f"could not write TFRecord shard {self.path}: {describe_os_error(e)}; "
+                            f"nothing of it is left on disk") from e
         self.num_records += 1
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-            os.replace(self._tmp, self.path)
+        """Finish the shard: flush, sync and rename it into place (DataError if that fails)."""
+        self._stack.close()
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        """Drop the shard: the temporary file is removed, `path` is left as it was."""
+        with contextlib.suppress(Exception):  # atomic_output reports the abort as an error
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self):
         return self

@@ -3,12 +3,16 @@
 `validate_spec` is what `load_spec` runs after parsing; call it again after changing a spec with
 `dataclasses.replace`. It raises SpecFieldError (a SpecError) naming the field, its value and what
 would be valid, and warns (SpecWarning) about specs that load but will probably train badly.
+Size-like fields have upper bounds (SIZE_LIMITS) and one batch's estimated memory must fit one
+device (estimate_batch_memory, MAX_BATCH_BYTES), so a spec that validates never asks for an
+absurd allocation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import warnings
 from typing import Any
 
@@ -25,6 +29,28 @@ RESNET_DEPTHS = (10, 18, 34, 50, 101)
 RESNET_BLOCKS = range(5)
 # FPN levels the model can build: P2 (stride 4, from layer1) to P6 (stride 64, pooled from P5).
 MIN_FPN_LEVEL, MAX_FPN_LEVEL = 2, 6
+# Upper bounds of the size-like fields: far past any real experiment (TLT's COCO spec is 3 x
+# 832x1344 images, 200 instances, 112 px masks), they stop values that would allocate without
+# bound (a few zeros too many) with the field named, before anything is built.
+MAX_IMAGE_SIDE = 16384
+SIZE_LIMITS = {
+    "train_batch_size": 1024, "eval_batch_size": 1024,
+    "data_config.max_num_instances": 10_000, "data_config.num_classes": 100_000,
+    "data_config.n_workers": 256,
+    "maskrcnn_config.gt_mask_size": 1024, "maskrcnn_config.mrcnn_resolution": 256,
+    "maskrcnn_config.rpn_batch_size_per_im": 100_000, "maskrcnn_config.batch_size_per_im": 100_000,
+    "maskrcnn_config.fast_rcnn_mlp_head_dim": 16384,
+    "maskrcnn_config.train_rpn_pre_nms_topn": 100_000,
+    "maskrcnn_config.train_rpn_post_nms_topn": 100_000,
+    "maskrcnn_config.test_rpn_pre_nms_topn": 100_000,
+    "maskrcnn_config.test_rpn_post_nms_topn": 100_000,
+    "maskrcnn_config.test_detections_per_image": 10_000,
+    "maskrcnn_config.num_scales": 16, "maskrcnn_config.anchor_scale": 1024,
+}
+MAX_ASPECT_RATIOS = 16
+# What one device may hold for one batch (estimate_batch_memory); the largest GPUs have 141 GB,
+# and the estimate leaves out the activations, which take more than everything it counts.
+MAX_BATCH_BYTES = 64 * 2**30
 
 
 def _shown(value: Any, hint: Any) -> str:
@@ -96,6 +122,11 @@ class _Checker:
         for field in fields:
             self.require(self.value(field) >= 0, field, "must be >= 0")
 
+    def at_most(self, field: str, limit: float) -> None:
+        self.require(self.value(field) <= limit, field,
+                     f"must be at most {limit:g} (valid: {'1' if limit >= 1 else '0'}..{limit:g}); "
+                     "larger values only exhaust memory")
+
     def fraction(self, *fields: str) -> None:
         for field in fields:
             self.require(0.0 <= self.value(field) <= 1.0, field, "must be in [0, 1]")
@@ -131,6 +162,9 @@ def _check_data(c: _Checker, spec: ExperimentSpec) -> None:
               f"(max_level {spec.maskrcnn_config.max_level}), e.g. \"({_round_up(height, stride)}, "
               f"{_round_up(width, stride)})\"",
               ("maskrcnn_config.max_level",))
+    c.require(height <= MAX_IMAGE_SIDE and width <= MAX_IMAGE_SIDE, "data_config.image_size",
+              f"height and width must be at most {MAX_IMAGE_SIDE} (valid: multiples of {stride} "
+              f"from {stride} to {MAX_IMAGE_SIDE // stride * stride})")
     c.require(spec.data_config.num_classes >= 2, "data_config.num_classes",
               "must be >= 2: the number of object categories + 1 for background")
     c.positive("data_config.eval_samples", "data_config.max_num_instances",
@@ -192,6 +226,78 @@ def _check_heads(c: _Checker, m: MaskRCNNConfig) -> None:
               'e.g. "[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]"')
 
 
+def _check_sizes(c: _Checker, m: MaskRCNNConfig) -> None:
+    for field, limit in SIZE_LIMITS.items():
+        c.at_most(field, limit)
+    c.require(len(m.aspect_ratios) <= MAX_ASPECT_RATIOS, "maskrcnn_config.aspect_ratios",
+              f"at most {MAX_ASPECT_RATIOS} anchor shapes")
+
+
+def estimate_batch_memory(spec: ExperimentSpec) -> dict[str, int]:
+    """Rough bytes one device holds for one batch, by part (a floor: activations not counted).
+
+    "images": the training batch as uint8 and as its float32 normalized copy; "targets": the
+    padded gt boxes and classes; "gt_masks": the padded S x S gt masks (uint8 and float32);
+    "mask_head": float32 mask logits of every class on the positive RoIs, with their gradient;
+    "inference_masks": the pasted uint8 masks of test_detections_per_image detections at
+    image_size for an evaluation batch.
+    """
+    dc, m = spec.data_config, spec.maskrcnn_config
+    batch, (height, width) = spec.train_batch_size, dc.image_size
+    instances = batch * dc.max_num_instances
+    positives = batch * math.ceil(m.batch_size_per_im * m.fg_fraction)
+    return {
+        "images": batch * 3 * height * width * (1 + 4),
+        "targets": instances * (4 * 4 + 8),
+        "gt_masks": instances * m.gt_mask_size ** 2 * (1 + 4),
+        "mask_head": positives * dc.num_classes * m.mrcnn_resolution ** 2 * 4 * 2,
+        "inference_masks": spec.eval_batch_size * m.test_detections_per_image * height * width,
+    }
+
+
+# Fields that scale each estimate, in the order they are named when one is to be lowered.
+_MEMORY_FIELDS = {
+    "training": ("train_batch_size", "data_config.image_size", "data_config.max_num_instances",
+                 "maskrcnn_config.gt_mask_size", "data_config.num_classes",
+                 "maskrcnn_config.mrcnn_resolution", "maskrcnn_config.batch_size_per_im"),
+    "evaluation": ("eval_batch_size", "maskrcnn_config.test_detections_per_image",
+                   "data_config.image_size"),
+}
+
+
+def _memory_need(spec: ExperimentSpec) -> dict[str, int]:
+    parts = estimate_batch_memory(spec)
+    return {"training": sum(v for k, v in parts.items() if k != "inference_masks"),
+            "evaluation": parts["inference_masks"]}
+
+
+def _with_default(spec: ExperimentSpec, field: str) -> ExperimentSpec:
+    block, _, name = field.rpartition(".")
+    if not block:
+        return dataclasses.replace(spec, **{name: getattr(ExperimentSpec(), name)})
+    default = getattr(BLOCKS[block](), name)
+    return dataclasses.replace(spec, **{block: dataclasses.replace(getattr(spec, block),
+                                                                   **{name: default})})
+
+
+def _check_memory(c: _Checker, spec: ExperimentSpec) -> None:
+    """Refuse a spec whose batch cannot fit one device (estimate_batch_memory), naming the
+    first field whose default would make it fit (else the first that scales it)."""
+    for kind, used in _memory_need(spec).items():
+        if used <= MAX_BATCH_BYTES:
+            continue
+        fields = _MEMORY_FIELDS[kind]
+        field = next((f for f in fields
+                      if _memory_need(_with_default(spec, f))[kind] <= MAX_BATCH_BYTES), fields[0])
+        parts = {k: v for k, v in estimate_batch_memory(spec).items()
+                 if (k == "inference_masks") == (kind == "evaluation")}
+        shown = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in parts.items())
+        others = ", ".join(f for f in fields if f != field)
+        c.require(False, field, f"one {kind} batch would need at least {used / 2**30:.0f} GiB "
+                  f"({shown} GiB), more than the {MAX_BATCH_BYTES // 2**30} GiB one device has; "
+                  f"lower {field} (or {others})", tuple(f for f in fields if f != field))
+
+
 def validate_spec(spec: ExperimentSpec) -> ExperimentSpec:
     """Check every field and the cross-field rules; return the spec with normalized types.
 
@@ -205,6 +311,8 @@ def validate_spec(spec: ExperimentSpec) -> ExperimentSpec:
     _check_backbone(checker, spec.maskrcnn_config)
     _check_data(checker, spec)
     _check_heads(checker, spec.maskrcnn_config)
+    _check_sizes(checker, spec.maskrcnn_config)
+    _check_memory(checker, spec)
     if spec.maskrcnn_config.freeze_bn and not spec.checkpoint:
         warnings.warn(
             f"{spec.source}: maskrcnn_config.freeze_bn is true but checkpoint is \"\": frozen "

@@ -206,3 +206,46 @@ def test_engine_imports_no_evaluation_inference_export_or_notebook_code():
     for layer in ("evaluate", "predict", "inference", "export", "deploy", "notebook"):
         assert not any(m == f"mrcnn_helpers.{layer}" or m.startswith(f"mrcnn_helpers.{layer}.")
                        for m in loaded), layer
+
+
+def test_graph_step_sgd_update_equals_torch_sgd():
+    """The update the CUDA-graph step replays is torch.optim.SGD's (momentum, weight decay)."""
+    from mrcnn_helpers.engine.graphed_step import sgd_update
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def optimizer(params):
+        return torch.optim.SGD([{"params": params[:1], "weight_decay": 1e-2},
+                                {"params": params[1:], "weight_decay": 0.0}], lr=0.1,
+                               momentum=0.9)
+
+    mine, theirs = optimizer(ours), optimizer(ref)
+    for step, lr in enumerate((0.1, 0.05, 0.02)):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        for group in theirs.param_groups:
+            group["lr"] = lr
+        theirs.step()
+        sgd_update(mine, torch.tensor(lr))
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(mine.state[p]["momentum_buffer"],
+                                       theirs.state[q]["momentum_buffer"])
+
+
+def test_graph_step_falls_back_with_the_reason():
+    from mrcnn_helpers.engine.graphed_step import unsupported_reason
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    assert unsupported_reason(device=torch.device("cpu"), optimizer=sgd, scaler=off,
+                              data_parallel=False) == "training on cpu"
+    adam = torch.optim.Adam(params)
+    cuda = torch.device("cuda")
+    reason = unsupported_reason(device=cuda, optimizer=adam, scaler=off, data_parallel=False)
+    assert reason  # no GPU here: the kernels are missing, or the optimizer is named

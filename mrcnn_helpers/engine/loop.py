@@ -21,6 +21,7 @@ from torch import nn
 
 from mrcnn_helpers.engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Resume
 from mrcnn_helpers.engine.distributed import DistContext, all_mean, all_min
+from mrcnn_helpers.engine.graphed_step import GraphedTrainStep, unsupported_reason
 from mrcnn_helpers.engine.rng import capture_rng_state, restore_rng_state
 from mrcnn_helpers.engine.schedule import learning_rate_at
 from mrcnn_helpers.errors import DataError, TrainingError
@@ -58,6 +59,16 @@ class LossMeter:
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         """Record one step's loss terms (scalar tensors on the device)."""
+        self.accumulate(losses)
+        self.count_step()
+
+    def count_step(self) -> None:
+        """Count a step whose terms `accumulate` added on the device (a CUDA graph replays the
+        accumulation; the host counts the replays)."""
+        self._count += 1
+
+    def accumulate(self, losses: dict[str, torch.Tensor]) -> None:
+        """The device part of `add`: in-place updates of fixed-shape tensors only."""
         names = sorted(losses)
         if self.names is None:
             self.names = names
@@ -73,7 +84,6 @@ class LossMeter:
         new_bad = torch.logical_and(~torch.isfinite(values).all(), self._first_bad == self._NONE)
         self._first_bad.copy_(torch.where(new_bad, self._step, self._first_bad))
         self._bad_terms.copy_(torch.where(new_bad, values, self._bad_terms))
-        self._count += 1
 
     def read_window(self, ctx: DistContext) -> tuple[dict[str, float], int]:
         """({term: average over the window's steps (and ranks)}, steps) and a new window."""
@@ -123,6 +133,11 @@ class Trainer:
         self.error: BaseException | None = None
         self.hooks: list = []
         self._checked_step = resume.step
+        self.graph_reason = unsupported_reason(device=device, optimizer=optimizer, scaler=scaler,
+                                               data_parallel=ctx.enabled)
+        self.graphed = None if self.graph_reason else GraphedTrainStep(
+            model=forward_model, amp_dtype=amp_dtype, optimizer=optimizer, meter=self.meter,
+            eager_step=self._eager_update, device=device, note=self.say)
 
     def register_hooks(self, hooks: Iterable) -> None:
         for hook in hooks:
@@ -152,6 +167,9 @@ class Trainer:
         try:
             for hook in self.hooks:
                 hook.before_train()
+            if self.graph_reason and self.device.type == "cuda":
+                self.say(f"note: training steps run eagerly, not from a CUDA graph "
+                         f"({self.graph_reason})")
             self._continue_random_streams()
             self.model.train()
             while self.step < self.stop_step:
@@ -178,7 +196,8 @@ class Trainer:
     def run_step(self) -> None:
         """One optimizer update: batch -> lr -> forward (autocast) -> backward -> step.
 
-        Nothing here waits for the device: the loss terms go to the LossMeter on the device.
+        Nothing here waits for the device: the loss terms go to the LossMeter on the device. On
+        CUDA the step is replayed from a CUDA graph once warmed up (engine.graphed_step).
         """
         batch = next(self.batches)
         lr = learning_rate_at(self.step, self.spec)
@@ -187,6 +206,14 @@ class Trainer:
         images = _images_of(batch).to(self.device, non_blocking=True)
         targets = {k: batch[k].to(self.device, non_blocking=True)
                    for k in TARGET_KEYS if k in batch}
+        if self.graphed is not None:
+            self.graphed(images, targets, lr)
+        else:
+            self._eager_update(images, targets, lr)
+        self.step += 1
+        self.lr = lr
+
+    def _eager_update(self, images: torch.Tensor, targets: dict, lr: float) -> None:
         with autocast(self.device, self.amp_dtype):
             losses = self.forward_model(images, targets)
         if not isinstance(losses, dict) or not losses:
@@ -198,8 +225,6 @@ class Trainer:
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.step += 1
-        self.lr = lr
 
     def check_finite(self) -> None:
         """Raise TrainingError if a step since the previous check had a non-finite loss.

@@ -103,7 +103,7 @@ class Predictor:
                           else precision_dtype(precision, self.device))
             if cuda_graphs is None:
                 cuda_graphs = (graphs.ENABLED and self.device.type == "cuda"
-                               and kernels.available(torch.empty(0, device=self.device)))
+                               and kernels.available(self.device))
             self._graphed = GraphedForward(model, self.dtype) if cuda_graphs else None
         else:
             if precision not in (None, "fp32"):

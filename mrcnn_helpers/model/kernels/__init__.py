@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton  # noqa: F401 - optional: ships with PyTorch's CUDA builds
 except ImportError:  # pragma: no cover - CPU-only installs without triton
@@ -20,6 +22,8 @@ ENABLED = triton is not None and os.environ.get("MRCNN_KERNELS", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available(tensor) -> bool:
-    """Whether the Triton kernels run for `tensor`: on CUDA, or anywhere in interpreter mode."""
-    return ENABLED and (tensor.is_cuda or INTERPRET)
+def available(where) -> bool:
+    """Whether the Triton kernels run for a tensor or a torch.device: on CUDA, or anywhere in
+    interpreter mode."""
+    device = where if isinstance(where, torch.device) else where.device
+    return ENABLED and (device.type == "cuda" or INTERPRET)

@@ -1,5 +1,6 @@
 """Tests of mrcnn_helpers.data: synthetic generator, COCO dataset, transforms, batching, loaders."""
 
+import itertools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -445,20 +446,32 @@ def test_collate_shapes(synthetic_small):
         collate_batch([])
 
 
+def _epochs(sampler, count):
+    """The first `count` epochs of a streaming sampler's indices, one list per epoch."""
+    stream = iter(sampler)
+    return [list(itertools.islice(stream, len(sampler))) for _ in range(count)]
+
+
 def test_train_loader_shards_and_reshuffles(synthetic_small):
     spec = _spec(synthetic_small, augment_input_data=False)
     ids = []
     for rank in range(2):
         loader = build_train_loader(spec, rank=rank, world_size=2)
-        ids.append([int(i) for batch in loader for i in batch["image_id"]])
-        assert len(ids[-1]) == 4                       # 5 per rank, 2 full batches of 2
+        assert len(loader) == 2                        # 5 per rank, 2 full batches of 2
+        ids.append([int(i) for batch in itertools.islice(loader, len(loader))
+                    for i in batch["image_id"]])
+        assert len(ids[-1]) == 4
     assert not set(ids[0]) & set(ids[1])
-    shards = [list(build_train_loader(spec, rank=r, world_size=2).sampler) for r in range(2)]
-    assert sorted(shards[0] + shards[1]) == list(range(10))
+    shards = [_epochs(build_train_loader(spec, rank=r, world_size=2).sampler, 1)[0]
+              for r in range(2)]
+    assert len(set(shards[0] + shards[1])) == 8 and not set(shards[0]) & set(shards[1])
     single = build_train_loader(spec)
-    first, second = list(single.sampler), list(single.sampler)
+    first, second = _epochs(single.sampler, 2)     # the stream reshuffles every epoch
     assert sorted(first) == list(range(10)) and first != second
-    assert list(build_train_loader(spec).sampler) == first          # seeded from spec.seed
+    assert _epochs(build_train_loader(spec).sampler, 1)[0] == first  # seeded from spec.seed
+    resumed = build_train_loader(spec).sampler
+    resumed.set_epoch(1)                           # a resume at epoch 1 sees epoch 1's order
+    assert _epochs(resumed, 1)[0] == second
 
 
 def test_eval_loader_caps_and_orders(synthetic_small):

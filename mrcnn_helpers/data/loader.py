@@ -10,7 +10,7 @@ spec.eval_batch_size and spec.seed. Paths are used as given (relative to the wor
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..errors import DataError
 from .coco import CocoInstanceDataset, load_coco
@@ -38,18 +38,35 @@ def collate_batch(samples: list[dict]) -> dict:
     }
 
 
-class EpochShuffleSampler(DistributedSampler):
-    """DistributedSampler that moves to the next epoch by itself each time it is iterated.
+class StreamingEpochSampler(Sampler[int]):
+    """The training indices of epoch e, e+1, e+2, ... as one endless stream.
 
-    Rank r of world_size takes indices r, r + world_size, ... of one permutation seeded by
-    (seed + epoch), so ranks see disjoint, equal-size shards and every pass over the loader is
-    freshly shuffled without the trainer calling set_epoch (it still may, e.g. on resume).
+    Epoch e is DistributedSampler's (drop_last) shard of one permutation seeded by seed + e, cut
+    to whole batches. One endless stream instead of one iterator per epoch keeps the loader's
+    workers decoding ahead across epoch boundaries: with a dozen images an epoch is a step or
+    two, and a new iterator per epoch would make each such step wait for its batch to be decoded
+    from scratch. len() is one epoch; set_epoch(e) restarts the stream at epoch e (resuming), so
+    a resumed run sees the batches an uninterrupted one sees from that epoch on.
     """
 
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int):
+        self.shards = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                         shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.shards) // batch_size * batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
     def __iter__(self):
-        indices = super().__iter__()  # computed now, for the current epoch
-        self.set_epoch(self.epoch + 1)
-        return indices
+        epoch = self.epoch
+        while True:
+            self.shards.set_epoch(epoch)
+            yield from list(self.shards)[:self.per_epoch]
+            epoch += 1
 
 
 def _json_source(json_file: str, pattern: str, json_field: str, pattern_field: str) -> str:
@@ -124,8 +141,9 @@ def build_train_loader(spec, *, rank: int = 0, world_size: int = 1) -> DataLoade
     (see build_train_dataset), otherwise every world_size-th index of one permutation
     (DistributedSampler semantics). The permutation is seeded from spec.seed and changes every
     pass. Augmentation draws from torch's RNG: in workers it is seeded from spec.seed and rank;
-    with n_workers = 0 it is the process's global RNG. Iterate it repeatedly for as many steps
-    as needed. loader.sampler.set_epoch(e) restarts the shuffle sequence at epoch e (resuming).
+    with n_workers = 0 it is the process's global RNG. The loader never ends: it streams epoch
+    after epoch (StreamingEpochSampler), len(loader) is the batches of one epoch, and
+    loader.sampler.set_epoch(e) restarts the stream at epoch e (resuming).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
@@ -137,8 +155,9 @@ def build_train_loader(spec, *, rank: int = 0, world_size: int = 1) -> DataLoade
     if per_rank < batch_size:
         raise DataError(f"{dataset.source} has {len(dataset)} images: {per_rank} for rank {rank} "
                         f"of {world_size}, fewer than train_batch_size = {batch_size}")
-    sampler = EpochShuffleSampler(dataset, num_replicas=replicas, rank=rank if split_here else 0,
-                                  shuffle=True, seed=int(spec.seed), drop_last=True)
+    sampler = StreamingEpochSampler(dataset, num_replicas=replicas,
+                                    rank=rank if split_here else 0, seed=int(spec.seed),
+                                    batch_size=batch_size)
     generator = torch.Generator().manual_seed(int(spec.seed) * 1000 + rank)
     workers = int(spec.data_config.n_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,

@@ -13,8 +13,10 @@ preprocessing, mask pasting and COCO evaluation as `mrcnn evaluate`):
     onnx int8            quantize.quantize_int8 of it (calibrated Q/DQ graph)
 
 Columns: box AP, mask AP, mask AP50, the largest box deviation from PyTorch fp32 (input pixels,
-detections matched by rank on the first `deviation_images` validation images; a large value
-means detections reordered or changed), the images whose detection count differs, and images/s
+on the first `deviation_images` validation images; each PyTorch detection is paired with the
+nearest unpaired detection of the same class, so equal scores in another order do not count,
+and a large value means a detection moved, changed class or vanished), the images whose
+detection count differs, and images/s
 of the evaluation loop (loading, inference, pasting, RLE; on the CPU for ONNX Runtime, so it says
 nothing about TensorRT's speed). The ONNX graphs are the files TensorRT builds engines from, so
 their accuracy is the engines' up to TensorRT's own kernels (measure the engine itself with
@@ -39,7 +41,7 @@ from mrcnn_helpers.inference.backends import OnnxRuntimeModel
 from mrcnn_helpers.predict import infer_batch
 from mrcnn_helpers.spec import replace_spec
 
-from .calibration import DEFAULT_PERCENTILE, CalibrationBatches
+from .calibration import DEFAULT_PERCENTILE, CalibrationBatches, CalibrationError
 from .onnx_export import export_onnx
 from .precision import convert_to_fp16
 from .quantize import quantize_int8
@@ -82,7 +84,8 @@ class AccuracyTable:
                  for row in cells]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
         lines.append(f"{self.eval_images} validation images; box deviation on the first "
-                     f"{self.deviation_images}, detections matched by rank")
+                     f"{self.deviation_images}, each PyTorch detection paired with the nearest "
+                     "of the same class")
         lines += self.notes + [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -105,7 +108,7 @@ def _row(name, model, spec, reference, images, *, max_images, device=None,
                              progress=False)
     deviation = counts = None
     if reference is not None:
-        tested = _detections(model, images, use_amp=use_amp)
+        tested = align_detections(reference, _detections(model, images, use_amp=use_amp))
         report = compare_detections(reference, tested, box_tolerance=math.inf)
         deviation, counts = report.max_box_diff, len(report.count_mismatches)
     return AccuracyRow(name=name, box_ap=float(metrics["AP"]), mask_ap=metrics.get("mask_AP"),
@@ -113,6 +116,30 @@ def _row(name, model, spec, reference, images, *, max_images, device=None,
                        count_diffs=counts,
                        images_per_sec=float(metrics.get("eval_images_per_sec", 0.0)),
                        eval_images=int(metrics.get("eval_images", 0)))
+
+
+def align_detections(reference: dict, tested: dict) -> dict:
+    """`tested` with each image's detections reordered to pair with `reference`'s.
+
+    Greedy, in the reference's (score) order: each reference detection takes the unpaired
+    tested detection of the same class whose box is nearest (largest coordinate difference),
+    else the nearest of any class; unpaired tested detections follow. Rows are the model's
+    eval dict (see inference.backends.decode_outputs).
+    """
+    out = {k: v.clone() for k, v in tested.items()}
+    for i in range(reference["boxes"].shape[0]):
+        n_ref, n_test = int(reference["num_detections"][i]), int(tested["num_detections"][i])
+        free, order = list(range(n_test)), []
+        for j in range(min(n_ref, n_test)):
+            dist = (tested["boxes"][i, free] - reference["boxes"][i, j]).abs().amax(dim=1)
+            same = tested["classes"][i, free] == reference["classes"][i, j]
+            dist = torch.where(same, dist, dist + 1e6)  # another class only as a last resort
+            order.append(free.pop(int(dist.argmin())))
+        order += free
+        for key in ("boxes", "scores", "classes", "masks"):
+            if out.get(key) is not None and order:
+                out[key][i, :n_test] = tested[key][i, order]
+    return out
 
 
 def _detections(model, images, *, use_amp=False, chunk: int = 8) -> dict:
@@ -128,6 +155,9 @@ def default_calibration(spec, meta, batches: int, image_dir=None) -> Calibration
     """Calibration batches from `image_dir`, else the spec's training images (not the
     validation images the table is measured on)."""
     directory = image_dir or spec.data_config.train_image_dir
+    if not directory:
+        raise CalibrationError("INT8 needs calibration images: pass cal_image_dir "
+                               "(--cal-image-dir); the spec names no train_image_dir")
     return CalibrationBatches(directory, meta, batch_size=meta.batch_size, batches=batches)
 
 
@@ -160,8 +190,8 @@ def measure_accuracy(model, spec, workdir, *, onnx_path=None, batch_size: int = 
     `batch_size`). calibration: batches for INT8 (default: `batches` batches of the graph's
     batch from cal_image_dir, else the spec's training images); cal_method / percentile /
     cal_cache_file / int8_exclude as quantize_int8; fp16_exclude as convert_to_fp16. variants:
-    a subset of VARIANTS. device: of the PyTorch rows (default CUDA when available); bf16 is
-    added there on CUDA. Warnings (also issued as AccuracyWarning) for fp16/int8 rows that lose
+    a subset of VARIANTS. device: of the PyTorch rows (default CUDA when available; the model is
+    moved there and left in eval mode); bf16 is added there on CUDA. Warnings (also issued as AccuracyWarning) for fp16/int8 rows that lose
     more than `tolerance` mask AP.
     """
     from mrcnn_helpers.runtime import resolve_device

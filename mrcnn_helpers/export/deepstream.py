@@ -62,9 +62,9 @@ def resolve_data_type(meta: ExportMetadata, data_type: str | None) -> str:
         return precision
     check_data_type(data_type)
     if data_type != precision and not (data_type == "fp16" and precision == "fp32"):
-        raise ExportError(f"a {data_type} DeepStream config needs the {data_type} graph, but this "
-                          f"is the {precision} graph: write it with {how_to_make(data_type)} and "
-                          "configure DeepStream with that file")
+        raise ExportError(f"an {data_type.upper()} DeepStream config needs the {data_type} graph, "
+                          f"but this is the {precision} graph: write it with "
+                          f"{how_to_make(data_type)} and configure DeepStream with that file")
     return data_type
 
 

@@ -246,8 +246,8 @@ def convert_to_fp16(onnx_path, out_path, *, exclude=(), key: str | None = None) 
     """
     proto, source = load_export(onnx_path, key)
     if graph_precision(proto) != "fp32":
-        raise ExportError(f"{onnx_path} is already a {graph_precision(proto)} graph; convert the "
-                          "fp32 export")
+        raise ExportError(f"{onnx_path} is already converted ({graph_precision(proto)} graph); "
+                          "convert the fp32 export")
     converted = to_fp16_graph(proto, exclude)
     set_precision_metadata(converted, "fp16", source, fp16_excluded=list(exclude))
     return save_export(converted, out_path, inputs=[onnx_path], key=key)

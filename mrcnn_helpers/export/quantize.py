@@ -148,9 +148,12 @@ def plan_quantization(graph, exclude=()) -> QuantPlan:
         if node.op_type == "Add":
             _plan_add(node, plan, producer, initializers, depth, excluded)
             continue
-        weight = node.input[1] if len(node.input) > 1 else ""
+        weight = _initializer_behind(node.input[1], producer, initializers) \
+            if len(node.input) > 1 else ""
         if node.input[0] in initializers:
             continue  # a constant on the data input: nothing to calibrate
+        if node.op_type != "MatMul" and weight not in initializers:
+            continue  # weights computed in the graph: TensorRT's int8 kernels need constants
         if excluded(node):
             plan.excluded.append(node.name)
             continue
@@ -166,6 +169,16 @@ def plan_quantization(graph, exclude=()) -> QuantPlan:
         raise ExportError(f"--int8-exclude {unused[0]!r} matches no quantizable node (names look "
                           f"like {example!r}; shell-style patterns such as '*layer1*' work)")
     return plan
+
+
+def _initializer_behind(name: str, producer: dict, initializers: dict) -> str:
+    """The initializer an input reads, looking through Identity nodes (the exporter reads
+    shared parameters through them); the name itself otherwise."""
+    seen = 0
+    while name not in initializers and name in producer and producer[name].op_type == "Identity" \
+            and seen < 8:
+        name, seen = producer[name].input[0], seen + 1
+    return name
 
 
 def _plan_add(node, plan, producer, initializers, depth, excluded) -> None:
@@ -282,8 +295,8 @@ def quantize_int8(onnx_path, out_path, batches=None, *, method: str = "entropy",
         check_output_path(cache_file, [onnx_path], option="--cal-cache-file")
     proto, source = load_export(onnx_path, key)
     if graph_precision(proto) != "fp32":
-        raise ExportError(f"{onnx_path} is a {graph_precision(proto)} graph; quantize the fp32 "
-                          "export")
+        raise ExportError(f"{onnx_path} is already quantized ({graph_precision(proto)} graph); "
+                          "quantize the fp32 export")
     ensure_node_names(proto.graph)
     meta = read_onnx_metadata(proto, source)
     candidates = plan_quantization(proto.graph)  # the ranges of every choice of --int8-exclude

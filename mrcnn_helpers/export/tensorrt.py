@@ -59,9 +59,9 @@ def check_precision(model_proto, data_type: str | None, source: str) -> str:
     precision = graph_precision(model_proto)
     if data_type is not None and check_data_type(data_type) != precision:
         raise ExportError(
-            f"{source} is a {precision} graph, but a {data_type} engine was asked: TensorRT "
-            f"builds what the graph says (strongly typed); write the {data_type} graph with "
-            f"{how_to_make(data_type)} and build from that file")
+            f"{source} holds the {precision} graph, but an engine in {data_type} was asked for: "
+            f"TensorRT builds what the graph says (strongly typed); write the {data_type} graph "
+            f"with {how_to_make(data_type)} and build from that file")
     return precision
 
 

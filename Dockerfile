@@ -7,7 +7,7 @@
 # --ipc=host: DataLoader workers share batches through /dev/shm, which Docker keeps at 64 MB.
 #
 # Base: NGC PyTorch 26.05 = PyTorch 2.12.0a0, CUDA 13.2.1, TensorRT 10.16.1.11 (NVIDIA's 26.05
-# release notes). The engine code targets TensorRT 10.x and 11.x alike (strongly typed networks,
+# release notes, as quoted by public projects). The engine code targets TensorRT 10.x and 11.x alike (strongly typed networks,
 # INT8 from Q/DQ graphs; tools/trt_api_names.py checks its API names against 10.8, 10.16, 11.0
 # and 11.4), so a later tag with TensorRT 11 works too: --build-arg BASE_IMAGE=<tag>. The old
 # base, 25.02, had TensorRT 10.8.

@@ -135,7 +135,7 @@ def _iou(a, b):
     x1, y1 = torch.maximum(a[0], b[0]), torch.maximum(a[1], b[1])
     x2, y2 = torch.minimum(a[2], b[2]), torch.minimum(a[3], b[3])
     inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
     return float(inter / (area(a) + area(b) - inter))
 
 

@@ -22,8 +22,8 @@ from mrcnn_helpers.export import (
     check_ap_drop,
 )
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
-from mrcnn_helpers.inference.metadata import ExportMetadata
 from mrcnn_helpers.export.tensorrt import build_engine, check_precision, network_mode
+from mrcnn_helpers.inference.metadata import ExportMetadata
 from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, torch_dtype, torch_dtype_of
 
 ROOT = Path(__file__).resolve().parent.parent

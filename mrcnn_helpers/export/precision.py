@@ -122,7 +122,6 @@ def fp16_nodes(graph, exclude=()) -> set[str]:
 
 
 def _fp16_initializer(tensor):
-    import onnx
     from onnx import numpy_helper
 
     values = numpy_helper.to_array(tensor).astype(np.float32)
@@ -130,9 +129,7 @@ def _fp16_initializer(tensor):
     if np.abs(values).max(initial=0.0) > finite:
         raise ExportError(f"weight {tensor.name} exceeds float16's range ({finite}): export "
                           "fp32 (or int8) instead")
-    out = numpy_helper.from_array(values.astype(np.float16), tensor.name + FP16_SUFFIX)
-    assert out.data_type == onnx.TensorProto.FLOAT16
-    return out
+    return numpy_helper.from_array(values.astype(np.float16), tensor.name + FP16_SUFFIX)
 
 
 def to_fp16_graph(model_proto, exclude=()):
@@ -198,21 +195,30 @@ def _cast_back(graph, chosen, half_of, casts_in) -> None:
 
 
 def _topological_rebuild(graph, nodes) -> None:
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            produced = {o for n in pending for o in n.output}
-            missing = sorted({i for n in pending for i in n.input
-                              if i not in available and i not in produced})[:5]
-            raise ExportError(f"internal error: cannot order the converted graph (inputs "
-                              f"{missing} are never produced)")
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
+    """Replace graph.node by `nodes` in a topological order that keeps the given order where
+    it can (Kahn's algorithm, lowest index first)."""
+    import heapq
+
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    readers = defaultdict(list)
+    waiting = []
+    for i, node in enumerate(nodes):
+        deps = {producer[name] for name in node.input if name in producer} - {i}
+        waiting.append(len(deps))
+        for d in deps:
+            readers[d].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(nodes[i])
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(ordered) != len(nodes):
+        raise ExportError("internal error: the converted graph has a cycle")
     del graph.node[:]
     graph.node.extend(ordered)
 

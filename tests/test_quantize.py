@@ -21,7 +21,14 @@ import pytest
 import torch
 
 from mrcnn_helpers.errors import MrcnnError
-from mrcnn_helpers.export import ExportError, OnnxRuntimeModel, export_onnx
+from mrcnn_helpers.export import (
+    ExportError,
+    OnnxRuntimeModel,
+    export_onnx,
+    read_config,
+    read_export_metadata,
+    write_deepstream_configs,
+)
 from mrcnn_helpers.export.accuracy import (
     AccuracyRow,
     AccuracyTable,
@@ -166,7 +173,12 @@ def test_int8_graph_holds_qdq_only_where_tensorrt_fuses_it(trained, int8):
     producer = {o: n for n in graph.node for o in n.output}
     inits = {i.name: i for i in graph.initializer}
     assert graph_precision(int8.proto) == "int8"
-    assert json.loads(int8.proto.metadata_props[0].value)["extra"]["precision"] == "int8"
+    meta = read_export_metadata(int8.path)
+    assert meta.extra["precision"] == "int8" and meta.extra["int8"]["method"] == "percentile"
+    assert meta.output_names == trained.meta.output_names
+    prop = read_config(write_deepstream_configs(trained.root / "ds", meta, int8.path)[
+        "infer_config"])["property"]
+    assert prop["network-mode"] == "1" and "int8-calib-file" not in prop
     qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq, "no Q/DQ node written"
     # Nothing quantized at or after RoiAlign / NMS / TopK, and no DQ feeds them.

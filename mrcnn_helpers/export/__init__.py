@@ -31,7 +31,7 @@ from .calibration import CalibrationBatches, CalibrationCache, CalibrationError
 from .deepstream import read_config, write_deepstream_configs
 from .graph import ExportableMaskRCNN, fold_input_scale
 from .onnx_export import export_onnx
-from .precision import convert_to_fp16, graph_precision
+from .precision import convert_to_fp16, graph_precision, read_export_metadata
 from .quantize import QuantizeReport, quantize_int8
 from .tensorrt import build_engine
 from .verify import (
@@ -51,6 +51,7 @@ __all__ = [
     "build_engine", "check_ap_drop", "compare_ap", "compare_detections", "convert_to_fp16",
     "decode_outputs", "decrypt_bytes", "encrypt_bytes", "encrypt_file", "export_onnx",
     "fold_input_scale", "format_ap_table", "graph_precision", "is_encrypted",
-    "load_inference_model", "quantize_int8", "read_config", "verify_export",
+    "load_inference_model", "quantize_int8", "read_config", "read_export_metadata",
+    "verify_export",
     "write_deepstream_configs",
 ]

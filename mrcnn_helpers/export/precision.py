@@ -277,6 +277,13 @@ def load_export(path, key: str | None = None):
     return proto, str(path)
 
 
+def read_export_metadata(path, key: str | None = None):
+    """The ExportMetadata of an exported ONNX file (extra.precision tells fp16 / int8 graphs),
+    e.g. for write_deepstream_configs of a converted file."""
+    proto, source = load_export(path, key)
+    return read_onnx_metadata(proto, source)
+
+
 def save_export(proto, out_path, *, inputs, key: str | None = None) -> str:
     """Check and write `proto` atomically (encrypted with `key` when given); returns the path."""
     import onnx

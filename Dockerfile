@@ -5,7 +5,13 @@
 #       -v "$PWD/results:/workspace/mrcnn/results" mrcnn
 # then open the http://127.0.0.1:8888/lab?token=... address the container prints.
 # --ipc=host: DataLoader workers share batches through /dev/shm, which Docker keeps at 64 MB.
-ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.02-py3
+#
+# Base: NGC PyTorch 26.05 = PyTorch 2.12.0a0, CUDA 13.2.1, TensorRT 10.16.1.11 (NVIDIA's 26.05
+# release notes, as quoted by public projects). The engine code targets TensorRT 10.x and 11.x alike (strongly typed networks,
+# INT8 from Q/DQ graphs; tools/trt_api_names.py checks its API names against 10.8, 10.16, 11.0
+# and 11.4), so a later tag with TensorRT 11 works too: --build-arg BASE_IMAGE=<tag>. The old
+# base, 25.02, had TensorRT 10.8.
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.05-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/mrcnn

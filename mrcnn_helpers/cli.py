@@ -165,8 +165,15 @@ def _add_export(sub) -> None:
                    help="images per calibration batch (default: --batch-size)")
     p.add_argument("--cal-method", choices=CAL_METHODS, default="entropy",
                    help="INT8 calibration method")
+    p.add_argument("--cal-percentile", type=float, default=99.99,
+                   help="with --cal-method percentile: the percentile of |activation| kept")
     p.add_argument("--cal-cache-file", default=None,
-                   help="INT8 scales: reused when present and valid, written otherwise")
+                   help="INT8 ranges (JSON): reused when computed for this graph and method, "
+                        "written otherwise")
+    p.add_argument("--int8-exclude", nargs="*", default=[], metavar="PATTERN",
+                   help="node-name patterns kept in float in the INT8 graph (e.g. '*fpn*')")
+    p.add_argument("--fp16-exclude", nargs="*", default=[], metavar="PATTERN",
+                   help="node-name patterns kept in fp32 in the FP16 graph")
     p.add_argument("--cal-data-file", default=None,
                    help="accepted for TLT command lines; calibration reads --cal-image-dir")
     p.add_argument("--engine", default=None,
@@ -181,10 +188,12 @@ def _add_export(sub) -> None:
                    help="DeepStream parser library with NvDsInferParseCustomMrcnnTLTV2")
     p.add_argument("--ds-video", default=None,
                    help="URI of the deepstream-app config's source (default: DeepStream's sample)")
-    p.add_argument("--verify-images", type=int, default=50,
-                   help="validation images for the parity and accuracy table (0 = skip)")
+    p.add_argument("--verify-images", type=int, default=100,
+                   help="validation images for the parity check and the accuracy table of "
+                        "every precision (0 = skip)")
     p.add_argument("--ap-tolerance", type=float, default=0.01,
-                   help="warn when a reduced precision loses more mask AP than this")
+                   help="warn when a reduced precision loses more mask AP than this (0.01 = "
+                        "1 point)")
     p.set_defaults(**_handler("export"))
 
 

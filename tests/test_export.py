@@ -336,24 +336,37 @@ def test_deepstream_config_matches_the_exported_graph(deepstream_onnx, tmp_path,
 
 
 def test_deepstream_config_for_folded_int8_and_refusals(tmp_path):
-    meta = ExportMetadata(layout="deepstream", batch_size=4, image_size=(832, 1344),
+    from dataclasses import replace
+
+    fp32 = ExportMetadata(layout="deepstream", batch_size=4, image_size=(832, 1344),
                           num_classes=91, detections_per_image=100, mask_resolution=28,
                           normalize_in_graph=False, net_scale_factor=NET_SCALE_FACTOR,
                           offsets=(123.675, 116.28, 103.53), input_name="Input",
                           output_names=("generate_detections", "mask_fcn_logits/BiasAdd"))
-    onnx_file, cal = tmp_path / "m.onnx", tmp_path / "cal.bin"
-    files = write_deepstream_configs(tmp_path / "ds", meta, onnx_file, data_type="int8",
-                                     calib_file=cal)
+    meta = replace(fp32, extra={"precision": "int8"})  # as quantize_int8 records it
+    onnx_file = tmp_path / "m.int8.onnx"
+    files = write_deepstream_configs(tmp_path / "ds", meta, onnx_file)
     prop = read_config(files["infer_config"])["property"]
     assert float(prop["net-scale-factor"]) == pytest.approx(0.017507, abs=1e-6)
     assert prop["offsets"] == "123.675;116.28;103.53" and prop["network-mode"] == "1"
-    assert prop["int8-calib-file"] == "../cal.bin" and prop["num-detected-classes"] == "91"
-    assert prop["model-engine-file"] == "../m.onnx_b4_gpu0_int8.engine"
+    # INT8 comes from the graph's Q/DQ nodes: no calibration file, and the config says why.
+    assert "int8-calib-file" not in prop and prop["num-detected-classes"] == "91"
+    text = Path(files["infer_config"]).read_text()
+    assert "Q/DQ nodes of the ONNX file" in text and "no\n# int8-calib-file" in text
+    assert prop["model-engine-file"] == "../m.int8.onnx_b4_gpu0_int8.engine"
     assert len((tmp_path / "ds" / "labels.txt").read_text().splitlines()) == 91
-    with pytest.raises(ExportError, match="calibration cache"):
-        write_deepstream_configs(tmp_path / "ds2", meta, onnx_file, data_type="int8")
-    from dataclasses import replace
-
+    half = read_config(write_deepstream_configs(
+        tmp_path / "ds16", replace(fp32, extra={"precision": "fp16"}), tmp_path / "m.fp16.onnx")[
+        "infer_config"])["property"]
+    assert half["network-mode"] == "2" and "int8-calib-file" not in half
+    assert read_config(write_deepstream_configs(tmp_path / "ds32", fp32, tmp_path / "m.onnx")[
+        "infer_config"])["property"]["network-mode"] == "0"
+    with pytest.raises(ExportError, match="an INT8 DeepStream config needs the int8 graph.*"
+                                          "quantize_int8"):
+        write_deepstream_configs(tmp_path / "ds2", fp32, tmp_path / "m.onnx", data_type="int8")
+    with pytest.raises(ExportError, match="int8-calib-file .* is not used any more"):
+        write_deepstream_configs(tmp_path / "ds2", meta, onnx_file, calib_file=tmp_path / "c.bin")
+    assert not (tmp_path / "ds2").exists()
     with pytest.raises(ExportError, match="'deepstream' output layout"):
         write_deepstream_configs(tmp_path / "ds3", replace(meta, layout="compact"), onnx_file)
 
@@ -420,7 +433,7 @@ def test_export_command_end_to_end(tiny, tmp_path, capsys):
                  "--deepstream", str(tmp_path / "ds"), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "parity pytorch vs onnx: OK: 2 images, 20 detections" in text
-    assert "mask_AP" in text and "DeepStream:" in text
+    assert "mask AP" in text and "onnx fp16" in text and "DeepStream:" in text
     prop = read_config(tmp_path / "ds" / "config_infer_primary_mrcnn.txt")["property"]
     assert prop["onnx-file"] == "../export/model.onnx"
 

@@ -1,10 +1,13 @@
-"""Everything around TensorRT that runs without it (calibration batches and preprocessing, the
-cache file, output decoding, the accuracy check, the error when it is missing), plus engine
-tests that run only where TensorRT and a GPU are installed (skipped otherwise)."""
+"""Everything around TensorRT that runs without it (calibration batches and preprocessing,
+output decoding, the accuracy check, precision checks, the error when it is missing), the
+TensorRT API names the code uses checked against the vendored 10.x and 11.x name lists, plus
+engine tests that run only where TensorRT and a GPU are installed (skipped otherwise)."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +16,16 @@ import torch
 from mrcnn_helpers.export import (
     AccuracyWarning,
     CalibrationBatches,
-    CalibrationCache,
     CalibrationError,
     check_ap_drop,
 )
+from mrcnn_helpers.inference import ExportedModel, ExportError
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
-from mrcnn_helpers.export.tensorrt import build_engine, make_entropy_calibrator, network_mode
-from mrcnn_helpers.inference import ExportedModel
+from mrcnn_helpers.export.tensorrt import build_engine, check_precision, network_mode
 from mrcnn_helpers.inference.metadata import ExportMetadata
-from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, torch_dtype
+from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, torch_dtype, torch_dtype_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 IMAGE_SIZE = (64, 96)
 MEAN = np.array([123.675, 116.28, 103.53], np.float32).reshape(1, 3, 1, 1)
@@ -86,17 +90,6 @@ def test_calibration_batches_refuse_bad_requests(val_setup, tmp_path):
         CalibrationBatches(tmp_path / "missing", _meta(), batch_size=2, batches=1)
 
 
-def test_calibration_cache_write_read(tmp_path):
-    cache = CalibrationCache(tmp_path / "sub" / "cal.bin")
-    assert cache.read() is None and not cache.exists()
-    cache.write(memoryview(b"TRT-8601-EntropyCalibration2\nInput: 3c010a14\n"))
-    assert cache.read().startswith(b"TRT-8601-EntropyCalibration2")
-    assert CalibrationCache(tmp_path / "sub" / "cal.bin").exists()  # a new build reuses it
-    (tmp_path / "sub" / "cal.bin").write_bytes(b"")  # a killed run: calibrate again
-    assert cache.read() is None
-    assert CalibrationCache(None).read() is None
-
-
 # ---------------------------------------------------------------- decoding engine outputs
 class FakeEngine(ExportedModel):
     """Returns, like TensorRTModel._run, torch tensors; one detection per image whose score is
@@ -142,6 +135,16 @@ def test_dtype_and_network_mode_mapping():
         torch.int32
     with pytest.raises(Exception, match="not supported"):
         torch_dtype(np.complex64)
+
+    class DataType:  # stands in for trt.DataType members, which carry their name
+        def __init__(self, name):
+            self.name = name
+
+    assert torch_dtype_of(DataType("HALF")) == torch.float16
+    assert torch_dtype_of(DataType("BF16")) == torch.bfloat16
+    assert torch_dtype_of(DataType("INT32")) == torch.int32
+    with pytest.raises(ExportError, match="engine tensor type FP8 is not supported"):
+        torch_dtype_of(DataType("FP8"))
     assert [network_mode(t) for t in ("fp32", "int8", "fp16")] == [0, 1, 2]
     with pytest.raises(Exception, match="unknown data type 'int4'"):
         network_mode("int4")
@@ -164,7 +167,6 @@ def test_missing_tensorrt_says_how_to_get_it(tmp_path):
     from mrcnn_helpers.inference import TensorRTModel, load_model_file
 
     for call in (lambda: build_engine(tmp_path / "m.onnx", tmp_path / "m.plan"),
-                 lambda: make_entropy_calibrator(None, tmp_path / "cal.bin"),
                  lambda: TensorRTModel(tmp_path / "m.plan"),
                  lambda: load_model_file(tmp_path / "m.plan")):
         with pytest.raises(TensorRTUnavailable, match=r"NGC containers .*nvcr.io/nvidia/tensorrt"):
@@ -177,17 +179,105 @@ def test_export_command_with_engine_fails_fast_without_tensorrt(val_setup, tmp_p
 
     from test_export import _write_checkpoint
 
-    from mrcnn_helpers.cli import build_parser
-    from mrcnn_helpers.commands import export as export_command
+    from mrcnn_helpers.export.commands import add_export_commands
 
     _write_checkpoint(val_setup, tmp_path / "results")
-    args = build_parser().parse_args(["export", "-m", str(tmp_path / "results"), "-o",
-                                      str(tmp_path / "m.onnx"), "--engine",
-                                      str(tmp_path / "m.plan"), "--data-type", "int8",
-                                      "--cal-image-dir", val_setup.paths["val_images"]])
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers())
+    args = parser.parse_args(["export", "-m", str(tmp_path / "results"), "-o",
+                              str(tmp_path / "m.onnx"), "--engine", str(tmp_path / "m.plan"),
+                              "--data-type", "int8", "--cal-image-dir",
+                              val_setup.paths["val_images"]])
     with pytest.raises(TensorRTUnavailable):
-        export_command.run(args)
+        args.func(args)
     assert not (tmp_path / "m.onnx").exists()  # nothing half-done
+
+
+# ---------------------------------------------------------------- the precision is the graph's
+def test_engine_precision_comes_from_the_graph(val_setup, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from mrcnn_helpers.export import convert_to_fp16, export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(val_setup.model, val_setup.spec, path, batch_size=1)
+    fp32 = onnx.load(str(path))
+    assert check_precision(fp32, None, "m.onnx") == check_precision(fp32, "fp32", "m") == "fp32"
+    with pytest.raises(ExportError, match="holds the fp32 graph, but an engine in int8 was "
+                                          "asked for.*quantize_int8 with calibration images"):
+        check_precision(fp32, "int8", "m.onnx")
+    half = onnx.load(convert_to_fp16(path, tmp_path / "m16.onnx"))
+    assert check_precision(half, "fp16", "m16.onnx") == "fp16"
+    with pytest.raises(ExportError, match="convert_to_fp16"):
+        check_precision(fp32, "fp16", "m.onnx")
+    with pytest.raises(ExportError, match="unknown data type 'int4'"):
+        check_precision(fp32, "int4", "m.onnx")
+
+
+# ---------------------------------------------------------------- TensorRT API names
+def _api_tool():
+    spec = importlib.util.spec_from_file_location("trt_api_names",
+                                                  ROOT / "tools" / "trt_api_names.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _project_sources(tool):
+    return {m: (ROOT / m).read_text(encoding="utf-8") for m in tool.PROJECT_MODULES}
+
+
+def test_tensorrt_names_exist_in_tensorrt_10_and_11():
+    """Every TensorRT attribute the engine code uses exists in each vendored release (the
+    lists are generated from the tensorrt-cu12/cu13-bindings wheels by tools/trt_api_names.py)."""
+    tool = _api_tool()
+    lists = tool.load_lists()
+    majors = {v.split(".")[0] for v in lists}
+    assert {"10", "11"} <= majors, sorted(lists)
+    assert "11.4.0.106" in lists
+    # The lists are what they claim: 11.x lost implicit quantization, 10.x still had it.
+    for version, names in lists.items():
+        assert {"NetworkDefinitionCreationFlag.STRONGLY_TYPED", "OnnxParser",
+                "IExecutionContext.execute_async_v3",
+                "IExecutionContext.set_tensor_address"} <= names, version
+        removed = {"IInt8EntropyCalibrator2", "IBuilderConfig.int8_calibrator",
+                   "BuilderFlag.INT8", "BuilderFlag.FP16"}
+        assert (removed & names == set()) == version.startswith("11."), version
+    sources = _project_sources(tool)
+    used = set()
+    for source in sources.values():
+        used |= tool.used_names(source)[0]
+    # The reader attributes what the code calls (not a vacuous pass).
+    assert {"Builder.create_network", "Builder.create_builder_config", "OnnxParser.parse",
+            "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "IBuilderConfig.set_memory_pool_limit",
+            "Builder.build_serialized_network", "Runtime.deserialize_cuda_engine",
+            "ICudaEngine.create_execution_context", "ICudaEngine.get_tensor_dtype",
+            "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+            "TensorIOMode.OUTPUT"} <= used
+    assert tool.problems(sources, lists) == []
+
+
+def test_api_check_catches_removed_and_misspelled_names():
+    tool = _api_tool()
+    lists = tool.load_lists()
+    source = (ROOT / "mrcnn_helpers/export/tensorrt.py").read_text(encoding="utf-8")
+    planted = source + """
+
+def _legacy_int8(trt, builder, calibrator):
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.INT8)
+    config.int8_calibrator = calibrator
+    base = trt.IInt8EntropyCalibrator2
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCHES"):
+        pass
+    return base
+"""
+    found = "\n".join(tool.problems({"copy.py": planted}, lists))
+    print(found)
+    for name in ("IInt8EntropyCalibrator2", "IBuilderConfig.int8_calibrator", "BuilderFlag.INT8"):
+        assert f"trt {name} is not in TensorRT 11.0.0.114, 11.4.0.106" in found, name
+    assert "NetworkDefinitionCreationFlag.EXPLICIT_BATCHES (probed with hasattr) is in no" in found
+    assert tool.problems({"copy.py": source}, lists) == []
 
 
 # ---------------------------------------------------------------- with TensorRT (GPU machines)
@@ -205,28 +295,44 @@ def onnx_file(val_setup):
     return path, meta
 
 
-def test_fp32_engine_matches_onnxruntime(onnx_file, val_setup):
+def _engine_matches_onnxruntime(path, val_setup, **tolerances):
     from mrcnn_helpers.export import compare_detections
-    from mrcnn_helpers.export.verify import load_validation_images
     from mrcnn_helpers.inference import OnnxRuntimeModel, TensorRTModel
+    from mrcnn_helpers.export.verify import load_validation_images
 
-    path, _ = onnx_file
-    engine_path = build_engine(path, path.with_suffix(".plan"), data_type="fp32")
+    engine_path = build_engine(path, path.with_suffix(".plan"))
     images = load_validation_images(val_setup.spec, 4)
     reference, tested = OnnxRuntimeModel(path)(images), TensorRTModel(engine_path)(images)
-    report = compare_detections(reference, tested, box_tolerance=0.1, score_tolerance=1e-3,
-                                mask_tolerance=1e-2)
+    return compare_detections(reference, tested, **tolerances), engine_path
+
+
+def test_fp32_engine_matches_onnxruntime(onnx_file, val_setup):
+    path, _ = onnx_file
+    report, engine_path = _engine_matches_onnxruntime(path, val_setup, box_tolerance=0.1,
+                                                      score_tolerance=1e-3, mask_tolerance=1e-2)
     assert report.ok, report.summary()
+    from mrcnn_helpers.inference.metadata import read_sidecar
+
+    assert read_sidecar(engine_path).extra["data_type"] == "fp32"
 
 
-def test_int8_calibration_writes_then_reuses_the_cache(onnx_file, val_setup, tmp_path):
+def test_fp16_and_int8_engines_build_from_their_graphs(onnx_file, val_setup, tmp_path):
+    from mrcnn_helpers.export import convert_to_fp16, quantize_int8
+    from mrcnn_helpers.inference.metadata import read_sidecar
+
     path, meta = onnx_file
+    half = tmp_path / "m16.onnx"
+    convert_to_fp16(path, half)
+    report, engine = _engine_matches_onnxruntime(half, val_setup, box_tolerance=0.5,
+                                                 score_tolerance=1e-2, mask_tolerance=5e-2)
+    assert read_sidecar(engine).extra["data_type"] == "fp16"
+    print("fp16 engine vs ONNX Runtime fp16:", report.summary())
     batches = CalibrationBatches(val_setup.paths["val_images"], meta, batch_size=2, batches=2)
-    cache = tmp_path / "cal.bin"
-    build_engine(path, tmp_path / "a.plan", data_type="int8",
-                 calibrator=make_entropy_calibrator(batches, cache))
-    assert cache.is_file() and cache.stat().st_size > 0
-    first = cache.read_bytes()
-    calibrator = make_entropy_calibrator(None, cache)  # no images: the cache must suffice
-    build_engine(path, tmp_path / "b.plan", data_type="int8", calibrator=calibrator)
-    assert cache.read_bytes() == first and (tmp_path / "b.plan").is_file()
+    quantized = tmp_path / "m8.onnx"
+    quantize_int8(path, quantized, batches, method="max", cache_file=tmp_path / "cal.json")
+    report, engine = _engine_matches_onnxruntime(quantized, val_setup, box_tolerance=2.0,
+                                                 score_tolerance=5e-2, mask_tolerance=0.2)
+    assert read_sidecar(engine).extra["data_type"] == "int8"
+    print("int8 engine vs ONNX Runtime int8:", report.summary())
+    with pytest.raises(ExportError, match="holds the int8 graph, but an engine in fp16"):
+        build_engine(quantized, tmp_path / "x.plan", data_type="fp16")

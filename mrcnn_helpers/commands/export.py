@@ -1,27 +1,31 @@
-"""`mrcnn export -m MODEL -o model.onnx`: the static ONNX graph, checked against PyTorch, plus a
-TensorRT engine and DeepStream configs on request."""
+"""`mrcnn export -m MODEL -o model.onnx [--data-type fp32|fp16|int8]`: the static ONNX graph in
+the asked precision, checked against PyTorch, with its accuracy at every precision side by side;
+a TensorRT engine and DeepStream configs on request.
+
+-o names the file of the asked precision. For fp16 and int8 the fp32 graph they are made from is
+kept beside it as <stem>.fp32.onnx (the reference, and what TensorRT builds an fp32 engine
+from). The accuracy table also measures the precisions not asked for, from temporary files.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
 from mrcnn_helpers.errors import MrcnnError
+from mrcnn_helpers.export.accuracy import VARIANTS, measure_accuracy
 from mrcnn_helpers.export.calibration import CalibrationBatches
 from mrcnn_helpers.export.deepstream import DEFAULT_CUSTOM_LIB, write_deepstream_configs
 from mrcnn_helpers.export.onnx_export import export_onnx
-from mrcnn_helpers.export.tensorrt import build_engine, make_entropy_calibrator
-from mrcnn_helpers.export.verify import (
-    check_ap_drop,
-    compare_ap,
-    format_ap_table,
-    load_validation_images,
-    verify_export,
-)
+from mrcnn_helpers.export.precision import convert_to_fp16, read_export_metadata
+from mrcnn_helpers.export.quantize import quantize_int8
+from mrcnn_helpers.export.tensorrt import build_engine
+from mrcnn_helpers.export.verify import load_validation_images, verify_export
 from mrcnn_helpers.fileio import check_output_path
 from mrcnn_helpers.inference.backends import OnnxRuntimeModel
 from mrcnn_helpers.inference.loading import is_exported, load_model_file
-from mrcnn_helpers.inference.tensorrt import TensorRTModel, import_tensorrt
+from mrcnn_helpers.inference.tensorrt import import_tensorrt
 from mrcnn_helpers.runtime import resolve_device
 from mrcnn_helpers.spec import load_spec
 
@@ -37,55 +41,66 @@ def _check_args(args) -> None:
                          "encrypted with --key): export once without --key for DeepStream")
     if args.deepstream and args.layout != "deepstream":
         raise MrcnnError("--deepstream needs --layout deepstream")
+    if args.data_type == "int8" and not (args.cal_image_dir or args.cal_cache_file):
+        raise MrcnnError("--data-type int8 needs calibration: --cal-image-dir DIR (images like "
+                         "the deployment's, at least --batches x --cal-batch-size of them), or "
+                         "a --cal-cache-file computed earlier for this model")
     inputs = [args.model, args.experiment_spec, args.cal_image_dir]
     for option, path in (("--output", args.output), ("--engine", args.engine),
-                         ("--cal-cache-file", args.cal_cache_file), ("--deepstream", args.deepstream)):
+                         ("--deepstream", args.deepstream)):
         if path:
             check_output_path(path, inputs, option=option, allow_inside=option == "--deepstream")
 
 
-def _verify(args, model, spec, onnx_model, engine_model=None) -> None:
-    """Parity on --verify-images validation images, then AP side by side."""
-    try:
-        images = load_validation_images(spec, args.verify_images)
-    except MrcnnError as exc:
-        print(f"verification skipped: no validation images ({exc})")
-        return
-    for name, exported in (("onnx", onnx_model), ("tensorrt", engine_model)):
-        if exported is None:
-            continue
-        report = verify_export(model, exported, images, spec=spec,
-                               batch_size=exported.meta.batch_size)
-        print(f"parity pytorch vs {name}: {report.summary()}")
-        if not report.ok and name == "onnx":
-            warnings.warn("the ONNX model does not reproduce the PyTorch model within tolerance "
-                          "on these images (see above)", stacklevel=1)
-    models = {"pytorch": model, "onnx": onnx_model}
-    if engine_model is not None:
-        models["tensorrt"] = engine_model
-    results = compare_ap(models, spec, max_images=args.verify_images)
-    print(f"COCO metrics on {len(images)} validation images:")
-    print(format_ap_table(results))
-    if engine_model is not None:
-        check_ap_drop(results["pytorch"], results["tensorrt"], tolerance=args.ap_tolerance,
-                      name=f"TensorRT {args.data_type} engine")
+def _fp32_path(args) -> Path:
+    out = Path(args.output)
+    return out if args.data_type == "fp32" else out.with_name(f"{out.stem}.fp32{out.suffix}")
 
 
-def _build_engine(args, meta):
-    calibrator = None
-    if args.data_type == "int8":
+def _write_variant(args, fp32: Path, meta) -> None:
+    """The asked precision's file at -o, made from the fp32 graph."""
+    if args.data_type == "fp16":
+        convert_to_fp16(fp32, args.output, exclude=args.fp16_exclude, key=args.key)
+    elif args.data_type == "int8":
         batches = None
         if args.cal_image_dir:
             batches = CalibrationBatches(args.cal_image_dir, meta,
                                          batch_size=args.cal_batch_size or meta.batch_size,
                                          batches=args.batches)
-        cache = args.cal_cache_file or str(Path(args.engine).with_suffix(".cal.bin"))
-        args.cal_cache_file = cache
-        calibrator = make_entropy_calibrator(batches, cache)
-    path = build_engine(args.output, args.engine, data_type=args.data_type, calibrator=calibrator,
-                        workspace=args.workspace << 20, key=args.key)
-    print(f"engine written to {path} ({args.data_type})")
-    return path
+        report = quantize_int8(fp32, args.output, batches, method=args.cal_method,
+                               percentile=args.cal_percentile, cache_file=args.cal_cache_file,
+                               exclude=args.int8_exclude, key=args.key)
+        print(f"int8: {report.summary()}")
+    if args.data_type != "fp32":
+        print(f"{args.data_type} ONNX written to {args.output} (from {fp32})")
+
+
+def _check(args, model, spec, fp32: Path, meta) -> None:
+    """Parity of the fp32 graph with PyTorch, then the accuracy table of every precision."""
+    try:
+        images = load_validation_images(spec, min(args.verify_images, 16))
+    except MrcnnError as exc:
+        print(f"verification skipped: no validation images ({exc})")
+        return
+    onnx_model = OnnxRuntimeModel(fp32, key=args.key)
+    report = verify_export(model, onnx_model, images, spec=spec, batch_size=meta.batch_size)
+    print(f"parity pytorch vs onnx: {report.summary()}")
+    if not report.ok:
+        warnings.warn("the ONNX model does not reproduce the PyTorch model within tolerance on "
+                      "these images (see above)", stacklevel=1)
+    calibrates = bool(args.cal_image_dir or spec.data_config.train_image_dir
+                      or args.data_type == "int8")
+    variants = [v for v in VARIANTS if v != "onnx_int8" or calibrates]
+    prebuilt = {f"onnx_{args.data_type}": args.output} if args.data_type != "fp32" else {}
+    with tempfile.TemporaryDirectory(prefix="mrcnn-export-check-") as workdir:
+        table = measure_accuracy(
+            model, spec, workdir, onnx_path=fp32, batch_size=meta.batch_size,
+            max_images=args.verify_images, cal_image_dir=args.cal_image_dir,
+            batches=args.batches, cal_method=args.cal_method, percentile=args.cal_percentile,
+            int8_exclude=args.int8_exclude, fp16_exclude=args.fp16_exclude, variants=variants,
+            device=resolve_device(args.device), tolerance=args.ap_tolerance, prebuilt=prebuilt)
+    print(f"COCO metrics on {table.eval_images} validation images, every precision:")
+    print(table.format())
 
 
 def run(args) -> int:
@@ -95,32 +110,25 @@ def run(args) -> int:
     spec = load_spec(args.experiment_spec) if args.experiment_spec else None
     loaded = load_model_file(args.model, spec=spec, device="cpu", key=args.key)
     model, spec = loaded.model, loaded.spec
-    meta = export_onnx(model, spec, args.output, batch_size=args.batch_size, layout=args.layout,
+    fp32 = _fp32_path(args)
+    meta = export_onnx(model, spec, fp32, batch_size=args.batch_size, layout=args.layout,
                        normalize_in_graph=args.normalize_in_graph, opset=args.opset,
                        class_names=loaded.class_names, category_ids=loaded.category_ids,
                        key=args.key)
-    print(f"ONNX written to {args.output}: input {meta.input_name} "
+    print(f"ONNX written to {fp32}: input {meta.input_name} "
           f"[{meta.batch_size}, 3, {meta.image_size[0]}, {meta.image_size[1]}], outputs "
           f"{', '.join(meta.output_names)}" + (" (encrypted)" if args.key else ""))
-    engine_model = None
+    _write_variant(args, fp32, meta)
     if args.engine:
-        _build_engine(args, meta)
+        path = build_engine(args.output, args.engine, workspace=args.workspace << 20,
+                            key=args.key)
+        print(f"engine written to {path} ({args.data_type}, strongly typed)")
     if args.verify_images > 0:
-        onnx_model = OnnxRuntimeModel(args.output, key=args.key)
-        if args.engine:
-            engine_model = TensorRTModel(args.engine)
-        model.to(resolve_device(args.device))
-        _verify(args, model, spec, onnx_model, engine_model)
+        _check(args, model, spec, fp32, meta)
     if args.deepstream:
-        if args.data_type == "int8" and not (args.cal_cache_file
-                                             and Path(args.cal_cache_file).is_file()):
-            raise MrcnnError("an INT8 DeepStream config needs a calibration cache: build one "
-                             "with --engine ... --data-type int8 --cal-image-dir DIR, or pass an "
-                             "existing --cal-cache-file")
         paths = write_deepstream_configs(
-            args.deepstream, meta, args.output, engine_path=args.engine,
-            data_type=args.data_type, calib_file=args.cal_cache_file,
-            custom_lib=args.ds_custom_lib or DEFAULT_CUSTOM_LIB,
+            args.deepstream, read_export_metadata(args.output, args.key), args.output,
+            engine_path=args.engine, custom_lib=args.ds_custom_lib or DEFAULT_CUSTOM_LIB,
             **({"video_uri": args.ds_video} if args.ds_video else {}))
         print("DeepStream: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0

@@ -1,30 +1,37 @@
-"""TensorRT engines from the exported ONNX graph: build (FP32 / FP16 / INT8), calibrate, run.
+"""TensorRT engines from an exported ONNX graph, for TensorRT 10.x and 11.x alike.
 
-TensorRT is optional and imported only inside these functions. Written against TensorRT's
-documented Python API of versions 8.6 to 10.x (ONNX parser, builder config with memory pools,
-IInt8EntropyCalibrator2, named I/O tensors with execute_async_v3). It cannot be installed on this
-project's machines, so this module is tested there only up to the TensorRT calls (calibration
-batches, cache handling, dtype mapping, output decoding); the tests that need TensorRT skip.
+The network is strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED; TensorRT 11
+networks always are): every layer runs in the type its tensors have in the ONNX file. So the
+engine's precision is the ONNX file's, chosen when it was written:
 
-    build_engine("model.onnx", "model.plan", data_type="int8",
-                 calibrator=make_entropy_calibrator(batches, "cal.bin"))
-    model = TensorRTModel("model.plan")          # same interface as the PyTorch model
+    fp32   export_onnx(...)                               -> model.onnx
+    fp16   precision.convert_to_fp16(model.onnx, ...)     -> model.fp16.onnx
+    int8   quantize.quantize_int8(model.onnx, ..., batches)  -> model.int8.onnx (Q/DQ nodes)
+
+and `build_engine(that_file, "model.plan")` needs no precision flag, calibrator or cache: the
+APIs that did that (BuilderFlag.FP16/INT8, config.int8_calibrator, IInt8EntropyCalibrator2) were
+deprecated in 10.x and are gone in 11.x. tools/trt_api_names.py checks every TensorRT name this
+module and inference/tensorrt.py use against the vendored API lists of 10.x and 11.x releases.
+
+TensorRT is optional and imported only when an engine is built. It cannot be installed on this
+project's machines, so the TensorRT calls are tested where it is installed (the tests skip
+elsewhere); everything before them (precision detection, argument checks) is tested here.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
+from mrcnn_helpers.fileio import atomic_write, check_output_path
 from mrcnn_helpers.inference.metadata import ExportError, read_onnx_metadata, write_sidecar
-from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, import_tensorrt  # noqa: F401
+from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, import_tensorrt
 
-from .calibration import CalibrationBatches, CalibrationCache
+from .precision import PRECISIONS, graph_precision
 
-DATA_TYPES = ("fp32", "fp16", "int8")
+DATA_TYPES = PRECISIONS
 DEFAULT_WORKSPACE = 4 << 30  # bytes
+MIN_TENSORRT_MAJOR = 10  # strongly typed networks with Q/DQ: 10.0 and later
 
 
 def network_mode(data_type: str) -> int:
@@ -39,99 +46,73 @@ def check_data_type(data_type: str) -> str:
     return data_type
 
 
-def make_entropy_calibrator(batches: CalibrationBatches | None, cache_file):
-    """A trt.IInt8EntropyCalibrator2 over `batches` (None: only an existing cache is used).
-
-    TensorRT first asks for the cache; when `cache_file` holds one, no image is read. Otherwise
-    it pulls the batches (copied to one CUDA buffer) and hands back the cache, which is written
-    to `cache_file` for the next build and for DeepStream's int8-calib-file.
-    """
-    trt = import_tensorrt()
-    cache = CalibrationCache(cache_file)
-    if batches is None and not cache.exists():
-        raise ExportError("INT8 needs calibration: pass --cal-image-dir (images like the "
-                          "deployment's), or an existing --cal-cache-file")
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.cache = cache
-            self.batches = batches
-            self._iterator = iter(batches) if batches is not None else iter(())
-            self._buffer = None
-
-        def get_batch_size(self):
-            return batches.batch_size if batches is not None else 1
-
-        def get_batch(self, names):
-            batch = next(self._iterator, None)
-            if batch is None:
-                return None
-            if self._buffer is None:
-                self._buffer = torch.empty(batch.shape, dtype=torch.float32, device="cuda")
-            self._buffer.copy_(torch.from_numpy(batch))
-            torch.cuda.synchronize()
-            return [int(self._buffer.data_ptr())] * len(names)
-
-        def read_calibration_cache(self):
-            return self.cache.read()
-
-        def write_calibration_cache(self, data):
-            self.cache.write(bytes(data))
-
-    return EntropyCalibrator()
+def how_to_make(precision: str) -> str:
+    """The call (and CLI option) that writes an ONNX graph of `precision`."""
+    return {"fp32": "export_onnx (mrcnn export)",
+            "fp16": "convert_to_fp16 (mrcnn export --data-type fp16)",
+            "int8": "quantize_int8 with calibration images (mrcnn export --data-type int8 "
+                    "--cal-image-dir DIR)"}[precision]
 
 
-def build_engine(onnx_path, engine_path, *, data_type: str = "fp32", calibrator=None,
+def check_precision(model_proto, data_type: str | None, source: str) -> str:
+    """The graph's precision; ExportError when `data_type` asks for another one."""
+    precision = graph_precision(model_proto)
+    if data_type is not None and check_data_type(data_type) != precision:
+        raise ExportError(
+            f"{source} holds the {precision} graph, but an engine in {data_type} was asked for: "
+            f"TensorRT builds what the graph says (strongly typed); write the {data_type} graph "
+            f"with {how_to_make(data_type)} and build from that file")
+    return precision
+
+
+def _tensorrt_major(trt) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        return MIN_TENSORRT_MAJOR
+
+
+def build_engine(onnx_path, engine_path, *, data_type: str | None = None,
                  workspace: int = DEFAULT_WORKSPACE, key: str | None = None) -> Path:
     """Build and write a TensorRT engine for an exported ONNX file; returns the engine path.
 
-    data_type: fp32, fp16 (FP16 kernels allowed), int8 (INT8 with FP16 fallback; needs
-    `calibrator` from make_entropy_calibrator). workspace: builder memory pool in bytes.
-    Writes `<engine>.json` with the export metadata next to the engine. The engine is specific
-    to the GPU and TensorRT version that built it.
+    The precision is the graph's (see the module docstring); data_type, when given, must match
+    it (a check, not a switch). workspace: builder memory pool in bytes. key: passphrase of an
+    encrypted ONNX file. Writes `<engine>.json` (the export metadata, with data_type and the
+    TensorRT version) next to the engine. An engine is specific to the GPU and TensorRT version
+    that built it.
     """
     trt = import_tensorrt()
-    check_data_type(data_type)
+    if _tensorrt_major(trt) < MIN_TENSORRT_MAJOR:
+        raise TensorRTUnavailable(
+            f"TensorRT {trt.__version__} is too old: engines are built as strongly typed "
+            f"networks from explicitly quantized graphs, which needs TensorRT >= "
+            f"{MIN_TENSORRT_MAJOR} (an NGC container of 2024 or later)")
     import onnx
 
     from mrcnn_helpers.crypto import read_maybe_encrypted
 
+    check_output_path(engine_path, [onnx_path], option="engine")
     data = read_maybe_encrypted(onnx_path, key)
-    meta = read_onnx_metadata(onnx.load_model_from_string(data), str(onnx_path))
+    proto = onnx.load_model_from_string(data)
+    meta = read_onnx_metadata(proto, str(onnx_path))
+    precision = check_precision(proto, data_type, str(onnx_path))
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # required before TRT 10
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(data):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
-    if data_type in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if data_type == "int8":
-        if calibrator is None:
-            raise ExportError("INT8 needs a calibrator (make_entropy_calibrator)")
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = calibrator
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see its log "
-                          "above); try a larger workspace or another data type")
+                          "above); try a larger --workspace")
     engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, engine_path)
-    extra = dict(meta.extra, data_type=data_type, tensorrt_version=str(trt.__version__))
-    from dataclasses import replace
-
+    atomic_write(engine_path, bytes(serialized), error=ExportError, what="TensorRT engine")
+    extra = dict(meta.extra, data_type=precision, tensorrt_version=str(trt.__version__))
     write_sidecar(engine_path, replace(meta, extra=extra))
     return engine_path
-
-

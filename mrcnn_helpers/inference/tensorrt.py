@@ -1,8 +1,12 @@
 """Running TensorRT engines: a built `.plan` behind the backend interface of inference.backends.
 
-TensorRT is optional and imported only when an engine is loaded. Written against TensorRT's
-documented Python API (named I/O tensors, `set_tensor_address`, `execute_async_v3`, present in
-TensorRT 10 and 11). It cannot be installed on this project's machines: tests cover what runs
+TensorRT is optional and imported only when an engine is loaded. Written against the Python API
+that TensorRT 10.x and 11.x share: Runtime.deserialize_cuda_engine, named I/O tensors
+(num_io_tensors, get_tensor_name / _shape / _dtype / _mode), set_tensor_address and
+execute_async_v3 on the caller's CUDA stream; tools/trt_api_names.py checks each name against
+the vendored API lists of 10.x and 11.x releases. An engine built from an fp16 or int8 (Q/DQ)
+graph keeps the graph's float32 inputs and outputs, so feeding and decoding are the same for
+every precision. TensorRT cannot be installed on this project's machines: tests cover what runs
 without it (dtype mapping, output decoding) and skip the rest. Building engines is export's job
 (mrcnn_helpers.export.tensorrt).
 """
@@ -48,6 +52,22 @@ def torch_dtype(numpy_dtype) -> torch.dtype:
         raise ExportError(f"engine tensor type {numpy_dtype} is not supported here") from None
 
 
+# TensorRT DataType member names -> torch dtypes (by name: trt.nptype has no bfloat16).
+_TRT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
+               "INT8": torch.int8, "INT32": torch.int32, "INT64": torch.int64,
+               "BOOL": torch.bool, "UINT8": torch.uint8}
+
+
+def torch_dtype_of(trt_dtype) -> torch.dtype:
+    """torch dtype of a TensorRT DataType (as engine.get_tensor_dtype returns it)."""
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    try:
+        return _TRT_DTYPES[name]
+    except KeyError:
+        raise ExportError(f"engine tensor type {name} is not supported here (supported: "
+                          f"{', '.join(_TRT_DTYPES)})") from None
+
+
 class TensorRTModel(ExportedModel):
     """A TensorRT engine behind the model interface (see backends.ExportedModel).
 
@@ -79,7 +99,7 @@ class TensorRTModel(ExportedModel):
             for i in range(self.engine.num_io_tensors):
                 name = self.engine.get_tensor_name(i)
                 shape = tuple(self.engine.get_tensor_shape(name))
-                dtype = torch_dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+                dtype = torch_dtype_of(self.engine.get_tensor_dtype(name))
                 self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
                 self.context.set_tensor_address(name, self.buffers[name].data_ptr())
                 if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:

@@ -26,11 +26,13 @@ from mrcnn_helpers.inference.loading import LoadedModel, load_model_file
 
 from .analysis import EvalResult, evaluate_detailed, masks_to_rles, match_instances
 from .deployment import (
+    accuracy_table,
     ap_table,
     deploy_stats_table,
     onnx_io_table,
     opencv_available,
     parity_table,
+    plot_per_class_precision,
     show_calibration_image,
     show_frames,
     tensorrt_choice,
@@ -52,6 +54,8 @@ from .viewer import InstanceViewer
 
 __all__ = [
     "EvalResult",
+    "accuracy_table",
+    "plot_per_class_precision",
     "InstanceViewer",
     "Table",
     "TrainingMonitor",

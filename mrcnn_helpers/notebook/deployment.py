@@ -196,3 +196,35 @@ def show_frames(source, num_frames: int = 4, cols: int = 4) -> Figure:
     finally:
         frames.close()
     return image_grid([frame for _, frame in shown], [name for name, _ in shown], cols=cols)
+
+
+def accuracy_table(table) -> Table:
+    """export.accuracy's table of every precision (what `mrcnn export` prints) as a Table."""
+    rows = [[r.name, r.box_ap, r.mask_ap, r.mask_ap50,
+             "ref" if r.max_box_dev is None else round(r.max_box_dev, 3),
+             "ref" if r.count_diffs is None else r.count_diffs, round(r.images_per_sec, 1)]
+            for r in table.rows]
+    return Table(["variant", "box AP", "mask AP", "mask AP50", "max box dev px", "count diffs",
+                  "img/s"], rows, title=f"Accuracy of every precision on {table.eval_images} "
+                                        "validation images" + "".join(
+                                            f"; WARNING: {w}" for w in table.warnings))
+
+
+def plot_per_class_precision(table, key: str = "mask_AP") -> Figure:
+    """Per-class AP (mask AP by default) of each precision of export.accuracy's table, grouped
+    bars: where a class loses accuracy after FP16 / INT8 export."""
+    rows = [r for r in table.rows if r.per_class]
+    classes = list(rows[0].per_class) if rows else []
+    fig = Figure(figsize=(max(6.0, 1.2 * len(classes) + 2), 4.0), dpi=120)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(rows))
+    for k, row in enumerate(rows):
+        values = [row.per_class[c].get(key) or 0.0 for c in classes]
+        ax.bar(np.arange(len(classes)) + k * width, values, width, label=row.name)
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, fontsize=11)
+    ax.set_ylabel(key.replace("_", " "), fontsize=11)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=10)
+    ax.set_title(f"Per-class {key.replace('_', ' ')} by precision", fontsize=12)
+    fig.tight_layout()
+    return fig

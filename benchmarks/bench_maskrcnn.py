@@ -10,6 +10,12 @@ rate diverges within a few steps and silently does less work); inference uses sc
 so both produce exactly `test_detections_per_image` (100) detections per image and paste all
 masks at full resolution. Prints a table (img/s, ms per step, peak GPU memory, ratio to stock)
 with device, date and versions. Needs a CUDA GPU.
+
+Ours runs as the trainer and the Predictor run it: the training step replayed from a CUDA graph
+(engine.graphed_step, after its eager warm-up) and the inference forward from CUDA graphs
+(inference.graphs); --eager runs both eagerly (MRCNN_KERNELS=0 in the environment also turns
+the Triton kernels off, for the history table). Batch-1 inference also reports p50 / p99
+latency over --latency-calls calls.
 """
 
 import argparse
@@ -78,6 +84,47 @@ def timed(fn, iters, warmup=3):
     return (time.perf_counter() - start) / iters, torch.cuda.max_memory_allocated() / 2**30
 
 
+def bench_train_ours(model, images, targets, iters, *, eager: bool):
+    """Our step as the trainer runs it: GraphedTrainStep (or its eager step) with LossMeter."""
+    from mrcnn_helpers.engine.graphed_step import GraphedTrainStep
+    from mrcnn_helpers.engine.loop import LossMeter
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+    meter = LossMeter(images.device, 0)
+    model.train()
+
+    def eager_step(im, tg, lr):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses = model(im, tg)
+        meter.add(losses)
+        total = sum(losses[k].float() for k in sorted(losses))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    step = eager_step if eager else GraphedTrainStep(
+        model=model, amp_dtype=torch.bfloat16, optimizer=opt, meter=meter,
+        eager_step=eager_step, device=images.device, note=print)
+    result = timed(lambda: step(images, targets, 0.0), iters, warmup=6)
+    terms, _ = meter.read_window(__import__("mrcnn_helpers.engine.distributed",
+                                            fromlist=["DistContext"]).DistContext())
+    return result, {k: round(v, 3) for k, v in terms.items()}
+
+
+def latency_ms(fn, calls: int) -> tuple[float, float]:
+    """(p50, p99) wall milliseconds of `calls` synchronized calls."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+
+
 def bench_train(model, step_fn, iters):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
@@ -108,6 +155,10 @@ def main():
     ap.add_argument("--nchw", action="store_true", help="ours without channels_last")
     ap.add_argument("--compile", action="store_true",
                     help="experiment: ours with torch.compile over backbone + FPN and the RPN head")
+    ap.add_argument("--eager", action="store_true",
+                    help="ours without CUDA graphs (training step and inference forward)")
+    ap.add_argument("--latency-calls", type=int, default=200,
+                    help="batch-1 inference calls for the p50 / p99 latency")
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -138,7 +189,8 @@ def main():
     rows = []
 
     if args.only in (None, "train"):
-        (t_ours, m_ours), l_ours = bench_train(ours, lambda: ours(images, targets), args.iters)
+        (t_ours, m_ours), l_ours = bench_train_ours(ours, images, targets, args.iters,
+                                                    eager=args.eager)
         (t_stock, m_stock), l_stock = nothing, {}
         if stock is not None:
             (t_stock, m_stock), l_stock = bench_train(
@@ -147,12 +199,18 @@ def main():
         rows.append(("train step", args.batch, t_ours, m_ours, t_stock, m_stock))
 
     if args.only in (None, "infer"):
+        from mrcnn_helpers.inference.graphs import GraphedForward
+
         ours.eval()
         h, w = args.height, args.width
+        graphed = GraphedForward(ours, torch.bfloat16)
 
         def ours_infer(n):
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = ours(images[:n])
+            if args.eager:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = ours(images[:n])
+            else:
+                out = graphed(images[:n])
             pasted = [paste_masks_in_image(out["masks"][i], out["boxes"][i], h, w) > 0.5
                       for i in range(n)]
             return out, pasted
@@ -171,12 +229,20 @@ def main():
                 dets_s = sum(len(r["boxes"]) for r in stock_infer(n)) // n
             rows.append((f"inference ({dets_o}/{dets_s} dets/img, masks pasted)", n, t_o, m_o,
                          t_s, m_s))
+            if n == 1 and args.latency_calls:
+                p50, p99 = latency_ms(lambda: ours_infer(1), args.latency_calls)
+                latency = (p50, p99)
+        if args.latency_calls:
+            print(f"batch-1 latency over {args.latency_calls} calls, ours: p50 {latency[0]:.2f} "
+                  f"ms, p99 {latency[1]:.2f} ms", flush=True)
 
     props = torch.cuda.get_device_properties(device)
     print(f"\n{props.name}, torch {torch.__version__}, torchvision "
           f"{__import__('torchvision').__version__}, {datetime.date.today()}, "
           f"{args.height}x{args.width}, {args.objects} objects/image, bf16 autocast, ours "
-          f"{'NCHW' if args.nchw else 'channels_last'}{', compiled' if args.compile else ''}")
+          f"{'NCHW' if args.nchw else 'channels_last'}{', compiled' if args.compile else ''}"
+          f"{', eager' if args.eager else ', CUDA graphs'}, Triton kernels "
+          f"{'off' if os.environ.get('MRCNN_KERNELS') == '0' else 'on'}")
     head = f"| {'job':<46} | batch | ours img/s | ours ms | ours GiB | stock img/s | stock ms | stock GiB | ours/stock |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

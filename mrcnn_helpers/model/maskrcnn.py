@@ -7,6 +7,7 @@ Parameter names are torchvision's `MaskRCNN` names (`backbone.body.*`, `backbone
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .backbone import backbone_from_spec
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
@@ -64,12 +65,11 @@ def trim_target_padding(targets: dict) -> dict:
     The loader pads each image's instances to max_num_instances (100-200) for static shapes, but
     matching computes an IoU of every anchor against every row: ~280k anchors x 200 rows per image
     at 832x1344. Trimming to the batch's last used row costs one host sync and changes no result
-    (padding rows are masked out everywhere). Skipped while a CUDA graph is captured: its shapes
-    are fixed, and the sync is not allowed there.
+    (padding rows are masked out everywhere). Only where the sync is allowed: not on the GPU
+    kernels' path, whose steps stay free of host syncs (and are captured in CUDA graphs).
     """
     classes = targets["classes"]
-    capturing = classes.is_cuda and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing or classes.shape[1] <= 1:
+    if torch.compiler.is_compiling() or kernels.available(classes) or classes.shape[1] <= 1:
         return targets
     rows = torch.arange(1, classes.shape[1] + 1, device=classes.device)
     used = max(1, int(((classes > 0) * rows).max()))

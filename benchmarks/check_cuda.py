@@ -1,0 +1,207 @@
+"""Correctness of the CUDA path on a GPU: Triton kernels against torchvision, no host syncs,
+CUDA-graph replays against eager runs. Prints one line per check and exits non-zero on a failure.
+
+    python benchmarks/check_cuda.py [--size 384]
+
+1. RoIAlign kernel vs torchvision's roi_align (fp32 NCHW features, and bf16 channels_last as
+   the model feeds it), forward and backward, relative error.
+2. NMS kernel vs torchvision's batched_nms, row by row: the same kept sets, exactly.
+3. The model's training step and eval forward under torch.cuda.set_sync_debug_mode("error"):
+   any host synchronization raises.
+4. The eval forward replayed from a CUDA graph equals the eager forward; the training step
+   replayed from a CUDA graph gives the eager step's losses (bf16 tolerance) over several steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+from torchvision.ops import batched_nms, roi_align
+
+from mrcnn_helpers.engine.distributed import DistContext
+from mrcnn_helpers.engine.graphed_step import GraphedTrainStep
+from mrcnn_helpers.engine.loop import LossMeter
+from mrcnn_helpers.inference.graphs import GraphedForward
+from mrcnn_helpers.model import build_model, place_model
+from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
+from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
+from mrcnn_helpers.spec import load_spec, replace_spec
+
+SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "synthetic_gpu_r50.txt")
+FAILED = []
+
+
+def report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def check_roi_align(device) -> None:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    batch, channels, scales = 4, 256, [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    for dtype, layout in ((torch.float32, torch.contiguous_format),
+                          (torch.bfloat16, torch.channels_last)):
+        ref = [torch.randn(batch, channels, 256 // 2 ** i, 320 // 2 ** i, generator=g).to(device)
+               .requires_grad_(True) for i in range(4)]
+        feats = [f.detach().to(dtype).contiguous(memory_format=layout).requires_grad_(True)
+                 for f in ref]
+        n = 2048
+        xy = torch.rand(n, 2, generator=g) * 1300 - 20
+        wh = torch.rand(n, 2, generator=g) * 400 + 0.5
+        rois = torch.cat([torch.randint(0, batch, (n, 1), generator=g).float(), xy, xy + wh], 1)
+        rois, levels = rois.to(device), torch.randint(0, 4, (n,), generator=g).to(device)
+        out = multilevel_roi_align_triton(feats, rois, levels, scales, 7)
+        expected = torch.empty(n, channels, 7, 7, device=device)
+        for lv in range(4):
+            idx = (levels == lv).nonzero().squeeze(1)
+            expected[idx] = roi_align(ref[lv], rois[idx], (7, 7), spatial_scale=scales[lv],
+                                      sampling_ratio=2, aligned=False)
+        fwd = ((out.float() - expected).norm() / expected.norm()).item()
+        grad = torch.randn(expected.shape, generator=g).to(device)
+        expected.backward(grad)
+        out.backward(grad.to(dtype))
+        bwd = max(((f.grad.float() - r.grad).norm() / r.grad.norm()).item()
+                  for f, r in zip(feats, ref))
+        limit = 1e-5 if dtype == torch.float32 else 1e-2
+        report(f"roi_align {dtype} {'channels_last' if layout != torch.contiguous_format else 'NCHW'}",
+               fwd < limit and bwd < limit, f"relative error forward {fwd:.2e}, backward {bwd:.2e}")
+
+
+def check_nms(device) -> None:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    rows, size = 40, 2000
+    xy = torch.rand(rows, size, 2, generator=g) * 800
+    boxes = torch.cat([xy, xy + torch.rand(rows, size, 2, generator=g) * 200 + 1], -1)
+    scores = torch.rand(rows, size, generator=g)
+    groups = torch.randint(0, 3, (rows, size), generator=g)
+    order = scores.argsort(dim=1, descending=True)
+    boxes, groups = boxes.gather(1, order[..., None].expand(-1, -1, 4)), groups.gather(1, order)
+    scores = scores.gather(1, order)
+    candidate = torch.rand(rows, size, generator=g) > 0.1
+    keep = greedy_nms_rows(boxes.to(device), groups.to(device), candidate.to(device), 0.7).cpu()
+    mismatched = 0
+    for r in range(rows):
+        sel = candidate[r].nonzero().squeeze(1)
+        kept = sel[batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.7)]
+        expected = torch.zeros(size, dtype=torch.bool)
+        expected[kept] = True
+        mismatched += int((expected != keep[r]).sum())
+    report("nms kernel", mismatched == 0, f"{rows} rows x {size} boxes, {mismatched} decisions "
+                                          "differ from torchvision")
+
+
+def model_and_batch(device, size):
+    spec = replace_spec(load_spec(SPEC), **{"data_config.image_size": (size, size)})
+    torch.manual_seed(0)
+    model = place_model(build_model(spec), device)
+    g = torch.Generator().manual_seed(2)
+    b, m = 4, spec.data_config.max_num_instances
+    images = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
+    wh = torch.rand(b, 6, 2, generator=g) * size * 0.4 + 16
+    xy = torch.rand(b, 6, 2, generator=g) * (size - wh)
+    boxes = torch.zeros(b, m, 4)
+    boxes[:, :6] = torch.cat([xy, xy + wh], -1).floor()
+    classes = torch.zeros(b, m, dtype=torch.long)
+    classes[:, :6] = torch.randint(1, spec.data_config.num_classes, (b, 6), generator=g)
+    masks = torch.zeros(b, m, 28, 28, dtype=torch.uint8)
+    masks[:, :6, 4:24, 4:24] = 1
+    targets = {"boxes": boxes.to(device), "classes": classes.to(device),
+               "masks": masks.to(device)}
+    return spec, model, images.to(device), targets
+
+
+def check_no_syncs(device, size) -> None:
+    spec, model, images, targets = model_and_batch(device, size)
+    for name, run in (("train step", lambda: _train_once(model, images, targets)),
+                      ("eval forward", lambda: _eval_once(model, images))):
+        run()  # warm-up outside the check (cuDNN autotuning may sync)
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            run()
+            ok, detail = True, "no host synchronization"
+        except RuntimeError as exc:
+            ok, detail = False, str(exc).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        report(f"sync-free {name}", ok, detail)
+
+
+def _train_once(model, images, targets):
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    sum(v.float() for v in losses.values()).backward()
+
+
+def _eval_once(model, images):
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        return model(images)
+
+
+def check_graphs(device, size) -> None:
+    spec, model, images, targets = model_and_batch(device, size)
+    model.eval()
+    eager = _eval_once(model, images)
+    graphed = GraphedForward(model, torch.bfloat16, note=lambda text: None)
+    graphed(images)
+    replay = graphed(images)
+    diff = max((eager[k].float() - replay[k].float()).abs().max().item() for k in eager)
+    report("graph eval forward == eager", diff <= 1e-3, f"max |difference| {diff:.3g}")
+
+    losses = {}
+    for mode in ("eager", "graph"):
+        torch.manual_seed(5)
+        clone = copy.deepcopy(model).train()
+        opt = torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=1e-3,
+                              momentum=0.9)
+        meter = LossMeter(device, 0)
+        seen = []
+
+        def eager_step(im, tg, lr, clone=clone, opt=opt, meter=meter):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = clone(im, tg)
+            meter.add(out)
+            opt.zero_grad(set_to_none=True)
+            sum(out[k].float() for k in sorted(out)).backward()
+            opt.step()
+
+        step = eager_step if mode == "eager" else GraphedTrainStep(
+            model=clone, amp_dtype=torch.bfloat16, optimizer=opt, meter=meter,
+            eager_step=eager_step, device=device, note=lambda text: None)
+        for _ in range(8):
+            step(images, targets, 1e-3)
+            terms, _ = meter.read_window(DistContext())
+            seen.append(sum(terms.values()))
+        losses[mode] = seen
+    worst = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses["eager"], losses["graph"]))
+    report("graph train steps == eager", worst < 2e-2,
+           f"total loss per step eager {[round(v, 4) for v in losses['eager']]}, graph "
+           f"{[round(v, 4) for v in losses['graph']]} (largest relative difference {worst:.2e})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=384)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    for check in (check_roi_align, check_nms):
+        check(device)
+    check_no_syncs(device, args.size)
+    check_graphs(device, args.size)
+    print("FAILED: " + ", ".join(FAILED) if FAILED else "all checks passed")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,10 @@ CUDA-graph replays against eager runs. Prints one line per check and exits non-z
 3. The model's training step and eval forward under torch.cuda.set_sync_debug_mode("error"):
    any host synchronization raises.
 4. The eval forward replayed from a CUDA graph equals the eager forward; the training step
-   replayed from a CUDA graph gives the eager step's losses (bf16 tolerance) over several steps.
+   replayed from a CUDA graph gives the eager step's losses over several steps at learning rate
+   0 (so the weights stay put and the losses compare the forward and the random sampling
+   stream, not the chaotic growth of atomics' rounding differences), and moves the weights
+   exactly as eager SGD does over one step at a learning rate.
 """
 
 from __future__ import annotations
@@ -178,12 +181,12 @@ def check_graphs(device, size) -> None:
             model=clone, amp_dtype=torch.bfloat16, optimizer=opt, meter=meter,
             eager_step=eager_step, device=device, note=lambda text: None)
         for _ in range(8):
-            step(images, targets, 1e-3)
+            step(images, targets, 0.0)
             terms, _ = meter.read_window(DistContext())
             seen.append(sum(terms.values()))
         losses[mode] = seen
     worst = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses["eager"], losses["graph"]))
-    report("graph train steps == eager", worst < 2e-2,
+    report("graph train steps == eager (lr 0)", worst < 1e-3,
            f"total loss per step eager {[round(v, 4) for v in losses['eager']]}, graph "
            f"{[round(v, 4) for v in losses['graph']]} (largest relative difference {worst:.2e})")
 

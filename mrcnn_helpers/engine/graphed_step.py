@@ -141,7 +141,8 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast(
+        # thread_local: the loader's pin-memory thread keeps calling CUDA while this captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.autocast(
                 "cuda", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
                 cache_enabled=False):
             losses = self.model(self.static_images, self.static_targets)

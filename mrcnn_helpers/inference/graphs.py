@@ -83,7 +83,10 @@ class GraphedForward:
                     self._run(static_input)
             torch.cuda.current_stream(images.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad(), torch.autocast(
+            # thread_local: other threads (a deploy pipeline's decoder, a loader's pin-memory
+            # thread) keep calling CUDA while this captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad(), \
+                    torch.autocast(
                     "cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
                     cache_enabled=False):
                 outputs = self.model(static_input)

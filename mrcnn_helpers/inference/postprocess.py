@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mrcnn_helpers.model.masks import paste_masks_in_image
+from mrcnn_helpers.model.masks import paste_binary_masks
 
 MASK_THRESHOLD = 0.5
 
@@ -39,7 +39,7 @@ def postprocess_detections(dets: dict, index: int, scale: float, orig_size, scor
             & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
     masks = None
     if include_mask and dets.get("masks") is not None:
-        probs = paste_masks_in_image(dets["masks"][index, :n][keep].float(), boxes[keep], h, w)
-        masks = (probs >= mask_threshold).cpu()
+        masks = paste_binary_masks(dets["masks"][index, :n][keep].float(), boxes[keep], h, w,
+                                   mask_threshold).cpu()
     return {"boxes": clipped[keep].cpu(), "scores": scores[keep].cpu(),
             "classes": classes[keep].cpu(), "masks": masks}

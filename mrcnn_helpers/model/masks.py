@@ -11,6 +11,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from . import kernels
+
+if kernels.ENABLED:
+    from .kernels.paste import paste_binary_masks as paste_binary_kernel
+
 
 def project_masks_to_rois(gt_masks: Tensor, gt_boxes: Tensor, rois: Tensor, matched: Tensor,
                           resolution: int) -> Tensor:
@@ -82,3 +87,13 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, height: int, width: int,
         m = masks[start:start + step].float()
         torch.bmm(wy, torch.bmm(m, wx.transpose(1, 2)), out=out[start:start + step])
     return out
+
+
+def paste_binary_masks(masks: Tensor, boxes: Tensor, height: int, width: int,
+                       threshold: float = 0.5) -> Tensor:
+    """bool Tensor[N, height, width]: paste_masks_in_image(...) >= threshold. On the GPU one
+    Triton pass computes and thresholds each pixel and writes bytes (kernels/paste.py); elsewhere
+    the matrix-product paste is thresholded."""
+    if kernels.available(masks):
+        return paste_binary_kernel(masks, boxes, height, width, threshold)
+    return paste_masks_in_image(masks, boxes, height, width) >= threshold

@@ -10,10 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
 
-from . import box_ops
+from . import box_ops, kernels
 from .anchors import generate_anchors, num_anchors_per_location
 from .nms import nms_keep_mask, top_kept
 from .sampling import FOREGROUND, label_rpn_anchors, sample_balanced
+
+if kernels.ENABLED:
+    from .kernels.matching import match_rpn_anchors
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 # Smooth-L1 transition point of the box losses (Detectron's 1/9).
@@ -117,8 +120,12 @@ def rpn_losses(objectness: Tensor, deltas: Tensor, anchors: Tensor, gt_boxes: Te
     Returns (binary cross-entropy over the sampled anchors, smooth-L1 over the positives; both
     divided by the number of sampled anchors).
     """
-    iou = box_ops.box_iou(anchors[None].expand(gt_boxes.shape[0], -1, -1), gt_boxes)
-    labels, matched = label_rpn_anchors(iou, gt_valid, positive_overlap, negative_overlap)
+    if kernels.available(anchors):  # the same labels without the [B, A, M] IoU matrix
+        labels, matched = match_rpn_anchors(anchors, gt_boxes, gt_valid, positive_overlap,
+                                            negative_overlap)
+    else:
+        iou = box_ops.box_iou(anchors[None].expand(gt_boxes.shape[0], -1, -1), gt_boxes)
+        labels, matched = label_rpn_anchors(iou, gt_valid, positive_overlap, negative_overlap)
     index, sampled = sample_balanced(labels, batch_size_per_im, fg_fraction)
     valid = sampled >= 0
     num_sampled = valid.sum().clamp(min=1)

@@ -15,6 +15,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernel
 
 from mrcnn_helpers.model import kernels, nms  # noqa: E402
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows  # noqa: E402
+from mrcnn_helpers.model import box_ops  # noqa: E402
+from mrcnn_helpers.model.kernels.matching import match_rpn_anchors  # noqa: E402
+from mrcnn_helpers.model.kernels.paste import paste_binary_masks  # noqa: E402
+from mrcnn_helpers.model.sampling import label_rpn_anchors  # noqa: E402
+from mrcnn_helpers.model.masks import paste_masks_in_image  # noqa: E402
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton  # noqa: E402
 from mrcnn_helpers.model.roi_heads import multilevel_roi_align  # noqa: E402
 
@@ -81,6 +86,44 @@ def test_greedy_nms_kernel_matches_torchvision():
     # The kernel alone, on rows already sorted: nothing but candidates can be kept.
     keep = greedy_nms_rows(boxes, groups, candidate, 0.5)
     assert not (keep & ~candidate).any() and keep[:, 0].eq(candidate[:, 0]).all()
+
+
+def test_paste_kernel_matches_the_matrix_product_paste():
+    g = torch.Generator().manual_seed(2)
+    n, r, h, w = 5, 6, 23, 37
+    masks = torch.rand(n, r, r, generator=g)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 4  # some partly outside
+    wh = torch.rand(n, 2, generator=g) * 20 + 0.2
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    expected = paste_masks_in_image(masks, boxes, h, w) >= 0.5
+    got = paste_binary_masks(masks, boxes, h, w, 0.5)
+    assert got.dtype == torch.bool and got.shape == (n, h, w)
+    # Sums of the same products in another order: a pixel whose value is within rounding of the
+    # threshold may flip; none else.
+    probs = paste_masks_in_image(masks, boxes, h, w)
+    differ = got != expected
+    assert (probs[differ] - 0.5).abs().max().item() < 1e-5 if differ.any() else True
+    assert differ.sum() <= 2 and got.any()
+
+
+def test_anchor_matching_kernel_matches_the_iou_matrix_path():
+    g = torch.Generator().manual_seed(3)
+    a, b, m = 300, 3, 7
+    xy = torch.rand(a, 2, generator=g) * 60
+    anchors = torch.cat([xy, xy + torch.rand(a, 2, generator=g) * 30 + 1], dim=1)
+    gxy = torch.rand(b, m, 2, generator=g) * 60
+    gt = torch.cat([gxy, gxy + torch.rand(b, m, 2, generator=g) * 30 + 2], dim=-1)
+    gt[0, 3] = anchors[10]  # an exact match (IoU 1), and a gt with no overlapping anchor
+    gt[1, 2] = torch.tensor([500.0, 500.0, 510.0, 510.0])
+    valid = torch.rand(b, m, generator=g) > 0.2
+    valid[2] = False  # an image without ground truth
+    iou = box_ops.box_iou(anchors[None].expand(b, -1, -1), gt)
+    want_labels, want_matched = label_rpn_anchors(iou, valid, 0.7, 0.3)
+    labels, matched = match_rpn_anchors(anchors, gt, valid, 0.7, 0.3)
+    assert torch.equal(labels, want_labels)
+    positive = want_labels == 1
+    assert torch.equal(matched[positive], want_matched[positive])
+    assert labels[0, 10] == 1 and (labels[2] != 1).all()
 
 
 if __name__ == "__main__":

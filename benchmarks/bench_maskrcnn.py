@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from mrcnn_helpers.model import build_model, paste_masks_in_image, place_model
+from mrcnn_helpers.model import build_model, paste_binary_masks, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 SEED_SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "maskrcnn_coco_resnet50.txt")
@@ -218,7 +218,8 @@ def main():
                     out = ours(images[:n])
             else:
                 out = graphed(images[:n])
-            pasted = [paste_masks_in_image(out["masks"][i], out["boxes"][i], h, w) > 0.5
+            # The Predictor's paste (postprocess_detections): bool masks at full resolution.
+            pasted = [paste_binary_masks(out["masks"][i], out["boxes"][i], h, w, 0.5)
                       for i in range(n)]
             return out, pasted
 

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench_maskrcnn import SEED_SPEC, synthetic_batch
-from mrcnn_helpers.model import build_model, paste_masks_in_image, place_model
+from mrcnn_helpers.model import build_model, paste_binary_masks, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 
@@ -73,7 +73,7 @@ def main():
             out = model(images)
         with record_function("stage::paste"):
             for i in range(args.batch):
-                paste_masks_in_image(out["masks"][i], out["boxes"][i], h, w).gt_(0.5)
+                paste_binary_masks(out["masks"][i], out["boxes"][i], h, w, 0.5)
 
     step = infer_step if args.infer else train_step
 

@@ -69,7 +69,8 @@ class StreamingEpochSampler(Sampler[int]):
             epoch += 1
 
 
-def _json_source(json_file: str, pattern: str, json_field: str, pattern_field: str) -> str:
+def _json_source(json_file: str, json_field: str, pattern_field: str) -> str:
+    """`json_file`, or a DataError saying which field to set."""
     if json_file:
         return json_file
     raise DataError(f"data_config.{json_field} is empty; set it to a COCO instances JSON file, or "
@@ -127,8 +128,7 @@ def build_train_dataset(spec, *, rank: int = 0, world_size: int = 1):
                                           categories=categories, **_sample_options(spec, True))
         dataset.rank_shard = rank_shard
     else:
-        json_file = _json_source(dc.train_json_file, dc.training_file_pattern, "train_json_file",
-                                 "training_file_pattern")
+        json_file = _json_source(dc.train_json_file, "train_json_file", "training_file_pattern")
         dataset = CocoInstanceDataset(json_file, dc.train_image_dir, **_sample_options(spec, True))
     _check_num_classes(spec, dataset)
     return dataset
@@ -188,8 +188,7 @@ def build_eval_dataset(spec, max_images: int | None = None):
         dataset = TfRecordInstanceDataset(files, categories=categories, coco=coco,
                                           max_images=limit, **_sample_options(spec, False))
     else:
-        json_file = _json_source(dc.val_json_file, dc.validation_file_pattern, "val_json_file",
-                                 "validation_file_pattern")
+        json_file = _json_source(dc.val_json_file, "val_json_file", "validation_file_pattern")
         dataset = CocoInstanceDataset(json_file, dc.val_image_dir, max_images=limit,
                                       **_sample_options(spec, False))
     _check_num_classes(spec, dataset)

@@ -7,9 +7,8 @@ with masked_crc(c) = ((c >> 15 | c << 17) + 0xa282ead8) mod 2**32 and crc32c the
 whose schema (tensorflow/core/example/{example,feature}.proto) is rebuilt below with protobuf's
 descriptor API, so files written here are read by tf.data and vice versa.
 
-CRC32C uses the `google-crc32c` package (C, hardware accelerated) when it is installed and a
-table-driven pure-Python fallback otherwise (~100x slower: fine for tests and small datasets,
-minutes per GB for COCO).
+CRC32C comes from the `google-crc32c` package (a dependency: C, hardware accelerated; a
+Python loop would take minutes per GB of COCO records).
 """
 
 from __future__ import annotations
@@ -20,16 +19,13 @@ import os
 import struct
 from collections.abc import Iterator
 
+import google_crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from ..errors import DataError
 from ..fileio import atomic_output, describe_os_error
 
-try:  # optional accelerated CRC32C
-    import google_crc32c as _google_crc32c
-except ImportError:  # pragma: no cover - depends on the environment
-    _google_crc32c = None
 
 
 class RecordCorruptError(DataError):
@@ -38,34 +34,9 @@ class RecordCorruptError(DataError):
 
 # ---------------------------------------------------------------------------------------- CRC32C
 
-def _crc32c_table() -> list[int]:
-    poly = 0x82F63B78  # 0x1EDC6F41 bit-reversed
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c_python(data: bytes, crc: int = 0) -> int:
-    """CRC32C of `data` (continuing from a previous `crc`), pure Python."""
-    crc ^= 0xFFFFFFFF
-    table = _TABLE
-    for byte in memoryview(data).cast("B"):
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
 def crc32c(data: bytes) -> int:
     """CRC32C (Castagnoli) of `data` as an unsigned 32-bit int; crc32c(b"123456789") = 0xE3069283."""
-    if _google_crc32c is not None:
-        return _google_crc32c.value(bytes(data))
-    return crc32c_python(data)
+    return google_crc32c.value(bytes(data))
 
 
 def masked_crc32c(data: bytes) -> int:

@@ -32,9 +32,8 @@ TARGET_KEYS = ("boxes", "classes", "masks")
 
 
 def _images_of(batch: dict) -> torch.Tensor:
-    for key in ("image", "images"):
-        if key in batch:
-            return batch[key]
+    if "image" in batch:
+        return batch["image"]
     raise DataError(f"training batch has no 'image' entry (keys: {sorted(batch)})")
 
 

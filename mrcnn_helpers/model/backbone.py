@@ -177,13 +177,6 @@ class ResNetFPN(nn.Module):
         return list(features.values())[: self.num_levels]
 
 
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return trainable, total
-
-
 def backbone_from_spec(cfg) -> ResNetFPN:
     """Build the backbone from a MaskRCNNConfig."""
     return ResNetFPN(cfg.nlayers, cfg.min_level, cfg.max_level, cfg.freeze_bn,

@@ -113,83 +113,110 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
     meta = getattr(predictor.model, "meta", None)
     if batch_size is None:
         batch_size = meta.batch_size if meta is not None else predictor.batch_size
-    batch_size = max(1, int(batch_size))
-    backend = predictor.backend + ("" if predictor.precision == "fp32"
-                                   else f" {predictor.precision}")
-    stats = DeployStats(backend=backend, batch_size=batch_size)
-    frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
-    frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
-    stop = threading.Event()
+    pipeline = _Pipeline(predictor, source, sink, batch_size=max(1, int(batch_size)),
+                         threshold=threshold, include_mask=include_mask, max_frames=max_frames,
+                         progress=progress, queue_size=queue_size)
+    return pipeline.run()
 
-    def decode():
+
+class _Pipeline:
+    """The three stages of run_deploy and the queues between them."""
+
+    def __init__(self, predictor, source, sink, *, batch_size, threshold, include_mask,
+                 max_frames, progress, queue_size):
+        self.predictor, self.source, self.sink = predictor, source, sink
+        self.batch_size, self.threshold, self.include_mask = batch_size, threshold, include_mask
+        self.max_frames, self.progress = max_frames, progress
+        backend = predictor.backend + ("" if predictor.precision == "fp32"
+                                       else f" {predictor.precision}")
+        self.stats = DeployStats(backend=backend, batch_size=batch_size)
+        self.frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stop = threading.Event()
+
+    def decode(self) -> None:
+        """Reader thread: frames with the time they were read, then _END."""
         count = 0
         try:
-            for name, frame in source:
-                if stop.is_set() or (max_frames is not None and count >= max_frames):
+            for name, frame in self.source:
+                if self.stop.is_set() or (self.max_frames is not None
+                                          and count >= self.max_frames):
                     break
-                frames_in.put((name, frame, time.perf_counter()))
+                self.frames_in.put((name, frame, time.perf_counter()))
                 count += 1
         finally:
-            frames_in.put(_END)
+            self.frames_in.put(_END)
 
-    def encode():
+    def encode(self) -> None:
+        """Writer thread: draw each frame's detections, write it, count its latencies."""
+        stats = self.stats
         while True:
-            item = frames_out.get()
+            item = self.frames_out.get()
             if item is _END:
                 return
             name, frame, out, t_read, t_batch = item
             drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"],
-                                   predictor.class_names, masks=out["masks"])
-            sink.write(name, np.asarray(drawn))
+                                   self.predictor.class_names, masks=out["masks"])
+            self.sink.write(name, np.asarray(drawn))
             now = time.perf_counter()
             stats.detections += len(out["scores"])
             stats.frame_latency_ms.append((now - t_read) * 1000.0)
             stats.service_latency_ms.append((now - t_batch) * 1000.0)
             stats.frames += 1
-            if progress and stats.frames % 50 == 0:
+            if self.progress and stats.frames % 50 == 0:
                 print(f"deploy: {stats.frames} frames", file=sys.stderr)
 
-    reader, writer = _Worker(decode, "mrcnn-decode"), _Worker(encode, "mrcnn-encode")
-    start = time.perf_counter()
-    reader.start()
-    writer.start()
-    try:
-        done = False
-        while not done:
-            batch = []
-            while len(batch) < batch_size:
-                item = frames_in.get()
-                if item is _END:
-                    done = True
-                    break
-                batch.append(item)
-            if not batch:
+    def next_batch(self) -> list:
+        """Up to batch_size frames from the reader; fewer (or none) at the end of the source."""
+        batch = []
+        while len(batch) < self.batch_size:
+            item = self.frames_in.get()
+            if item is _END:
+                self.frames_in.put(_END)  # later calls see the end too
                 break
-            t_batch = time.perf_counter()
-            images, scales, sizes = predictor.preprocess([frame for _, frame, _ in batch])
-            dets = predictor.forward(images)
-            if predictor.device.type == "cuda":
-                torch.cuda.synchronize(predictor.device)
-            stats.infer_latency_ms.append((time.perf_counter() - t_batch) * 1000.0)
-            outputs = predictor.postprocess(dets, scales, sizes, threshold, include_mask)
-            for (name, frame, t_read), out in zip(batch, outputs, strict=True):
-                _put_while_alive(frames_out, (name, frame, out, t_read, t_batch), writer)
-                if writer.error is not None:
-                    raise writer.error
-    finally:
-        stop.set()
+            batch.append(item)
+        return batch
+
+    def infer(self, batch: list, writer: _Worker) -> None:
+        """Preprocess, run and postprocess one batch; hand its frames to the writer."""
+        predictor, stats = self.predictor, self.stats
+        t_batch = time.perf_counter()
+        images, scales, sizes = predictor.preprocess([frame for _, frame, _ in batch])
+        dets = predictor.forward(images)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize(predictor.device)
+        stats.infer_latency_ms.append((time.perf_counter() - t_batch) * 1000.0)
+        outputs = predictor.postprocess(dets, scales, sizes, self.threshold, self.include_mask)
+        for (name, frame, t_read), out in zip(batch, outputs, strict=True):
+            _put_while_alive(self.frames_out, (name, frame, out, t_read, t_batch), writer)
+            if writer.error is not None:
+                raise writer.error
+
+    def run(self) -> DeployStats:
+        reader, writer = _Worker(self.decode, "mrcnn-decode"), _Worker(self.encode, "mrcnn-encode")
+        start = time.perf_counter()
+        reader.start()
+        writer.start()
+        try:
+            while batch := self.next_batch():
+                self.infer(batch, writer)
+        finally:
+            self.shutdown(reader, writer)
+        for worker in (reader, writer):
+            if worker.error is not None:
+                raise worker.error
+        self.stats.seconds = time.perf_counter() - start
+        return self.stats
+
+    def shutdown(self, reader: _Worker, writer: _Worker) -> None:
+        self.stop.set()
         # Drain so a reader blocked on a full queue sees `stop`; give up on a stalled stream.
         deadline = time.perf_counter() + 5.0
         while reader.is_alive() and time.perf_counter() < deadline:
             with contextlib.suppress(queue.Empty):
-                frames_in.get(timeout=0.1)
-        _put_while_alive(frames_out, _END, writer)
+                self.frames_in.get(timeout=0.1)
+        _put_while_alive(self.frames_out, _END, writer)
         writer.join()
         reader.join(timeout=1.0)
-        sink.close()
-        source.close()
-    for worker in (reader, writer):
-        if worker.error is not None:
-            raise worker.error
-    stats.seconds = time.perf_counter() - start
-    return stats
+        self.sink.close()
+        self.source.close()

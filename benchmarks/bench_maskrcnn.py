@@ -24,7 +24,9 @@ import os
 import time
 
 import torch
+from train_step import make_train_step
 
+from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.model import build_model, paste_binary_masks, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 
@@ -92,30 +94,11 @@ def timed(fn, iters, warmup=3):
 
 
 def bench_train_ours(model, images, targets, iters, *, eager: bool):
-    """Our step as the trainer runs it: GraphedTrainStep (or its eager step) with LossMeter."""
-    from mrcnn_helpers.engine.graphed_step import GraphedTrainStep
-    from mrcnn_helpers.engine.loop import LossMeter
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
-    meter = LossMeter(images.device, 0)
+    """Our step as the trainer runs it (train_step.make_train_step), at learning rate 0."""
     model.train()
-
-    def eager_step(im, tg, lr):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses = model(im, tg)
-        meter.add(losses)
-        total = sum(losses[k].float() for k in sorted(losses))
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-
-    step = eager_step if eager else GraphedTrainStep(
-        model=model, amp_dtype=torch.bfloat16, optimizer=opt, meter=meter,
-        eager_step=eager_step, device=images.device, note=print)
+    step, meter = make_train_step(model, images.device, graphs=not eager)
     result = timed(lambda: step(images, targets, 0.0), iters, warmup=6)
-    terms, _ = meter.read_window(__import__("mrcnn_helpers.engine.distributed",
-                                            fromlist=["DistContext"]).DistContext())
+    terms, _ = meter.read_window(DistContext())
     return result, {k: round(v, 3) for k, v in terms.items()}
 
 

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from train_step import make_train_step
 
 from mrcnn_helpers.data import build_train_loader, generate_synthetic_dataset
 from mrcnn_helpers.engine.distributed import DistContext
-from mrcnn_helpers.engine.graphed_step import GraphedTrainStep
-from mrcnn_helpers.engine.loop import LossMeter
 from mrcnn_helpers.model import build_model, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 from mrcnn_helpers.workflow import train
@@ -67,20 +66,7 @@ def step_only(spec, iters: int = 30) -> float:
     images = batch["image"].to(device)
     targets = {k: batch[k].to(device) for k in ("boxes", "classes", "masks")}
     model = place_model(build_model(spec), device).train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                          momentum=0.9)
-    meter = LossMeter(device, 0)
-
-    def eager(im, tg, lr):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses = model(im, tg)
-        meter.add(losses)
-        opt.zero_grad(set_to_none=True)
-        sum(losses[k].float() for k in sorted(losses)).backward()
-        opt.step()
-
-    step = GraphedTrainStep(model=model, amp_dtype=torch.bfloat16, optimizer=opt, meter=meter,
-                            eager_step=eager, device=device, note=lambda text: None)
+    step, meter = make_train_step(model, device)
     for _ in range(6):
         step(images, targets, 1e-3)
     torch.cuda.synchronize()

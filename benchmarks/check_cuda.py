@@ -24,10 +24,9 @@ import sys
 
 import torch
 from torchvision.ops import batched_nms, roi_align
+from train_step import make_train_step
 
 from mrcnn_helpers.engine.distributed import DistContext
-from mrcnn_helpers.engine.graphed_step import GraphedTrainStep
-from mrcnn_helpers.engine.loop import LossMeter
 from mrcnn_helpers.inference.graphs import GraphedForward
 from mrcnn_helpers.model import build_model, place_model
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
@@ -162,24 +161,8 @@ def check_graphs(device, size) -> None:
     for mode in ("eager", "graph"):
         torch.manual_seed(5)
         clone = copy.deepcopy(model).train()
-        opt = torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=1e-3,
-                              momentum=0.9)
-        meter = LossMeter(device, 0)
+        step, meter = make_train_step(clone, device, graphs=mode == "graph")
         seen = []
-
-        def eager_step(im, tg, lr, clone=clone, opt=opt, meter=meter):
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = clone(im, tg)
-            meter.add(out)
-            opt.zero_grad(set_to_none=True)
-            sum(out[k].float() for k in sorted(out)).backward()
-            opt.step()
-
-        step = eager_step if mode == "eager" else GraphedTrainStep(
-            model=clone, amp_dtype=torch.bfloat16, optimizer=opt, meter=meter,
-            eager_step=eager_step, device=device, note=lambda text: None)
         for _ in range(8):
             step(images, targets, 0.0)
             terms, _ = meter.read_window(DistContext())

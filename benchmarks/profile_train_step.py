@@ -11,9 +11,9 @@ no profiling calls. Needs a CUDA GPU.
 import argparse
 
 import torch
+from bench_maskrcnn import SEED_SPEC, synthetic_batch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench_maskrcnn import SEED_SPEC, synthetic_batch
 from mrcnn_helpers.model import build_model, paste_binary_masks, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 

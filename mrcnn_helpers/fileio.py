@@ -123,6 +123,45 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *, error: type = Mr
                 os.unlink(tmp)
 
 
+class PendingFile:
+    """A temporary path beside `path` for writers that open a file by name and write it over
+    many calls (OpenCV's VideoWriter picks the container from the suffix, which is kept:
+    `.<name>.<random>.tmp<suffix>`). `commit()` fsyncs it and renames it over `path`;
+    `discard()` removes it, leaving `path` as it was. Both raise `error` naming `path` on an OS
+    error, and neither leaves the temporary file behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, error: type = MrcnnError, what: str = ""):
+        self.path, self.error, self.what = Path(path), error, what or "file"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.",
+                                       suffix=TEMP_SUFFIX + self.path.suffix, dir=self.path.parent)
+            os.close(fd)
+        except OSError as exc:
+            raise error(f"could not write {self.path}: {describe_os_error(exc)}") from None
+        self.tmp: Path | None = Path(tmp)
+
+    def commit(self) -> Path:
+        try:
+            with open(self.tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.discard()
+            raise self.error(f"could not write {self.path}: {describe_os_error(exc)}; the "
+                             f"previous {self.what}, if any, is unchanged") from None
+        return self.path
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, error: type = MrcnnError,
                  what: str = "") -> Path:
     """Write bytes or text (utf-8) to `path` atomically; returns the path (see atomic_output)."""

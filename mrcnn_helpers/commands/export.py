@@ -3,12 +3,19 @@ TensorRT engine and DeepStream configs on request."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
 from mrcnn_helpers.errors import MrcnnError
 from mrcnn_helpers.export.calibration import CalibrationBatches
-from mrcnn_helpers.export.deepstream import DEFAULT_CUSTOM_LIB, write_deepstream_configs
+from mrcnn_helpers.export.deepstream import (
+    APP_CONFIG,
+    DEFAULT_CUSTOM_LIB,
+    INFER_CONFIG,
+    LABELS_FILE,
+    write_deepstream_configs,
+)
 from mrcnn_helpers.export.onnx_export import export_onnx
 from mrcnn_helpers.export.tensorrt import build_engine, make_entropy_calibrator
 from mrcnn_helpers.export.verify import (
@@ -18,15 +25,39 @@ from mrcnn_helpers.export.verify import (
     load_validation_images,
     verify_export,
 )
-from mrcnn_helpers.fileio import check_output_path
+from mrcnn_helpers.fileio import describe_os_error
 from mrcnn_helpers.inference.backends import OnnxRuntimeModel
 from mrcnn_helpers.inference.loading import is_exported, load_model_file
+from mrcnn_helpers.inference.metadata import sidecar_path
 from mrcnn_helpers.inference.tensorrt import TensorRTModel, import_tensorrt
 from mrcnn_helpers.runtime import resolve_device
 from mrcnn_helpers.spec import load_spec
 
+from .common import check_outputs, command_inputs
 
-def _check_args(args) -> None:
+
+def _outputs(args) -> dict:
+    """{option: path} of every file export writes: the ONNX file, the engine, its sidecar JSON,
+    the INT8 calibration cache (given or the engine's default) and the DeepStream files."""
+    outputs = {"--output": args.output}
+    if args.engine:
+        outputs["--engine"] = args.engine
+        outputs["--engine's metadata"] = str(sidecar_path(args.engine))
+        if args.data_type == "int8":
+            outputs["--cal-cache-file"] = (args.cal_cache_file
+                                           or str(Path(args.engine).with_suffix(".cal.bin")))
+    elif args.cal_cache_file:
+        outputs["--cal-cache-file"] = args.cal_cache_file
+    if args.deepstream:
+        for name in (INFER_CONFIG, APP_CONFIG, LABELS_FILE):
+            outputs[f"--deepstream {name}"] = str(Path(args.deepstream) / name)
+    return outputs
+
+
+def _check_args(args, loaded=None) -> None:
+    """Refuse arguments that cannot work together, and outputs that would land on an input
+    (the model, the spec, the calibration images, the files the model's spec names) or on
+    each other; with `loaded`, the model's own spec is known too."""
     if is_exported(args.model):
         raise MrcnnError(f"{args.model}: export starts from a training checkpoint, weights file "
                          "or results directory, not from an exported model")
@@ -37,11 +68,23 @@ def _check_args(args) -> None:
                          "encrypted with --key): export once without --key for DeepStream")
     if args.deepstream and args.layout != "deepstream":
         raise MrcnnError("--deepstream needs --layout deepstream")
-    inputs = [args.model, args.experiment_spec, args.cal_image_dir]
-    for option, path in (("--output", args.output), ("--engine", args.engine),
-                         ("--cal-cache-file", args.cal_cache_file), ("--deepstream", args.deepstream)):
-        if path:
-            check_output_path(path, inputs, option=option, allow_inside=option == "--deepstream")
+    for option, path in (("--output", args.output), ("--engine", args.engine)):
+        if path and Path(path).is_dir():
+            raise MrcnnError(f"{option} {path} is a folder: name the file to write")
+    if args.deepstream and Path(args.deepstream).exists() and not Path(args.deepstream).is_dir():
+        raise MrcnnError(f"--deepstream {args.deepstream} is a file: name a folder")
+    # The calibration cache is read when present: it may exist, but not be another input.
+    check_outputs(_outputs(args), command_inputs(args, loaded))
+
+
+@contextlib.contextmanager
+def _os_errors_named(target):
+    """An OSError (full disk, read-only folder) of the engine or DeepStream writers as one line
+    naming what was being written."""
+    try:
+        yield
+    except OSError as exc:
+        raise MrcnnError(f"could not write {target}: {describe_os_error(exc)}") from None
 
 
 def _verify(args, model, spec, onnx_model, engine_model=None) -> None:
@@ -82,8 +125,9 @@ def _build_engine(args, meta):
         cache = args.cal_cache_file or str(Path(args.engine).with_suffix(".cal.bin"))
         args.cal_cache_file = cache
         calibrator = make_entropy_calibrator(batches, cache)
-    path = build_engine(args.output, args.engine, data_type=args.data_type, calibrator=calibrator,
-                        workspace=args.workspace << 20, key=args.key)
+    with _os_errors_named(args.engine):
+        path = build_engine(args.output, args.engine, data_type=args.data_type,
+                            calibrator=calibrator, workspace=args.workspace << 20, key=args.key)
     print(f"engine written to {path} ({args.data_type})")
     return path
 
@@ -94,6 +138,7 @@ def run(args) -> int:
         import_tensorrt()  # fail before the export work when TensorRT is missing
     spec = load_spec(args.experiment_spec) if args.experiment_spec else None
     loaded = load_model_file(args.model, spec=spec, device="cpu", key=args.key)
+    _check_args(args, loaded)
     model, spec = loaded.model, loaded.spec
     meta = export_onnx(model, spec, args.output, batch_size=args.batch_size, layout=args.layout,
                        normalize_in_graph=args.normalize_in_graph, opset=args.opset,
@@ -117,10 +162,11 @@ def run(args) -> int:
             raise MrcnnError("an INT8 DeepStream config needs a calibration cache: build one "
                              "with --engine ... --data-type int8 --cal-image-dir DIR, or pass an "
                              "existing --cal-cache-file")
-        paths = write_deepstream_configs(
-            args.deepstream, meta, args.output, engine_path=args.engine,
-            data_type=args.data_type, calib_file=args.cal_cache_file,
-            custom_lib=args.ds_custom_lib or DEFAULT_CUSTOM_LIB,
-            **({"video_uri": args.ds_video} if args.ds_video else {}))
+        with _os_errors_named(args.deepstream):
+            paths = write_deepstream_configs(
+                args.deepstream, meta, args.output, engine_path=args.engine,
+                data_type=args.data_type, calib_file=args.cal_cache_file,
+                custom_lib=args.ds_custom_lib or DEFAULT_CUSTOM_LIB,
+                **({"video_uri": args.ds_video} if args.ds_video else {}))
         print("DeepStream: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0

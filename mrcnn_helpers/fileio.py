@@ -280,6 +280,13 @@ def _zip_entries(handle) -> list[zipfile.ZipInfo] | None:
             handle.seek(here)
 
 
+def source_name(source) -> str:
+    """How messages name what is read: a path as given, an open file by its name."""
+    if hasattr(source, "read"):
+        return str(getattr(source, "name", None) or "<file object>")
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>"
+
+
 def check_torch_file(source, name: str | None = None, *, error: type = MrcnnError) -> int:
     """Refuse a `torch.save` file whose tensors would take more memory than the file has bytes;
     returns the bytes its entries expand to (0 for a file that is not a zip archive).
@@ -298,7 +305,7 @@ def check_torch_file(source, name: str | None = None, *, error: type = MrcnnErro
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     handle = io.BytesIO(source) if in_memory else source
     if name is None:
-        name = "<bytes>" if in_memory else str(getattr(source, "name", None) or source)
+        name = "<bytes>" if in_memory else source_name(source)
     if hasattr(handle, "seek"):
         here = handle.tell()
         size = handle.seek(0, os.SEEK_END) - here

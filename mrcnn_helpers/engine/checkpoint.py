@@ -38,6 +38,7 @@ from mrcnn_helpers.fileio import (
     atomic_output,
     check_torch_file,
     describe_os_error,
+    source_name,
     remove_temporaries,
 )
 from mrcnn_helpers.spec import format_spec
@@ -207,9 +208,9 @@ def read_torch_file(source, name: str | None = None, map_location: Any = "cpu") 
     what it may expand to. CheckpointError naming the file when it is refused so, holds pickled
     objects other than plain weights (they would run code), is corrupt or truncated, or needs
     more memory than there is."""
+    name = name or source_name(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
-    name = name or str(getattr(source, "name", None) or source)
     check_torch_file(source, name, error=CheckpointError)
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
@@ -244,7 +245,7 @@ def load_checkpoint(source, map_location: Any = "cpu", *, name: str | None = Non
         source = Path(source)
         if not source.is_file():
             raise CheckpointError(f"checkpoint not found: {source}")
-    name = name or str(getattr(source, "name", None) or source)
+    name = name or source_name(source)
     state = read_torch_file(source, name, map_location)
     return checked_state(state, name)
 

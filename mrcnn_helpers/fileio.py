@@ -21,7 +21,6 @@ Standard library only: the CLI imports this without paying for torch.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import io
 import json
@@ -250,8 +249,10 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
 def check_writable_dir(path: str | os.PathLike, *, option: str = "output") -> Path:
     """Create folder `path` if needed and check it can be written; returns it as a Path.
 
-    Raises MrcnnError naming the path when it is an existing file, cannot be created, or is
-    read-only."""
+    Raises MrcnnError naming the path and the reason when it is an existing file, cannot be
+    created, or refuses a new file (read-only mount, permissions, full disk: a temporary file is
+    created and removed to find out, since os.access cannot tell a read-only mount from a root
+    process's permissions)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MrcnnError(f"{option} {path} is a file, not a folder: name a folder")
@@ -259,10 +260,14 @@ def check_writable_dir(path: str | os.PathLike, *, option: str = "output") -> Pa
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MrcnnError(f"cannot create {option} folder {path}: {describe_os_error(exc)}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise MrcnnError(f"{option} folder {path} is not writable ({os.strerror(errno.EACCES)})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=TEMP_SUFFIX, dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MrcnnError(f"{option} folder {path} is not writable: {describe_os_error(exc)}"
+                         ) from None
     return path
-
 
 def _zip_entries(handle) -> list[zipfile.ZipInfo] | None:
     """The entries of the zip archive in `handle` (a path or a seekable binary file, whose

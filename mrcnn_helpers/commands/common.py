@@ -33,11 +33,13 @@ def spec_inputs(spec) -> list[str]:
     return found
 
 
-def command_inputs(args, loaded: LoadedModel | None = None) -> list[str]:
+def command_inputs(args, loaded: LoadedModel | None = None, spec=None) -> list[str]:
     """Everything a command reads: -m (and the file it resolved to, an engine's sidecar JSON),
-    -e, -i, -l, --ann, and the files the model's spec names."""
+    -e, -i, -l, --ann, and the files the spec (`spec`, or the loaded model's) names."""
     paths = [getattr(args, name, None) for name in ("model", "experiment_spec", "input",
                                                       "labels", "ann", "cal_image_dir")]
+    if spec is not None:
+        paths += spec_inputs(spec)
     if loaded is not None:
         paths.append(str(loaded.source))
         if loaded.kind == "tensorrt":
@@ -74,6 +76,7 @@ def load_for_inference(args, *, precision: str | None = None,
     outputs = {"--json": getattr(args, "json", None), **(outputs or {})}
     check_outputs(outputs, command_inputs(args))
     spec = load_spec(args.experiment_spec) if getattr(args, "experiment_spec", None) else None
+    check_outputs(outputs, command_inputs(args, spec=spec))
     loaded = load_model_file(args.model, spec=spec, device=resolve_device(args.device),
                              key=args.key)
     check_outputs(outputs, command_inputs(args, loaded))

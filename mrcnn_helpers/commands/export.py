@@ -43,21 +43,19 @@ def _outputs(args) -> dict:
     if args.engine:
         outputs["--engine"] = args.engine
         outputs["--engine's metadata"] = str(sidecar_path(args.engine))
-        if args.data_type == "int8":
-            outputs["--cal-cache-file"] = (args.cal_cache_file
-                                           or str(Path(args.engine).with_suffix(".cal.bin")))
-    elif args.cal_cache_file:
-        outputs["--cal-cache-file"] = args.cal_cache_file
+    if args.cal_cache_file or (args.engine and args.data_type == "int8"):
+        outputs["--cal-cache-file"] = (args.cal_cache_file
+                                       or str(Path(args.engine).with_suffix(".cal.bin")))
     if args.deepstream:
         for name in (INFER_CONFIG, APP_CONFIG, LABELS_FILE):
             outputs[f"--deepstream {name}"] = str(Path(args.deepstream) / name)
     return outputs
 
 
-def _check_args(args, loaded=None) -> None:
+def _check_args(args, loaded=None, spec=None) -> None:
     """Refuse arguments that cannot work together, and outputs that would land on an input
-    (the model, the spec, the calibration images, the files the model's spec names) or on
-    each other; with `loaded`, the model's own spec is known too."""
+    (the model, the spec, the calibration images, the files the spec names) or on each other;
+    `spec` (-e's) and `loaded` (the model, with its own spec) add what they name."""
     if is_exported(args.model):
         raise MrcnnError(f"{args.model}: export starts from a training checkpoint, weights file "
                          "or results directory, not from an exported model")
@@ -74,7 +72,7 @@ def _check_args(args, loaded=None) -> None:
     if args.deepstream and Path(args.deepstream).exists() and not Path(args.deepstream).is_dir():
         raise MrcnnError(f"--deepstream {args.deepstream} is a file: name a folder")
     # The calibration cache is read when present: it may exist, but not be another input.
-    check_outputs(_outputs(args), command_inputs(args, loaded))
+    check_outputs(_outputs(args), command_inputs(args, loaded, spec))
 
 
 @contextlib.contextmanager
@@ -137,6 +135,7 @@ def run(args) -> int:
     if args.engine:
         import_tensorrt()  # fail before the export work when TensorRT is missing
     spec = load_spec(args.experiment_spec) if args.experiment_spec else None
+    _check_args(args, spec=spec)
     loaded = load_model_file(args.model, spec=spec, device="cpu", key=args.key)
     _check_args(args, loaded)
     model, spec = loaded.model, loaded.spec

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from mrcnn_helpers.inference.annotate import annotate_images, check_annotation_outputs
+from mrcnn_helpers.spec import load_spec
 
 from .common import command_inputs, load_for_inference, read_labels, spec_inputs
 
@@ -22,8 +23,9 @@ def _annotation_file(args, spec) -> str | None:
 def run(args) -> int:
     # Outputs are checked before the model is read, and again (with the files its spec names)
     # by annotate_images.
+    spec = load_spec(args.experiment_spec) if args.experiment_spec else None
     check_annotation_outputs(args.input, args.output, json_path=args.json, ann_file=args.ann,
-                             inputs=command_inputs(args))
+                             inputs=command_inputs(args, spec=spec))
     predictor = load_for_inference(args)
     if args.labels:
         predictor.class_names = read_labels(args.labels, len(predictor.class_names))

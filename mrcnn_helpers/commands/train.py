@@ -2,6 +2,7 @@
 
 import fnmatch
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -48,12 +49,21 @@ def check_results_dir(results_dir, spec_path, spec) -> None:
         if path.parent != results or not any(fnmatch.fnmatchcase(path.name, pattern)
                                              for pattern in WRITTEN):
             continue
-        if given == spec_path and path.name == "spec.txt" and path.is_file() and \
-                path.read_text(encoding="utf-8", errors="replace") == format_spec(spec):
+        if given == spec_path and path.name == "spec.txt" and _is_copy(path, spec):
             continue
         raise MrcnnError(f"{given} lies where training writes its {path.name} in the results "
                          f"directory {results_dir}: it would be overwritten (or pruned); move "
                          "it, or use another results directory")
+
+
+def _is_copy(path: Path, spec) -> bool:
+    """Whether `path` holds the spec copy training writes for `spec` (its header names the file
+    it was resolved from, which rewriting may change; nothing else differs)."""
+    def body(text):
+        return re.sub(r"Resolved from: .*", "", text)
+
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    return body(text) == body(format_spec(spec))
 
 
 def run(args) -> int:

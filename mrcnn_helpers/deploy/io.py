@@ -13,8 +13,8 @@ warning and counted (`source.skipped`), as a video decoder drops a broken frame;
 no readable image is an error. A stream that sends nothing for STREAM_TIMEOUT_S seconds ends
 the run with a DataError (never a silent end, never a hang). Every image a sink writes is
 written atomically; a video is written to a temporary file beside the output and renamed over
-it when the run ends, or after Ctrl-C (the frames so far make a valid video), and removed when
-the run fails, leaving an older video at that path as it was.
+it when the run ends, when its source stops or after Ctrl-C (the frames so far make a valid
+video), and removed when inference or writing fails, leaving an older video there as it was.
 """
 
 from __future__ import annotations
@@ -169,9 +169,11 @@ class VideoSink:
     """Writes frames into a video file; opened at the first frame (its size fixes the video's).
 
     The frames go to a temporary file beside the output (fileio.PendingFile). `close()` renames
-    it over the output when the run ended or was interrupted (KeyboardInterrupt), once the
-    video is found to hold the frames written, and removes it when an error is propagating, so
-    a failed run leaves an older video at the output path as it was.
+    it over the output once the video is found to hold the frames written, unless an error
+    other than KeyboardInterrupt is propagating through the caller (inference or writing
+    failed): then it is removed and an older video at the output path stays as it was. The
+    pipeline closes its sink before it re-raises a source's error, so a stream that stops
+    keeps the frames it sent.
     """
 
     def __init__(self, path, fps: float):

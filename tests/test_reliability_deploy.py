@@ -25,7 +25,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_reliability_disk import cli_error
-from test_reliability_models import ROOT, digest, temporaries, tiny_files
+from test_reliability_models import (
+    ROOT,
+    digest,
+    mrcnn_capped,
+    one_error_line,
+    temporaries,
+    tiny_files,
+)
 
 import mrcnn_helpers.deploy.io as deploy_io
 from mrcnn_helpers.cli import main
@@ -116,6 +123,8 @@ def test_source_faults_are_one_line(files, tmp_path, capsys):
     }
     if _has_cv2():
         cases[garbage] = f"cannot open video source {garbage}"
+        cases["webcam:97"] = "cannot open video source webcam 97"
+        cases["rtsp://127.0.0.1:9/none"] = "cannot open video source rtsp://127.0.0.1:9/none"
     for source, expected in cases.items():
         line = cli_error(capsys, "deploy", "-m", ckpt, "-i", str(source), "-o", str(out))
         assert line.startswith(f"error: {expected}"), line
@@ -155,7 +164,7 @@ def _stalling_server(data: bytes, stall_s: float):
     """An HTTP server sending the first half of `data`, then nothing for `stall_s` seconds."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "video/x-msvideo")
             self.send_header("Content-Length", str(len(data)))
@@ -300,6 +309,29 @@ def test_ctrl_c_through_the_command_line(files, tmp_path):
     assert 0 < len(written) < 60 and temporaries(tmp_path) == []
     for path in written:
         Image.open(path).load()
+
+
+@pytest.mark.parametrize("case", ["checkpoint, video to folder", "ONNX, folder to video"])
+def test_deploy_under_a_4_gib_address_space_limit(files, tmp_path, case):
+    """Under `ulimit -v 4194304` (torch alone maps 3.2 GiB), deploy either runs or ends in one
+    line saying it ran out of memory: never a signal (OpenCV's start-up used to crash with
+    SIGSEGV once ONNX Runtime was loaded) nor a traceback (torch's and oneDNN's allocation
+    errors)."""
+    pytest.importorskip("cv2")
+    if case.startswith("ONNX") and "onnx" not in files:
+        pytest.skip("needs onnx and onnxruntime")
+    if case.startswith("checkpoint"):
+        model, source, out = files["checkpoint"], _video(tmp_path / "clip.avi", 8), tmp_path / "o"
+    else:
+        model, source, out = files["onnx"], files["images"], tmp_path / "o.avi"
+    result = mrcnn_capped("deploy", "-m", model, "-i", source, "-o", out)
+    assert result.returncode in (0, 2), result.stderr[-3000:]  # not -11 / 139 (SIGSEGV)
+    if result.returncode == 2:
+        assert "ran out of memory" in one_error_line(result)
+    else:
+        frames = _frames_in(out) if out.suffix else len(list(out.iterdir()))
+        assert frames == (8 if case.startswith("checkpoint") else 2)
+    assert temporaries(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from test_reliability_disk import cli_error
 
 from mrcnn_helpers.cli import main
-from mrcnn_helpers.engine import CheckpointWarning, load_checkpoint
+from mrcnn_helpers.engine import CheckpointWarning, load_checkpoint, load_latest_checkpoint
 from mrcnn_helpers.errors import CheckpointError, MrcnnError
 from mrcnn_helpers.fileio import check_torch_file
 
@@ -155,7 +155,7 @@ def overlapping_entries(path: Path, copies: int = 40) -> Path:
     torch.save({"format": "mrcnn-checkpoint", "version": 1, "step": 1,
                 "model": {"w": torch.zeros(1 << 18)}}, buffer)
     data = _stored_copy(buffer.getvalue())
-    end, offset, count = _central_directory(data)
+    _, offset, count = _central_directory(data)
     records, position, big = [], offset, None
     for _ in range(count):
         name_len, extra_len, comment_len = struct.unpack("<HHH", data[position + 28:position + 34])
@@ -204,8 +204,8 @@ def test_zip_bomb_is_live_then_refused_by_every_checkpoint_reader(files, tmp_pat
     assert bomb.stat().st_size < 100_000
     # The attack is live: torch.load alone inflates the 66 KB file to 64 MiB.
     assert torch.load(bomb, weights_only=True)["model"]["w"].numel() == 16 << 20
-    refused = (f"{bomb} refused: 7 of its 7 zip entries are compressed (e.g. ", "), and the "
-               f"file's {bomb.stat().st_size} bytes would inflate to ", " in memory")
+    refused = (f"{bomb} refused: 7 of its 7 zip entries are compressed (e.g. ",
+               f"), and the file's {bomb.stat().st_size} bytes would inflate to ", " in memory")
     for reader in (lambda: check_torch_file(bomb), lambda: load_checkpoint(bomb),
                    lambda: load_checkpoint(bomb.read_bytes(), name=str(bomb)),
                    lambda: load_checkpoint(io.BytesIO(bomb.read_bytes()), name=str(bomb))):
@@ -229,9 +229,6 @@ def test_zip_bomb_as_the_newest_checkpoint_of_a_results_directory(files, tmp_pat
     shutil.copytree(files["results"], results)
     zip_bomb(results / "model.step-9.pth")
     with pytest.warns(CheckpointWarning, match="skipping .*model.step-9.pth: .* refused: 7 of"):
-        assert load_checkpoint(files["checkpoint"])["step"] == 5
-        from mrcnn_helpers.engine import load_latest_checkpoint
-
         path, state = load_latest_checkpoint(results)
     assert path.name == "model.step-5.pth" and state["step"] == 5
     (results / "model.step-5.pth").unlink()  # the bomb alone: training refuses to start
@@ -425,14 +422,14 @@ METADATA_FAULTS = {
                                         category_ids=[1, 2]),
         "the graph scores 4 classes but its metadata says num_classes 3"),
     "image_size edited": (_set("image_size", [128, 96]),
-                          "tensor 'Input' has shape [1, 3, 64, 96] but the metadata describes "
-                          "[1, 3, 128, 96]"),
+                          ("tensor 'Input' has shape [1, 3, 64, 96] but the metadata describes "
+                           "[1, 3, 128, 96]")),
     "batch_size edited": (_set("batch_size", 4),
-                          "tensor 'Input' has shape [1, 3, 64, 96] but the metadata describes "
-                          "[4, 3, 64, 96]"),
+                          ("tensor 'Input' has shape [1, 3, 64, 96] but the metadata describes "
+                           "[4, 3, 64, 96]")),
     "detections_per_image edited": (_set("detections_per_image", 100),
-                                    "tensor 'boxes' has shape [1, 10, 4] but the metadata "
-                                    "describes [1, 100, 4]"),
+                                    ("tensor 'boxes' has shape [1, 10, 4] but the metadata "
+                                     "describes [1, 100, 4]")),
     "layout edited to deepstream": (_set("layout", "deepstream"),
                                     "the graph has no tensor 'generate_detections'"),
     "unknown layout": (_set("layout", "tlt"), "layout 'tlt' (expected 'deepstream' or 'compact')"),
@@ -498,8 +495,8 @@ def _initializer_edit(kind):
 def test_onnx_tensors_out_of_bounds(files, tmp_path, capsys, kind):
     path = _edited(files, tmp_path, _initializer_edit(kind))
     expected = {"external": "keeps its data in the external file '/etc/passwd'",
-                "absurd": "declares shape [1048576, 1048576], 4398046511104 bytes, more than "
-                          f"the file's {path.stat().st_size} bytes",
+                "absurd": ("declares shape [1048576, 1048576], 4398046511104 bytes, more than "
+                           f"the file's {path.stat().st_size} bytes"),
                 "negative": "has shape [4, -64]"}[kind]
     line = cli_error(capsys, "evaluate", "-m", str(path))
     assert line.startswith(f"error: {path}: tensor 'box_predictor.cls_score.weight' ")

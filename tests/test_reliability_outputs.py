@@ -245,7 +245,7 @@ def test_infer_on_a_full_disk_leaves_no_partial_image(files, tmp_path, monkeypat
     monkeypatch.undo()
     assert hit and line.endswith("the previous annotated image, if any, is unchanged")
     written = sorted(p.name for p in out.iterdir())
-    assert written == [sorted(p.name for p in files["images"].iterdir())[0]]
+    assert written == [min(p.name for p in files["images"].iterdir())]
     Image.open(out / written[0]).load()  # the image before the failure is complete
     assert temporaries(tmp_path) == []
 

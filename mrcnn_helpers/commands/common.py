@@ -3,6 +3,7 @@ check that no output lands on an input."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,6 +19,29 @@ from mrcnn_helpers.spec import PATH_FIELDS, load_spec, replace_spec
 
 # A labels file is a short text: more than this is no labels file (and is not read whole).
 MAX_LABELS_BYTES = 16 << 20
+
+
+@contextlib.contextmanager
+def memory_errors_named(command: str):
+    """Running out of memory inside `command` (torch's allocator, MemoryError, CUDA) as one
+    MrcnnError line with what to change, instead of a traceback: under a memory limit
+    (`ulimit -v`) or on a small machine this is the ordinary way a large batch fails."""
+    try:
+        yield
+    except MrcnnError:
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        # oneDNN says "could not create a primitive" when its buffers cannot be allocated.
+        if not (isinstance(exc, MemoryError) or any(
+                marker in text.lower() for marker in ("can't allocate memory", "out of memory",
+                                                      "could not create a primitive"))):
+            raise
+        lines = [line for line in text.splitlines() if line.strip()]
+        detail = lines[0] if lines else type(exc).__name__
+        detail = detail.split("] ", 1)[-1]  # torch's "[enforce fail at alloc_cpu.cpp:127]"
+        raise MrcnnError(f"{command} ran out of memory ({detail}); lower --batch-size, or free "
+                         "memory / raise the process's memory limit (ulimit -v)") from None
 
 
 def spec_inputs(spec) -> list[str]:

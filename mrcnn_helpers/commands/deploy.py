@@ -3,12 +3,22 @@
 import sys
 
 from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
+from mrcnn_helpers.deploy.io import import_cv2, uses_opencv
 from mrcnn_helpers.fileio import atomic_write_json
 
-from .common import load_for_inference
+from .common import load_for_inference, memory_errors_named
 
 
 def run(args) -> int:
+    with memory_errors_named("deploy"):
+        return _run(args)
+
+
+def _run(args) -> int:
+    if uses_opencv(args.input, args.output):
+        # Before the model: OpenCV's native start-up crashes (SIGSEGV) instead of failing when
+        # the address space is nearly used up (a `ulimit -v` of 4 GiB with ONNX Runtime loaded).
+        import_cv2(f"deploy -i {args.input} -o {args.output}")
     # -o and --json may land on nothing the run reads: checked before and after the model is
     # read (its spec names more files), and by open_sink against the source's own files.
     predictor = load_for_inference(args, precision=args.precision,

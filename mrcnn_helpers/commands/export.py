@@ -33,7 +33,7 @@ from mrcnn_helpers.inference.tensorrt import TensorRTModel, import_tensorrt
 from mrcnn_helpers.runtime import resolve_device
 from mrcnn_helpers.spec import load_spec
 
-from .common import check_outputs, command_inputs
+from .common import check_outputs, command_inputs, memory_errors_named
 
 
 def _outputs(args) -> dict:
@@ -131,6 +131,11 @@ def _build_engine(args, meta):
 
 
 def run(args) -> int:
+    with memory_errors_named("export"):
+        return _run(args)
+
+
+def _run(args) -> int:
     _check_args(args)
     if args.engine:
         import_tensorrt()  # fail before the export work when TensorRT is missing

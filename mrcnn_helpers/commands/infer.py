@@ -6,7 +6,13 @@ from pathlib import Path
 from mrcnn_helpers.inference.annotate import annotate_images, check_annotation_outputs
 from mrcnn_helpers.spec import load_spec
 
-from .common import command_inputs, load_for_inference, read_labels, spec_inputs
+from .common import (
+    command_inputs,
+    load_for_inference,
+    memory_errors_named,
+    read_labels,
+    spec_inputs,
+)
 
 
 def _annotation_file(args, spec) -> str | None:
@@ -21,6 +27,11 @@ def _annotation_file(args, spec) -> str | None:
 
 
 def run(args) -> int:
+    with memory_errors_named("infer"):
+        return _run(args)
+
+
+def _run(args) -> int:
     # Outputs are checked before the model is read, and again (with the files its spec names)
     # by annotate_images.
     spec = load_spec(args.experiment_spec) if args.experiment_spec else None

@@ -13,7 +13,7 @@ from mrcnn_helpers.runtime import resolve_device
 from mrcnn_helpers.spec import format_spec, load_spec
 from mrcnn_helpers.workflow import train
 
-from .common import spec_inputs
+from .common import memory_errors_named, spec_inputs
 
 # What training writes into RESULTS_DIR (engine.checkpoint, engine.artifacts, the trainer).
 WRITTEN = ("spec.txt", "train.log", "results.csv", "best.json", "model.best.pth",
@@ -67,6 +67,11 @@ def _is_copy(path: Path, spec) -> bool:
 
 
 def run(args) -> int:
+    with memory_errors_named("train"):
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.key:
         print("note: -k is accepted for TLT command lines; training checkpoints are written "
               "unencrypted (encrypt what you share with `mrcnn export -k`)", file=sys.stderr)

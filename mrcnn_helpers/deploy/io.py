@@ -50,6 +50,13 @@ def import_cv2(what: str):
     return cv2
 
 
+def uses_opencv(source, output) -> bool:
+    """Whether reading `source` or writing `output` needs OpenCV (anything but image folders)."""
+    text = str(source)
+    reads_video = not Path(text).is_dir()
+    return reads_video or Path(str(output)).suffix.lower() in VIDEO_SUFFIXES
+
+
 class ImageDirSource:
     """Frames from the images of a directory, in file-name order. An image that cannot be read
     (corrupt, truncated, over the pixel limit) is skipped with a warning naming it and listed

@@ -38,8 +38,8 @@ from mrcnn_helpers.fileio import (
     atomic_output,
     check_torch_file,
     describe_os_error,
-    source_name,
     remove_temporaries,
+    source_name,
 )
 from mrcnn_helpers.spec import format_spec
 from mrcnn_helpers.spec.network import (

@@ -266,9 +266,14 @@ def read_onnx_file(path: Path, key: str | None = None):
 
 
 def _runtime_error(exc: Exception, doing: str) -> ExportError:
-    """ONNX Runtime's exception (Fail, InvalidArgument, ...) as one line."""
+    """ONNX Runtime's exception (Fail, InvalidArgument, ...) as one line; running out of memory
+    is said so."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    return ExportError(f"ONNX Runtime failed {doing}: {lines[0] if lines else type(exc).__name__}")
+    text = lines[0] if lines else type(exc).__name__
+    if "bad_alloc" in text or "Failed to allocate" in text:
+        return ExportError(f"ONNX Runtime ran out of memory {doing} ({text}); free memory, or "
+                           "raise the process's memory limit (ulimit -v)")
+    return ExportError(f"ONNX Runtime failed {doing}: {text}")
 
 
 class OnnxRuntimeModel(ExportedModel):

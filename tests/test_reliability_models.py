@@ -464,6 +464,26 @@ def test_edited_onnx_metadata_is_refused(files, tmp_path, capsys, fault):
     assert digest(path, files["images"]) == before and not (tmp_path / "out").exists()
 
 
+def test_edited_num_classes_of_a_deepstream_graph(files, tmp_path, capsys):
+    """DeepStream's layout declares the class count in the mask logits' shape."""
+    onnx = _onnx(files)
+    from mrcnn_helpers.export import export_onnx
+    from mrcnn_helpers.inference.metadata import METADATA_KEY
+
+    path = tmp_path / "ds.onnx"
+    export_onnx(files["tiny"].model, files["tiny"].spec, path, batch_size=1,
+                layout="deepstream", class_names=CLASS_NAMES, category_ids=[1, 2, 3])
+    proto = onnx.load(path)
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    prop.value = json.dumps({**json.loads(prop.value), "num_classes": 5, "category_ids": [1, 2, 3, 4],
+                             "class_names": CLASS_NAMES + ["extra"]})
+    path.write_bytes(proto.SerializeToString())
+    assert cli_error(capsys, "evaluate", "-m", str(path)) == (
+        f"error: {path}: tensor 'mask_fcn_logits/BiasAdd' has shape [1, 10, 4, 8, 8] but the "
+        "metadata describes [1, 10, 5, 8, 8] (batch, image size, detections, num_classes, mask "
+        "resolution): the metadata does not belong to this graph; re-export the model")
+
+
 def test_the_unedited_export_still_runs(files, tmp_path):
     """The probes above start from a file that works: its untouched copy infers."""
     _onnx(files)

@@ -14,10 +14,14 @@ import os
 from pathlib import Path
 
 from mrcnn_helpers.errors import MrcnnError
-from mrcnn_helpers.fileio import atomic_write
+from mrcnn_helpers.fileio import atomic_write, check_output_path
 
 MAGIC = b"MRCNENC1"
-SALT_BYTES, NONCE_BYTES = 16, 12
+SALT_BYTES, NONCE_BYTES, TAG_BYTES = 16, 12, 16
+ENCRYPTION_OVERHEAD = len(MAGIC) + SALT_BYTES + NONCE_BYTES + TAG_BYTES  # bytes added per file
+# AES-GCM in `cryptography` takes at most 2**31 - 1 bytes per call: larger files are refused
+# before they are read, naming their size.
+MAX_PLAINTEXT_BYTES = 2 ** 31 - 1 - TAG_BYTES
 # scrypt cost: 2**15 x 8 x 1 takes ~32 MiB and ~0.1 s, so guessing passphrases is slow.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 
@@ -48,6 +52,11 @@ def is_encrypted(data_or_path) -> bool:
 
 
 def encrypt_bytes(data: bytes, passphrase: str) -> bytes:
+    """MAGIC | salt | nonce | AES-256-GCM(data); EncryptionError for more than
+    MAX_PLAINTEXT_BYTES."""
+    if len(data) > MAX_PLAINTEXT_BYTES:
+        raise EncryptionError(f"cannot encrypt {len(data)} bytes: at most {MAX_PLAINTEXT_BYTES} "
+                              "can be encrypted in one file")
     salt, nonce = os.urandom(SALT_BYTES), os.urandom(NONCE_BYTES)
     header = MAGIC + salt + nonce
     return header + _aead(passphrase, salt).encrypt(nonce, bytes(data), header)
@@ -77,12 +86,30 @@ def write_encrypted(path, data: bytes, passphrase: str) -> Path:
     return atomic_write(path, encrypt_bytes(data, passphrase), what="encrypted file")
 
 
+def _read(path) -> bytes:
+    """The bytes of the file at `path`; EncryptionError naming it when it cannot be read or is
+    an encrypted file too large to be one of this module's."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(MAGIC))
+            size = os.fstat(handle.fileno()).st_size
+            if head == MAGIC and size > MAX_PLAINTEXT_BYTES + ENCRYPTION_OVERHEAD:
+                raise EncryptionError(f"{path} is {size} bytes, more than an encrypted file of "
+                                      "this toolkit can hold: damaged or not ours")
+            return head + handle.read()
+    except OSError as exc:
+        raise EncryptionError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def read_maybe_encrypted(path, passphrase: str | None = None) -> bytes:
-    """Bytes of the file at `path`, decrypted when it is encrypted (then the key is required)."""
-    data = Path(path).read_bytes()
+    """Bytes of the file at `path`, decrypted when it is encrypted (then the key is required).
+    The plaintext stays in memory: nothing decrypted is written anywhere."""
+    data = _read(path)
     return decrypt_bytes(data, passphrase, str(path)) if is_encrypted(data) else data
 
 
 def encrypt_file(src, dst, passphrase: str) -> Path:
-    """Write an encrypted copy of `src` to `dst` (e.g. a checkpoint before sharing it)."""
-    return write_encrypted(dst, Path(src).read_bytes(), passphrase)
+    """Write an encrypted copy of `src` to `dst` (e.g. a checkpoint before sharing it); `dst`
+    may not be `src`."""
+    check_output_path(dst, [src], option="encrypted copy")
+    return write_encrypted(dst, _read(src), passphrase)

@@ -1,4 +1,4 @@
-"""Writing files safely: atomic writes, and the guard that keeps outputs off their inputs.
+"""Files written safely (atomic writes, outputs kept off their inputs) and read within bounds.
 
 Every file the toolkit writes (checkpoints, metrics, spec copies, COCO JSON, ONNX models, engines,
 TFRecord shards, converted datasets, reports) goes through `atomic_write`, `atomic_write_json` or
@@ -9,7 +9,11 @@ one, never half of one; on any failure the temporary file is removed and the des
 as it was. A process killed mid-write can leave a temporary file behind: `remove_temporaries`
 clears them (the trainer does at every checkpoint).
 
-`check_output_path` is the one guard against commands that would write over what they read.
+`check_output_path` is the one guard against commands that would write over what they read;
+`check_writable_dir` checks an output folder before any work is done.
+
+`check_torch_file` bounds what a `torch.save` file (checkpoint, weights file, state dict) may
+expand to in memory before `torch.load` reads it: a file of 66 KB must not become 64 MiB.
 
 Standard library only: the CLI imports this without paying for torch.
 """
@@ -17,12 +21,13 @@ Standard library only: the CLI imports this without paying for torch.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
+import io
 import json
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -117,6 +122,45 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *, error: type = Mr
                 os.unlink(tmp)
 
 
+class PendingFile:
+    """A temporary path beside `path` for writers that open a file by name and write it over
+    many calls (OpenCV's VideoWriter picks the container from the suffix, which is kept:
+    `.<name>.<random>.tmp<suffix>`). `commit()` fsyncs it and renames it over `path`;
+    `discard()` removes it, leaving `path` as it was. Both raise `error` naming `path` on an OS
+    error, and neither leaves the temporary file behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, error: type = MrcnnError, what: str = ""):
+        self.path, self.error, self.what = Path(path), error, what or "file"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.",
+                                       suffix=TEMP_SUFFIX + self.path.suffix, dir=self.path.parent)
+            os.close(fd)
+        except OSError as exc:
+            raise error(f"could not write {self.path}: {describe_os_error(exc)}") from None
+        self.tmp: Path | None = Path(tmp)
+
+    def commit(self) -> Path:
+        try:
+            with open(self.tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.discard()
+            raise self.error(f"could not write {self.path}: {describe_os_error(exc)}; the "
+                             f"previous {self.what}, if any, is unchanged") from None
+        return self.path
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, error: type = MrcnnError,
                  what: str = "") -> Path:
     """Write bytes or text (utf-8) to `path` atomically; returns the path (see atomic_output)."""
@@ -205,8 +249,10 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
 def check_writable_dir(path: str | os.PathLike, *, option: str = "output") -> Path:
     """Create folder `path` if needed and check it can be written; returns it as a Path.
 
-    Raises MrcnnError naming the path when it is an existing file, cannot be created, or is
-    read-only."""
+    Raises MrcnnError naming the path and the reason when it is an existing file, cannot be
+    created, or refuses a new file (read-only mount, permissions, full disk: a temporary file is
+    created and removed to find out, since os.access cannot tell a read-only mount from a root
+    process's permissions)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MrcnnError(f"{option} {path} is a file, not a folder: name a folder")
@@ -214,6 +260,81 @@ def check_writable_dir(path: str | os.PathLike, *, option: str = "output") -> Pa
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MrcnnError(f"cannot create {option} folder {path}: {describe_os_error(exc)}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise MrcnnError(f"{option} folder {path} is not writable ({os.strerror(errno.EACCES)})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=TEMP_SUFFIX, dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MrcnnError(f"{option} folder {path} is not writable: {describe_os_error(exc)}"
+                         ) from None
     return path
+
+def _zip_entries(handle) -> list[zipfile.ZipInfo] | None:
+    """The entries of the zip archive in `handle` (a path or a seekable binary file, whose
+    position is kept), or None when it is not a zip archive."""
+    here = handle.tell() if hasattr(handle, "seek") else None
+    try:
+        if not zipfile.is_zipfile(handle):
+            return None
+        if here is not None:
+            handle.seek(here)
+        with zipfile.ZipFile(handle) as archive:
+            return archive.infolist()
+    finally:
+        if here is not None:
+            handle.seek(here)
+
+
+def source_name(source) -> str:
+    """How messages name what is read: a path as given, an open file by its name."""
+    if hasattr(source, "read"):
+        return str(getattr(source, "name", None) or "<file object>")
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>"
+
+
+def check_torch_file(source, name: str | None = None, *, error: type = MrcnnError) -> int:
+    """Refuse a `torch.save` file whose tensors would take more memory than the file has bytes;
+    returns the bytes its entries expand to (0 for a file that is not a zip archive).
+
+    source: a path, bytes, or a seekable binary file object positioned at the file's start (the
+    position is kept); name: the file in messages (default: the path). torch.save writes a zip
+    archive whose entries (one per tensor storage, plus the pickle) are stored uncompressed, and
+    torch.load reads every entry into memory, so a genuine file's entries add up to less than
+    the file. Refused before anything is read into memory, with `error` naming the file, the
+    entry and the sizes: a compressed entry (torch's reader inflates it: 66 KB can become
+    64 MiB), a stored entry whose two sizes disagree, and entries adding up to more than the
+    file (overlapping entries, each read in full under its own name). A file that is not a zip
+    archive passes: torch's legacy format reads each storage from the file itself and stops
+    with an error at its end, and anything else is refused by torch.load as unreadable.
+    """
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    handle = io.BytesIO(source) if in_memory else source
+    if name is None:
+        name = "<bytes>" if in_memory else source_name(source)
+    if hasattr(handle, "seek"):
+        here = handle.tell()
+        size = handle.seek(0, os.SEEK_END) - here
+        handle.seek(here)
+    else:
+        size = os.path.getsize(handle)
+    try:
+        entries = _zip_entries(handle)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise error(f"{name} is unreadable: its zip directory is damaged ({exc})") from None
+    entries = entries or []
+    total = sum(entry.file_size for entry in entries)
+    packed = [e for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise error(f"{name} refused: {len(packed)} of its {len(entries)} zip entries are "
+                    f"compressed (e.g. {packed[0].filename!r}), and the file's {size} bytes "
+                    f"would inflate to {total} in memory; torch.save stores tensors "
+                    "uncompressed, so this is no file it wrote")
+    for entry in entries:
+        if entry.file_size != entry.compress_size:
+            raise error(f"{name} refused: its entry {entry.filename!r} declares "
+                        f"{entry.file_size} bytes but stores {entry.compress_size}")
+    if total > size:
+        raise error(f"{name} refused: its {len(entries)} zip entries add up to {total} bytes, "
+                    f"more than the file's {size} bytes (entries overlap, and each would be "
+                    "read into memory in full)")
+    return total

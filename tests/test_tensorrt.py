@@ -179,17 +179,16 @@ def test_export_command_with_engine_fails_fast_without_tensorrt(val_setup, tmp_p
 
     from test_export import _write_checkpoint
 
-    from mrcnn_helpers.export.commands import add_export_commands
+    from mrcnn_helpers.cli import build_parser
+    from mrcnn_helpers.commands import export as export_command
 
     _write_checkpoint(val_setup, tmp_path / "results")
-    parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers())
-    args = parser.parse_args(["export", "-m", str(tmp_path / "results"), "-o",
-                              str(tmp_path / "m.onnx"), "--engine", str(tmp_path / "m.plan"),
-                              "--data-type", "int8", "--cal-image-dir",
-                              val_setup.paths["val_images"]])
+    args = build_parser().parse_args(["export", "-m", str(tmp_path / "results"), "-o",
+                                      str(tmp_path / "m.onnx"), "--engine",
+                                      str(tmp_path / "m.plan"), "--data-type", "int8",
+                                      "--cal-image-dir", val_setup.paths["val_images"]])
     with pytest.raises(TensorRTUnavailable):
-        args.func(args)
+        export_command.run(args)
     assert not (tmp_path / "m.onnx").exists()  # nothing half-done
 
 

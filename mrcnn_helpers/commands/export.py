@@ -9,6 +9,7 @@ from). The accuracy table also measures the precisions not asked for, from tempo
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,21 +17,51 @@ from pathlib import Path
 from mrcnn_helpers.errors import MrcnnError
 from mrcnn_helpers.export.accuracy import VARIANTS, measure_accuracy
 from mrcnn_helpers.export.calibration import CalibrationBatches
-from mrcnn_helpers.export.deepstream import DEFAULT_CUSTOM_LIB, write_deepstream_configs
+from mrcnn_helpers.export.deepstream import (
+    APP_CONFIG,
+    DEFAULT_CUSTOM_LIB,
+    INFER_CONFIG,
+    LABELS_FILE,
+    write_deepstream_configs,
+)
 from mrcnn_helpers.export.onnx_export import export_onnx
 from mrcnn_helpers.export.precision import convert_to_fp16, read_export_metadata
 from mrcnn_helpers.export.quantize import quantize_int8
 from mrcnn_helpers.export.tensorrt import build_engine
 from mrcnn_helpers.export.verify import load_validation_images, verify_export
-from mrcnn_helpers.fileio import check_output_path
+from mrcnn_helpers.fileio import describe_os_error
 from mrcnn_helpers.inference.backends import OnnxRuntimeModel
 from mrcnn_helpers.inference.loading import is_exported, load_model_file
+from mrcnn_helpers.inference.metadata import sidecar_path
 from mrcnn_helpers.inference.tensorrt import import_tensorrt
 from mrcnn_helpers.runtime import resolve_device
 from mrcnn_helpers.spec import load_spec
 
+from .common import check_outputs, command_inputs, memory_errors_named
 
-def _check_args(args) -> None:
+
+def _outputs(args) -> dict:
+    """{option: path} of every file export writes: the ONNX file of the asked precision, the
+    fp32 reference beside it, the engine and its sidecar JSON, the INT8 calibration cache and
+    the DeepStream files."""
+    outputs = {"--output": args.output}
+    if args.data_type != "fp32":
+        outputs["--output's fp32 reference"] = str(_fp32_path(args))
+    if args.engine:
+        outputs["--engine"] = args.engine
+        outputs["--engine's metadata"] = str(sidecar_path(args.engine))
+    if args.cal_cache_file:
+        outputs["--cal-cache-file"] = args.cal_cache_file
+    if args.deepstream:
+        for name in (INFER_CONFIG, APP_CONFIG, LABELS_FILE):
+            outputs[f"--deepstream {name}"] = str(Path(args.deepstream) / name)
+    return outputs
+
+
+def _check_args(args, loaded=None, spec=None) -> None:
+    """Refuse arguments that cannot work together, and outputs that would land on an input
+    (the model, the spec, the calibration images, the files the spec names) or on each other;
+    `spec` (-e's) and `loaded` (the model, with its own spec) add what they name."""
     if is_exported(args.model):
         raise MrcnnError(f"{args.model}: export starts from a training checkpoint, weights file "
                          "or results directory, not from an exported model")
@@ -45,11 +76,23 @@ def _check_args(args) -> None:
         raise MrcnnError("--data-type int8 needs calibration: --cal-image-dir DIR (images like "
                          "the deployment's, at least --batches x --cal-batch-size of them), or "
                          "a --cal-cache-file computed earlier for this model")
-    inputs = [args.model, args.experiment_spec, args.cal_image_dir]
-    for option, path in (("--output", args.output), ("--engine", args.engine),
-                         ("--deepstream", args.deepstream)):
-        if path:
-            check_output_path(path, inputs, option=option, allow_inside=option == "--deepstream")
+    for option, path in (("--output", args.output), ("--engine", args.engine)):
+        if path and Path(path).is_dir():
+            raise MrcnnError(f"{option} {path} is a folder: name the file to write")
+    if args.deepstream and Path(args.deepstream).exists() and not Path(args.deepstream).is_dir():
+        raise MrcnnError(f"--deepstream {args.deepstream} is a file: name a folder")
+    # The calibration cache is read when present: it may exist, but not be another input.
+    check_outputs(_outputs(args), command_inputs(args, loaded, spec))
+
+
+@contextlib.contextmanager
+def _os_errors_named(target):
+    """An OSError (full disk, read-only folder) of the engine or DeepStream writers as one line
+    naming what was being written."""
+    try:
+        yield
+    except OSError as exc:
+        raise MrcnnError(f"could not write {target}: {describe_os_error(exc)}") from None
 
 
 def _fp32_path(args) -> Path:
@@ -104,11 +147,18 @@ def _check(args, model, spec, fp32: Path, meta) -> None:
 
 
 def run(args) -> int:
+    with memory_errors_named("export"):
+        return _run(args)
+
+
+def _run(args) -> int:
     _check_args(args)
     if args.engine:
         import_tensorrt()  # fail before the export work when TensorRT is missing
     spec = load_spec(args.experiment_spec) if args.experiment_spec else None
+    _check_args(args, spec=spec)
     loaded = load_model_file(args.model, spec=spec, device="cpu", key=args.key)
+    _check_args(args, loaded)
     model, spec = loaded.model, loaded.spec
     fp32 = _fp32_path(args)
     meta = export_onnx(model, spec, fp32, batch_size=args.batch_size, layout=args.layout,
@@ -120,15 +170,17 @@ def run(args) -> int:
           f"{', '.join(meta.output_names)}" + (" (encrypted)" if args.key else ""))
     _write_variant(args, fp32, meta)
     if args.engine:
-        path = build_engine(args.output, args.engine, workspace=args.workspace << 20,
-                            key=args.key)
+        with _os_errors_named(args.engine):
+            path = build_engine(args.output, args.engine, workspace=args.workspace << 20,
+                                key=args.key)
         print(f"engine written to {path} ({args.data_type}, strongly typed)")
     if args.verify_images > 0:
         _check(args, model, spec, fp32, meta)
     if args.deepstream:
-        paths = write_deepstream_configs(
-            args.deepstream, read_export_metadata(args.output, args.key), args.output,
-            engine_path=args.engine, custom_lib=args.ds_custom_lib or DEFAULT_CUSTOM_LIB,
-            **({"video_uri": args.ds_video} if args.ds_video else {}))
+        with _os_errors_named(args.deepstream):
+            paths = write_deepstream_configs(
+                args.deepstream, read_export_metadata(args.output, args.key), args.output,
+                engine_path=args.engine, custom_lib=args.ds_custom_lib or DEFAULT_CUSTOM_LIB,
+                **({"video_uri": args.ds_video} if args.ds_video else {}))
         print("DeepStream: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0

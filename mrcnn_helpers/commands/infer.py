@@ -3,9 +3,16 @@
 import json
 from pathlib import Path
 
-from mrcnn_helpers.inference.annotate import annotate_images
+from mrcnn_helpers.inference.annotate import annotate_images, check_annotation_outputs
+from mrcnn_helpers.spec import load_spec
 
-from .common import load_for_inference, read_labels
+from .common import (
+    command_inputs,
+    load_for_inference,
+    memory_errors_named,
+    read_labels,
+    spec_inputs,
+)
 
 
 def _annotation_file(args, spec) -> str | None:
@@ -20,11 +27,22 @@ def _annotation_file(args, spec) -> str | None:
 
 
 def run(args) -> int:
+    with memory_errors_named("infer"):
+        return _run(args)
+
+
+def _run(args) -> int:
+    # Outputs are checked before the model is read, and again (with the files its spec names)
+    # by annotate_images.
+    spec = load_spec(args.experiment_spec) if args.experiment_spec else None
+    check_annotation_outputs(args.input, args.output, json_path=args.json, ann_file=args.ann,
+                             inputs=command_inputs(args, spec=spec))
     predictor = load_for_inference(args)
     if args.labels:
         predictor.class_names = read_labels(args.labels, len(predictor.class_names))
+    inputs = command_inputs(args) + [predictor.source] + spec_inputs(predictor.spec)
     summary = annotate_images(predictor, args.input, args.output, threshold=args.threshold,
                               include_mask=args.include_mask, json_path=args.json,
-                              ann_file=_annotation_file(args, predictor.spec))
+                              ann_file=_annotation_file(args, predictor.spec), inputs=inputs)
     print(json.dumps(summary))
     return 0

@@ -7,23 +7,35 @@ Sources yield (name, frame) pairs, frame an RGB uint8 numpy array [h, w, 3]:
     through OpenCV (`pip install opencv-python-headless`); frames named frame_000000, ...
 Sinks take (name, frame): an .mp4/.avi/.mkv file (OpenCV's VideoWriter) or a directory (one
 image per frame under the frame's name, so an annotated folder mirrors its input folder).
+
+What goes wrong, and what happens then: an unreadable image in a folder is skipped, named in a
+warning and counted (`source.skipped`), as a video decoder drops a broken frame; a folder with
+no readable image is an error. A stream that sends nothing for STREAM_TIMEOUT_S seconds ends
+the run with a DataError (never a silent end, never a hang). Every image a sink writes is
+written atomically; a video is written to a temporary file beside the output and renamed over
+it when the run ends, when its source stops or after Ctrl-C (the frames so far make a valid
+video), and removed when inference or writing fails, leaving an older video there as it was.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mrcnn_helpers.data.images import list_image_files, load_image
-from mrcnn_helpers.errors import DataError
-from mrcnn_helpers.fileio import atomic_output, check_output_path
+from mrcnn_helpers.errors import DataError, MrcnnError
+from mrcnn_helpers.fileio import PendingFile, atomic_output, check_output_path, check_writable_dir
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 STREAM_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "rtmp://")
 DEFAULT_FPS = 30.0
+# How long a stream may send nothing (at open and between frames) before the run stops.
+STREAM_TIMEOUT_S = 20.0
 # FourCC per container: mp4v plays everywhere OpenCV's bundled FFmpeg can write it.
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v",
           ".webm": "VP80"}
@@ -38,36 +50,66 @@ def import_cv2(what: str):
     return cv2
 
 
+def uses_opencv(source, output) -> bool:
+    """Whether reading `source` or writing `output` needs OpenCV (anything but image folders)."""
+    text = str(source)
+    reads_video = not Path(text).is_dir()
+    return reads_video or Path(str(output)).suffix.lower() in VIDEO_SUFFIXES
+
+
 class ImageDirSource:
-    """Frames from the images of a directory, in file-name order; a corrupt image stops the run
-    with a DataError naming it."""
+    """Frames from the images of a directory, in file-name order. An image that cannot be read
+    (corrupt, truncated, over the pixel limit) is skipped with a warning naming it and listed
+    in `skipped` ("file: reason"); DataError when none of them can be read."""
 
     def __init__(self, directory):
         self.files = list_image_files(directory)
         self.fps = DEFAULT_FPS
         self.name = str(directory)
         self.inputs = [str(directory)]
+        self.skipped: list[str] = []
 
     def __iter__(self):
+        read = 0
         for path in self.files:
-            yield path.name, load_image(path).permute(1, 2, 0).numpy()
+            try:
+                frame = load_image(path).permute(1, 2, 0).numpy()
+            except DataError as exc:
+                self.skipped.append(f"{path.name}: {str(exc).split('; ')[0]}")
+                warnings.warn(f"skipping {exc}", stacklevel=1)
+                continue
+            read += 1
+            yield path.name, frame
+        if read == 0:
+            raise DataError(f"none of the {len(self.files)} images in {self.name} can be read "
+                            f"(e.g. {self.skipped[0]})")
 
     def close(self):
         pass
 
 
 class VideoSource:
-    """Frames of a video file, stream or camera through cv2.VideoCapture (BGR -> RGB)."""
+    """Frames of a video file, stream or camera through cv2.VideoCapture (BGR -> RGB).
 
-    def __init__(self, target, name: str):
+    A stream gets OpenCV's open and read timeouts (STREAM_TIMEOUT_S): a stream that stalls or
+    drops ends with a DataError after that long. A video file ends at its last decodable frame;
+    one with no decodable frame is a DataError.
+    """
+
+    def __init__(self, target, name: str, *, stream: bool = False):
         cv2 = import_cv2(f"reading {name}")
         self._cv2 = cv2
-        self.capture = cv2.VideoCapture(target)
+        self.stream = stream
+        timeout = int(STREAM_TIMEOUT_S * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout, cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                  timeout] if stream and hasattr(cv2, "CAP_PROP_READ_TIMEOUT_MSEC") else []
+        self.capture = (cv2.VideoCapture(target, cv2.CAP_ANY, params) if params
+                        else cv2.VideoCapture(target))
         if not self.capture.isOpened():
             raise DataError(f"cannot open video source {name}: missing file, unsupported codec, "
                             "unreachable stream or busy camera")
         fps = self.capture.get(cv2.CAP_PROP_FPS)
-        self.fps = float(fps) if fps and fps > 0 else DEFAULT_FPS
+        self.fps = float(fps) if fps and 0 < fps < 1000 else DEFAULT_FPS
         self.name = name
         self.inputs = [target] if isinstance(target, str) and Path(target).exists() else []
 
@@ -75,10 +117,15 @@ class VideoSource:
         index = 0
         while True:
             ok, frame = self.capture.read()
-            if not ok:
-                return
+            if not ok or frame is None:
+                break
             yield f"frame_{index:06d}", self._cv2.cvtColor(frame, self._cv2.COLOR_BGR2RGB)
             index += 1
+        if self.stream:
+            raise DataError(f"stream {self.name} stopped sending frames after {index} (nothing "
+                            f"for {STREAM_TIMEOUT_S:.0f} s, or it closed)")
+        if index == 0:
+            raise DataError(f"no frame of {self.name} can be decoded: a damaged or empty video")
 
     def close(self):
         self.capture.release()
@@ -90,9 +137,9 @@ def open_source(spec: str):
     match = re.fullmatch(r"(?:webcam|camera)(?::(\d+))?|(\d+)", text)
     if match:
         index = int(match.group(1) or match.group(2) or 0)
-        return VideoSource(index, f"webcam {index}")
+        return VideoSource(index, f"webcam {index}", stream=True)
     if text.lower().startswith(STREAM_PREFIXES):
-        return VideoSource(text, text)
+        return VideoSource(text, text, stream=True)
     path = Path(text)
     if path.is_dir():
         return ImageDirSource(path)
@@ -108,11 +155,10 @@ def open_source(spec: str):
 
 class ImageDirSink:
     """Writes each frame into a directory under its name (an image file's name is kept, a video
-    frame's name gets .png), atomically."""
+    frame's name gets .png), atomically: a failed write (full disk) leaves no partial file."""
 
     def __init__(self, directory):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = check_writable_dir(directory, option="output")
         self.count = 0
 
     def write(self, name: str, frame: np.ndarray) -> None:
@@ -127,43 +173,82 @@ class ImageDirSink:
 
 
 class VideoSink:
-    """Writes frames into a video file; opened at the first frame (its size fixes the video's)."""
+    """Writes frames into a video file; opened at the first frame (its size fixes the video's).
+
+    The frames go to a temporary file beside the output (fileio.PendingFile). `close()` renames
+    it over the output once the video is found to hold the frames written, unless an error
+    other than KeyboardInterrupt is propagating through the caller (inference or writing
+    failed): then it is removed and an older video at the output path stays as it was. The
+    pipeline closes its sink before it re-raises a source's error, so a stream that stops
+    keeps the frames it sent.
+    """
 
     def __init__(self, path, fps: float):
         self.path = Path(path)
         self._cv2 = import_cv2(f"writing {self.path}")
         self.fps = float(fps)
         self.writer = None
+        self.pending = None
         self.size = None
         self.count = 0
+
+    def _open(self, h: int, w: int) -> None:
+        cv2 = self._cv2
+        self.pending = PendingFile(self.path, error=DataError, what="video")
+        fourcc = cv2.VideoWriter_fourcc(*FOURCC.get(self.path.suffix.lower(), "mp4v"))
+        self.writer = cv2.VideoWriter(str(self.pending.tmp), fourcc, self.fps, (w, h))
+        if not self.writer.isOpened():
+            self.pending.discard()
+            raise DataError(f"cannot write video {self.path}: OpenCV has no encoder for "
+                            f"{self.path.suffix}; try .avi, or an output directory")
+        self.size = (h, w)
 
     def write(self, name: str, frame: np.ndarray) -> None:
         cv2 = self._cv2
         h, w = frame.shape[:2]
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fourcc = cv2.VideoWriter_fourcc(*FOURCC.get(self.path.suffix.lower(), "mp4v"))
-            self.writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (w, h))
-            if not self.writer.isOpened():
-                raise DataError(f"cannot write video {self.path}: OpenCV has no encoder for "
-                                f"{self.path.suffix}; try .avi, or an output directory")
-            self.size = (h, w)
+            self._open(h, w)
         elif (h, w) != self.size:
             frame = cv2.resize(frame, (self.size[1], self.size[0]))
         self.writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         self.count += 1
 
+    def _frames_in(self, path) -> int:
+        capture = self._cv2.VideoCapture(str(path))
+        try:
+            return int(capture.get(self._cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+        finally:
+            capture.release()
+
     def close(self):
-        if self.writer is not None:
-            self.writer.release()
+        if self.writer is None:
+            return
+        self.writer.release()
+        self.writer = None
+        failing = sys.exc_info()[0]
+        if failing is not None and not issubclass(failing, KeyboardInterrupt):
+            self.pending.discard()
+            return
+        # OpenCV reports no write errors (a full disk truncates the file silently): count.
+        found = self._frames_in(self.pending.tmp)
+        if found < self.count:
+            self.pending.discard()
+            raise DataError(f"could not write video {self.path}: it holds {found} of the "
+                            f"{self.count} frames written (disk full?); an older file there, "
+                            "if any, is unchanged")
+        self.pending.commit()
 
 
 def open_sink(output, fps: float = DEFAULT_FPS, inputs=()):
     """A video file sink for a video suffix, otherwise an image directory sink. inputs: what the
-    run reads (the source's files): the output may not be one of them or lie inside one."""
+    run reads (the source's files, the model): the output may not be one of them or lie inside
+    one (MrcnnError naming both)."""
     check_output_path(output, inputs, option="output")
     path = Path(output)
     if path.suffix.lower() in VIDEO_SUFFIXES:
+        if path.is_dir():
+            raise MrcnnError(f"output {output} is a folder: name a video file, or drop the "
+                             f"{path.suffix} suffix for a folder of annotated frames")
         return VideoSink(path, fps)
     if path.suffix:
         raise DataError(f"output {output}: give a video file ({', '.join(VIDEO_SUFFIXES)}) or a "

@@ -20,6 +20,7 @@ RNG states as tensors.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -33,7 +34,13 @@ import torch
 from mrcnn_helpers.engine.rng import capture_rng_state, restore_rng_state  # noqa: F401 (API)
 from mrcnn_helpers.engine.schedule import is_eval_step
 from mrcnn_helpers.errors import CheckpointError
-from mrcnn_helpers.fileio import atomic_output, describe_os_error, remove_temporaries
+from mrcnn_helpers.fileio import (
+    atomic_output,
+    check_torch_file,
+    describe_os_error,
+    remove_temporaries,
+    source_name,
+)
 from mrcnn_helpers.spec import format_spec
 from mrcnn_helpers.spec.network import (
     class_names_with_background,
@@ -195,47 +202,73 @@ def save_inference_weights(path: str | os.PathLike, state: dict) -> Path:
     return save_checkpoint(path, weights)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a training checkpoint or an inference weights file with weights_only=True.
-
-    Returns the file's dict ("format" says which; both have "step" and "model"; a weights file's
-    floating tensors are fp16). Raises CheckpointError naming `path` when the file is missing,
-    truncated or corrupt, when it holds pickled objects other than plain weights (refused: loading
-    them would run code), or when it is not a file of this toolkit (e.g. bare pretrained weights,
-    which belong in the spec's `checkpoint` field instead).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+def read_torch_file(source, name: str | None = None, map_location: Any = "cpu") -> Any:
+    """The object in a torch.save file (a path, bytes or a seekable binary file; `name` in
+    messages, default the path), read weights-only once fileio.check_torch_file has bounded
+    what it may expand to. CheckpointError naming the file when it is refused so, holds pickled
+    objects other than plain weights (they would run code), is corrupt or truncated, or needs
+    more memory than there is."""
+    name = name or source_name(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    check_torch_file(source, name, error=CheckpointError)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:
-        if "Weights only load failed" in str(exc):
+        text = str(exc)
+        if "Weights only load failed" in text:
             raise CheckpointError(
-                f"checkpoint {path} refused: not a plain-weights checkpoint (weights_only); it "
+                f"checkpoint {name} refused: not a plain-weights checkpoint (weights_only); it "
                 "contains pickled objects that would run code when loaded. Only load it with a "
                 "full unpickler if you trust its source, and re-save its tensors."
             ) from None
+        if isinstance(exc, MemoryError) or "can't allocate memory" in text:
+            raise CheckpointError(f"checkpoint {name} needs more memory than is available to "
+                                  f"load it: {text.splitlines()[-1] if text else 'MemoryError'}"
+                                  ) from None
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (corrupt or truncated): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}"
+            f"checkpoint {name} is unreadable (corrupt or truncated): "
+            f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no details'}"
         ) from exc
+
+
+def load_checkpoint(source, map_location: Any = "cpu", *, name: str | None = None) -> dict:
+    """Load a training checkpoint or an inference weights file: a path, bytes (a decrypted
+    file) or a seekable binary file, `name` in messages (read_torch_file: bounded, weights only).
+
+    Returns the file's dict ("format" says which; both have "step" and "model"; a weights
+    file's floating tensors are fp16). CheckpointError naming the file when it is missing,
+    refused, unreadable, or not a file of this toolkit (checked_state; bare pretrained weights
+    belong in the spec's `checkpoint` field).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = Path(source)
+        if not source.is_file():
+            raise CheckpointError(f"checkpoint not found: {source}")
+    name = name or source_name(source)
+    state = read_torch_file(source, name, map_location)
+    return checked_state(state, name)
+
+
+def checked_state(state: Any, name: str) -> dict:
+    """`state` when it is a checkpoint or weights file of this toolkit (a known format, a
+    version this code reads, "step" and "model"); CheckpointError naming `name` otherwise."""
     kind = state.get("format") if isinstance(state, dict) else None
     if kind not in _VERSIONS:
         raise CheckpointError(
-            f"{path} is not a training checkpoint of this toolkit (no format "
+            f"{name} is not a training checkpoint of this toolkit (no format "
             f"'{CHECKPOINT_FORMAT}' or '{WEIGHTS_FORMAT}'); pretrained weights go in the spec's "
             "`checkpoint` field"
         )
     version = state.get("version")
     if not isinstance(version, int) or version > _VERSIONS[kind]:
         raise CheckpointError(
-            f"checkpoint {path} has format version {version!r}; this version reads up to "
+            f"checkpoint {name} has format version {version!r}; this version reads up to "
             f"{_VERSIONS[kind]}"
         )
     for key in ("step", "model"):
         if key not in state:
-            raise CheckpointError(f"checkpoint {path} lacks the '{key}' entry")
+            raise CheckpointError(f"checkpoint {name} lacks the '{key}' entry")
     return state
 
 

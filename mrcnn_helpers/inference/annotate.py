@@ -11,7 +11,12 @@ from tqdm.auto import tqdm
 from mrcnn_helpers.data.coco import read_coco_json
 from mrcnn_helpers.data.images import list_image_files, load_image
 from mrcnn_helpers.errors import DataError
-from mrcnn_helpers.fileio import atomic_output, atomic_write_json, check_output_path
+from mrcnn_helpers.fileio import (
+    atomic_output,
+    atomic_write_json,
+    check_output_path,
+    check_writable_dir,
+)
 from mrcnn_helpers.visualize import draw_instances
 
 from .coco_results import detections_to_coco_results
@@ -46,29 +51,49 @@ def _ids_for(files: list[Path], image_ids: dict[str, int] | None, source) -> lis
     return [image_ids[f.name] for f in files]
 
 
-def annotate_images(predictor: Predictor, input_dir, output_dir, *, threshold: float = 0.5,
-                    include_mask: bool = True, json_path=None, ann_file=None,
-                    progress: bool = True) -> dict:
-    """Annotate every image of input_dir (`mrcnn infer`).
-
-    Writes each image with its detections drawn (boxes, labels, scores, masks when include_mask)
-    to output_dir under the same file name. With json_path, also writes the detections as a COCO
-    results list (each result also has "file_name"); category_id is the dataset's COCO id
-    (predictor.category_ids). image_id: the dataset's id of the file when `ann_file` (a COCO
-    JSON listing the images) is given, so the results can be scored against it; otherwise the
-    image's position (0, 1, ...) in the sorted listing. Neither output may be, or lie inside, the
-    input folder. Returns {"images", "detections", "output_dir", "json_path", "image_ids"}.
-    """
-    files = list_image_files(input_dir)
+def check_annotation_outputs(input_dir, output_dir, *, json_path=None, ann_file=None,
+                             inputs=()) -> None:
+    """Refuse (MrcnnError naming both paths) outputs of annotate_images that would land on what
+    it reads: the output folder may not be the input folder, lie inside it or inside another
+    input, or be a file; --json may not be an input, lie in an input folder or be the output
+    folder (it may lie inside that). inputs: other
+    files the run reads (the model, the spec, its data, a labels file)."""
     output_dir = Path(output_dir)
     if output_dir.resolve() == Path(input_dir).resolve():
         raise DataError(f"output directory {output_dir} is the input directory: annotated images "
                         f"would overwrite the originals; choose another one")
-    check_output_path(output_dir, [input_dir, ann_file], option="output directory")
+    sources = [input_dir, ann_file, *inputs]
+    check_output_path(output_dir, sources, option="output directory")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"output directory {output_dir} is a file, not a folder: name a folder "
+                        "for the annotated images")
     if json_path is not None:
-        check_output_path(json_path, [input_dir, ann_file, output_dir], option="--json")
+        check_output_path(json_path, sources, option="--json")
+        if Path(json_path).resolve() == output_dir.resolve():
+            raise DataError(f"--json {json_path} is the output directory: name a JSON file")
+
+
+def annotate_images(predictor: Predictor, input_dir, output_dir, *, threshold: float = 0.5,
+                    include_mask: bool = True, json_path=None, ann_file=None,
+                    progress: bool = True, inputs=()) -> dict:
+    """Annotate every image of input_dir (`mrcnn infer`).
+
+    Writes each image with its detections drawn (boxes, labels, scores, masks when include_mask)
+    to output_dir under the same file name, each atomically (fileio: a full disk leaves no
+    partial image). With json_path, also writes the detections as a COCO results list (each
+    result also has "file_name"); category_id is the dataset's COCO id
+    (predictor.category_ids). image_id: the dataset's id of the file when `ann_file` (a COCO
+    JSON listing the images) is given, so the results can be scored against it; otherwise the
+    image's position (0, 1, ...) in the sorted listing. Neither output may land on what the run
+    reads (check_annotation_outputs; inputs: the model, spec and other files read). Returns
+    {"images", "detections", "output_dir", "json_path", "image_ids"}.
+    """
+    files = list_image_files(input_dir)
+    output_dir = Path(output_dir)
+    check_annotation_outputs(input_dir, output_dir, json_path=json_path, ann_file=ann_file,
+                             inputs=inputs)
     ids = _ids_for(files, image_ids_from_coco(ann_file) if ann_file else None, ann_file)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(output_dir, option="output directory")
     results, num_detections = [], 0
     for start in tqdm(range(0, len(files), predictor.batch_size), desc="infer", unit="batch",
                       disable=not progress, file=sys.stdout):

@@ -19,7 +19,6 @@ What a path may be:
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,16 @@ from typing import Any
 import torch
 
 from mrcnn_helpers.crypto import is_encrypted, read_maybe_encrypted
-from mrcnn_helpers.engine.checkpoint import latest_checkpoint, load_checkpoint
+from mrcnn_helpers.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    WEIGHTS_FORMAT,
+    checked_state,
+    latest_checkpoint,
+    read_torch_file,
+)
 from mrcnn_helpers.errors import CheckpointError
 from mrcnn_helpers.model.maskrcnn import build_model, place_model
-from mrcnn_helpers.model.weights import load_state_into, read_state_dict
+from mrcnn_helpers.model.weights import load_state_into
 from mrcnn_helpers.runtime import resolve_device
 from mrcnn_helpers.spec import parse_spec
 from mrcnn_helpers.spec.network import (
@@ -93,15 +98,8 @@ def load_model_file(path: str | os.PathLike, spec=None, device=None,
         raise CheckpointError(f"model file not found: {path}")
     device = resolve_device(device)
     if is_encrypted(path):
-        # Decrypted into a private temporary folder (removed at once): the checkpoint reader
-        # checks the format of a file.
-        data = read_maybe_encrypted(path, key)
-        with tempfile.TemporaryDirectory() as tmp:
-            plain = Path(tmp) / path.name
-            plain.write_bytes(data)
-            loaded = _load_pytorch(plain, spec, device)
-        loaded.source = path
-        return loaded
+        # Decrypted in memory: the plaintext never touches the disk.
+        return _load_pytorch(path, spec, device, data=read_maybe_encrypted(path, key))
     return _load_pytorch(path, spec, device)
 
 
@@ -111,13 +109,14 @@ def load_predictor(path: str | os.PathLike, spec=None, *, device=None, key: str 
     return load_model_file(path, spec=spec, device=device, key=key).predictor(precision=precision)
 
 
-def _load_pytorch(path: Path, spec, device: torch.device) -> LoadedModel:
-    try:
-        state = load_checkpoint(path, map_location="cpu")
-    except CheckpointError as exc:
-        if "not a training checkpoint of this toolkit" not in str(exc):
-            raise
-        return _load_state_dict(path, spec, device)
+def _load_pytorch(path: Path, spec, device: torch.device, data: bytes | None = None
+                  ) -> LoadedModel:
+    """The network of a checkpoint, weights file or plain state dict at `path` (its decrypted
+    bytes when `data` is given), read once (read_torch_file: bounded, weights only)."""
+    obj = read_torch_file(path if data is None else data, str(path), map_location="cpu")
+    if not (isinstance(obj, dict) and obj.get("format") in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)):
+        return _load_state_dict(path, obj, spec, device)
+    state = checked_state(obj, str(path))
     if spec is None:
         text = state.get("spec_text")
         if not text:
@@ -141,13 +140,26 @@ def _load_pytorch(path: Path, spec, device: torch.device) -> LoadedModel:
     return LoadedModel(model, spec, names, ids, path, "checkpoint")
 
 
-def _load_state_dict(path: Path, spec, device: torch.device) -> LoadedModel:
+def _tensors_of(obj, path: Path) -> dict:
+    """The state dict in a plain weights file's object: the object itself, or its "model" /
+    "state_dict" entry (how torchvision and most training scripts save), all tensors."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return dict(obj)
+
+
+def _load_state_dict(path: Path, obj, spec, device: torch.device) -> LoadedModel:
     """A plain state dict in torchvision's naming: every tensor of the network must be there."""
     if spec is None:
         raise CheckpointError(f"{path} is not a training checkpoint of this toolkit but a plain "
                               "state dict: pass the spec of its network (-e SPEC) to load it")
     model = build_model(spec)
-    report = load_state_into(model, read_state_dict(os.fspath(path)), str(path))
+    report = load_state_into(model, _tensors_of(obj, path), str(path))
     if report.missing or report.skipped_shape:
         problems = report.missing[:3] + report.skipped_shape[:3]
         raise CheckpointError(

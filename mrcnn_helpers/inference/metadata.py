@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mrcnn_helpers.errors import MrcnnError
+from mrcnn_helpers.fileio import atomic_write
 from mrcnn_helpers.model.maskrcnn import PIXEL_MEAN
 
 METADATA_KEY = "mrcnn_export"
@@ -70,7 +71,7 @@ class ExportMetadata:
             return cls(**data)
         except ExportError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ExportError(f"{source}: export metadata is unreadable ({exc}); re-export the "
                               "model with `mrcnn export`") from None
 
@@ -105,11 +106,8 @@ def sidecar_path(engine_path) -> Path:
 
 
 def write_sidecar(engine_path, metadata: ExportMetadata) -> Path:
-    path = sidecar_path(engine_path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(metadata.to_json() + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(sidecar_path(engine_path), metadata.to_json() + "\n", error=ExportError,
+                        what="engine metadata")
 
 
 def read_sidecar(engine_path) -> ExportMetadata:
@@ -117,4 +115,8 @@ def read_sidecar(engine_path) -> ExportMetadata:
     if not path.is_file():
         raise ExportError(f"{engine_path}: its metadata file {path} is missing; engines built by "
                           "`mrcnn export --engine` have one next to them")
-    return ExportMetadata.from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from None
+    return ExportMetadata.from_json(text, str(path))

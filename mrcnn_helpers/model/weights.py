@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
 from ..errors import CheckpointError
+from ..fileio import check_torch_file
 
 SCHEME = "torchvision://"
 _IMAGENET = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50_Weights",
@@ -68,6 +69,7 @@ def read_state_dict(path: str) -> dict:
     """Tensors of a weights file (our checkpoint or a plain state dict), read weights-only."""
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path}")
+    check_torch_file(path, path, error=CheckpointError)  # a zip bomb is refused before torch.load
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types

@@ -20,10 +20,10 @@ from test_engine import (
 )
 
 from mrcnn_helpers.engine import HookBase, list_checkpoints, load_checkpoint, train
-from mrcnn_helpers.engine.checkpoint import Resume
 from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.engine.loop import LossMeter, Trainer
 from mrcnn_helpers.engine.optim import build_optimizer
+from mrcnn_helpers.engine.resume import Resume
 from mrcnn_helpers.engine.trainer import _batches
 from mrcnn_helpers.errors import TrainingError
 

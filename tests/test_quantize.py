@@ -104,7 +104,8 @@ def trained(tmp_path_factory, one_thread):
     """The trained tiny model, its spec (evaluation on its training images), the fp32 ONNX
     export (batch 2) and calibration batches from the validation images."""
     from mrcnn_helpers.data import generate_synthetic_dataset
-    from mrcnn_helpers.engine import load_model_for_inference, train
+    from mrcnn_helpers.engine import train
+    from mrcnn_helpers.inference import load_model_file
     from mrcnn_helpers.export.verify import load_validation_images
     from mrcnn_helpers.spec import parse_spec
 
@@ -114,7 +115,7 @@ def trained(tmp_path_factory, one_thread):
     spec = parse_spec(SPEC_TEXT.format(steps=TRAIN_STEPS, data=root / "data"), source="<tiny>")
     result = train(spec, root / "results", device="cpu", verbose=False,
                    evaluate_fn=lambda model, spec, device=None: {})
-    model, spec, _, _ = load_model_for_inference(str(result["checkpoint"]), device="cpu")
+    model, spec, _, _ = load_model_file(str(result["checkpoint"]), device="cpu")
     fp32 = root / "model.onnx"
     meta = export_onnx(model.eval(), spec, fp32, batch_size=2)
     images = load_validation_images(spec, 8)

@@ -14,7 +14,6 @@ from mrcnn_helpers.engine.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
-    resume_or_load,
     save_checkpoint,
     save_inference_weights,
 )
@@ -22,6 +21,7 @@ from mrcnn_helpers.engine.hooks import HookBase
 from mrcnn_helpers.engine.loop import Trainer
 from mrcnn_helpers.engine.metric_logger import MetricLogger
 from mrcnn_helpers.engine.optim import build_optimizer, l2_loss_of
+from mrcnn_helpers.engine.resume import resume_or_load
 from mrcnn_helpers.engine.schedule import learning_rate_at
 from mrcnn_helpers.engine.trainer import train
 

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mrcnn_helpers.engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Resume
+from mrcnn_helpers.engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from mrcnn_helpers.engine.distributed import DistContext, all_mean, all_min
 from mrcnn_helpers.engine.graphed_step import GraphedTrainStep, unsupported_reason
+from mrcnn_helpers.engine.resume import Resume
 from mrcnn_helpers.engine.rng import capture_rng_state, restore_rng_state
 from mrcnn_helpers.engine.schedule import learning_rate_at
 from mrcnn_helpers.errors import DataError, TrainingError
@@ -109,7 +110,7 @@ class Trainer:
 
     Attributes hooks use: step (global steps completed), total_steps, stop_step, spec, device,
     ctx (DistContext), model (the plain module), meter (LossMeter), lr (rate of the last step),
-    resume (engine.checkpoint.Resume), last_checkpoint (Path or None), metrics (the last
+    resume (engine.resume.Resume), last_checkpoint (Path or None), metrics (the last
     evaluation's dict or None), metadata (what checkpoints record besides the weights),
     paused_seconds (time spent in `paused()` blocks), error (the exception that ended training).
     """

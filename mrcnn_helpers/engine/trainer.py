@@ -27,12 +27,6 @@ from torch import nn
 
 from mrcnn_helpers.data import build_train_loader
 from mrcnn_helpers.engine.artifacts import RESULTS_CSV, BestCheckpointer, ResultsCsv
-from mrcnn_helpers.engine.checkpoint import (
-    Resume,
-    class_names_of,
-    resume_or_load,
-    spec_text,
-)
 from mrcnn_helpers.engine.distributed import DistContext, init_distributed, shutdown
 from mrcnn_helpers.engine.hooks import (
     CallbackHook,
@@ -52,6 +46,12 @@ from mrcnn_helpers.engine.logging import (
 )
 from mrcnn_helpers.engine.loop import LossMeter, Trainer
 from mrcnn_helpers.engine.optim import build_optimizer
+from mrcnn_helpers.engine.resume import (
+    Resume,
+    class_names_of,
+    resume_or_load,
+    spec_text,
+)
 from mrcnn_helpers.engine.rng import seed_everything
 from mrcnn_helpers.engine.schedule import is_eval_step
 from mrcnn_helpers.errors import CheckpointError, DataError, TrainingError

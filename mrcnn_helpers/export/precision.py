@@ -20,11 +20,15 @@ and decoding code (inference.backends) runs all three, in ONNX Runtime and in Te
 from __future__ import annotations
 
 import fnmatch
+import heapq
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
+from mrcnn_helpers.crypto import read_maybe_encrypted, write_encrypted
+from mrcnn_helpers.fileio import atomic_write, check_output_path
 from mrcnn_helpers.inference.metadata import METADATA_KEY, ExportError, read_onnx_metadata
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -197,8 +201,6 @@ def _cast_back(graph, chosen, half_of, casts_in) -> None:
 def _topological_rebuild(graph, nodes) -> None:
     """Replace graph.node by `nodes` in a topological order that keeps the given order where
     it can (Kahn's algorithm, lowest index first)."""
-    import heapq
-
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     readers = defaultdict(list)
     waiting = []
@@ -263,12 +265,9 @@ def load_export(path, key: str | None = None):
     """(ModelProto, source name) of an exported ONNX file (plain or encrypted)."""
     import onnx
 
-    from mrcnn_helpers.crypto import read_maybe_encrypted
-
-    try:
-        data = read_maybe_encrypted(path, key)
-    except FileNotFoundError:
-        raise ExportError(f"ONNX model not found: {path}") from None
+    if not Path(path).is_file():
+        raise ExportError(f"ONNX model not found: {path}")
+    data = read_maybe_encrypted(path, key)
     try:
         proto = onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors vary
@@ -288,8 +287,6 @@ def save_export(proto, out_path, *, inputs, key: str | None = None) -> str:
     """Check and write `proto` atomically (encrypted with `key` when given); returns the path."""
     import onnx
 
-    from mrcnn_helpers.fileio import atomic_write, check_output_path
-
     check_output_path(out_path, inputs, option="output model")
     try:
         onnx.checker.check_model(proto)
@@ -297,8 +294,6 @@ def save_export(proto, out_path, *, inputs, key: str | None = None) -> str:
         raise ExportError(f"internal error: the converted graph is not valid ONNX: {exc}") from None
     data = proto.SerializeToString()
     if key:
-        from mrcnn_helpers.crypto import write_encrypted
-
         write_encrypted(out_path, data, key)
     else:
         atomic_write(out_path, data, error=ExportError, what="ONNX model")

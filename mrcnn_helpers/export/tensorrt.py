@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from mrcnn_helpers.crypto import read_maybe_encrypted
 from mrcnn_helpers.fileio import atomic_write, check_output_path
 from mrcnn_helpers.inference.metadata import ExportError, read_onnx_metadata, write_sidecar
 from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, import_tensorrt
@@ -89,8 +90,6 @@ def build_engine(onnx_path, engine_path, *, data_type: str | None = None,
             f"networks from explicitly quantized graphs, which needs TensorRT >= "
             f"{MIN_TENSORRT_MAJOR} (an NGC container of 2024 or later)")
     import onnx
-
-    from mrcnn_helpers.crypto import read_maybe_encrypted
 
     check_output_path(engine_path, [onnx_path], option="engine")
     data = read_maybe_encrypted(onnx_path, key)

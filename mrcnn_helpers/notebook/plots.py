@@ -92,7 +92,7 @@ def show_ground_truth(json_file, image_dir, num_images: int = 8, cols: int = 4,
 
 
 def show_predictions(predictor, images, score_threshold: float = 0.5, cols: int = 4) -> Figure:
-    """Run `predictor` (mrcnn_helpers.predict.Predictor) on images (paths, PIL images or uint8
+    """Run `predictor` (mrcnn_helpers.inference.Predictor) on images (paths, PIL images or uint8
     tensors) and show each with its detections >= score_threshold drawn."""
     images = list(images)
     outputs = predictor.predict(images, score_threshold=score_threshold)

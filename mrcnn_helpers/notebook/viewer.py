@@ -37,7 +37,7 @@ MODES = ("prediction", "ground truth", "both")
 class InstanceViewer:
     """Predictions of `predictor` on the images of a COCO set, next to their ground truth.
 
-    predictor: mrcnn_helpers.predict.Predictor; json_file / image_dir: the COCO set (e.g. the
+    predictor: mrcnn_helpers.inference.Predictor; json_file / image_dir: the COCO set (e.g. the
     spec's val_json_file / val_image_dir); image_ids: which images (default the first max_images
     by id). min_score: the lowest selectable score threshold (detections below it are dropped at
     prediction time). max_width: rendered images are scaled down to at most this many pixels wide;

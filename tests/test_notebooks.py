@@ -323,10 +323,15 @@ def test_06_exports_verifies_and_writes_deepstream_configs(executed):
     assert "onnx - pytorch" in ap and "mask_AP" in ap
     assert any("network-type=3" in t for t in texts)  # the nvinfer config is shown
     assert any(t.startswith("2 batches of float32 [1, 3, 128, 128]") for t in texts)
-    assert count_outputs(nb, "image/png") == 1  # one calibration image
+    accuracy = next(t for t in html if "Accuracy of every precision" in t)
+    assert all(name in accuracy for name in ("pytorch fp32", "onnx fp32", "onnx fp16",
+                                             "onnx int8"))
+    assert (export / "model.fp16.onnx").is_file() and (export / "model.int8.onnx").is_file()
+    assert (export / "int8_ranges.json").is_file()  # the calibration cache, reusable
+    assert count_outputs(nb, "image/png") == 2  # the calibration image and the per-class plot
     if importlib.util.find_spec("tensorrt") is None:
         assert any("TensorRT is not used" in t and "NGC" in t for t in texts)
-        assert not (export / "model.plan").exists()
+        assert not (export / "model.int8.plan").exists()
 
 
 def test_07_deploys_with_onnx_and_pytorch(executed):

@@ -2,6 +2,7 @@
 
 import argparse
 import io
+import itertools
 import json
 import os
 import struct
@@ -278,21 +279,26 @@ def _spec(**data):
                            train_batch_size=1, eval_batch_size=2, seed=3)
 
 
+def one_epoch(loader):
+    """The batches of one epoch of a training loader (which streams epochs without end)."""
+    return itertools.islice(loader, len(loader))
+
+
 def test_train_loader_from_tfrecords_shards_across_ranks(coco_set, tmp_path):
     pattern = str(coco_set.root / "rec" / "train-*.tfrecord")
     spec = _spec(training_file_pattern=pattern, val_json_file=str(coco_set.json))
     single = build_train_loader(spec)
     assert isinstance(single.dataset, TfRecordInstanceDataset)
-    assert sorted(int(i) for b in single for i in b["image_id"]) == list(range(1, 8))
+    assert sorted(int(i) for b in one_epoch(single) for i in b["image_id"]) == list(range(1, 8))
     # 3 files over 2 ranks: whole files per rank (rank 0: shards 0 and 2, rank 1: shard 1).
-    ids = [sorted(int(i) for b in build_train_loader(spec, rank=r, world_size=2) for i in b["image_id"])
-           for r in range(2)]
+    ids = [sorted(int(i) for b in one_epoch(build_train_loader(spec, rank=r, world_size=2))
+                  for i in b["image_id"]) for r in range(2)]
     assert ids == [[1, 3, 4, 6, 7], [2, 5]]
     # One file over 2 ranks: records are split instead, still disjoint.
     write_coco_tfrecords(coco_set.json, coco_set.images, tmp_path / "one", 1, progress=False)
     spec = _spec(training_file_pattern=str(tmp_path / "one-*.tfrecord"))
-    ids = [{int(i) for b in build_train_loader(spec, rank=r, world_size=2) for i in b["image_id"]}
-           for r in range(2)]
+    ids = [{int(i) for b in one_epoch(build_train_loader(spec, rank=r, world_size=2))
+            for i in b["image_id"]} for r in range(2)]
     assert not ids[0] & ids[1] and len(ids[0]) == len(ids[1]) == 3
     with pytest.raises(DataError, match="training_file_pattern '.*nothing-\\*' matches no TFRecord"):
         build_train_loader(_spec(training_file_pattern=str(tmp_path / "nothing-*")))

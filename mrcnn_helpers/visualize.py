@@ -55,17 +55,37 @@ def _text_color(background) -> tuple[int, int, int]:
     return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
+def _one_per_object(boxes: np.ndarray, order: np.ndarray, iou: float) -> np.ndarray:
+    """Indices of `order` (best first) whose box overlaps no earlier kept box by more than `iou`
+    (class-agnostic: one drawing per object when two classes claim it)."""
+    kept: list[int] = []
+    for i in order:
+        if kept:
+            k = boxes[kept]
+            ix = np.clip(np.minimum(k[:, 2], boxes[i, 2]) - np.maximum(k[:, 0], boxes[i, 0]), 0, None)
+            iy = np.clip(np.minimum(k[:, 3], boxes[i, 3]) - np.maximum(k[:, 1], boxes[i, 1]), 0, None)
+            inter = ix * iy
+            area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+            if np.any(inter > iou * (area(k) + area(boxes[i]) - inter)):
+                continue
+        kept.append(int(i))
+    return np.asarray(kept, dtype=np.int64)
+
+
 def draw_instances(image, boxes, scores, classes, class_names, masks=None,
-                   score_threshold: float = 0.0, mask_alpha: float = 0.5) -> Image.Image:
+                   score_threshold: float = 0.0, mask_alpha: float = 0.5,
+                   duplicate_iou: float | None = 0.8) -> Image.Image:
     """Return a new RGB PIL image with detections drawn on `image`.
 
     image: PIL image, uint8 [h, w, 3] array or uint8 [3, h, w] tensor; boxes: [N, 4]
     (x1, y1, x2, y2) in that image's pixels; scores: [N] or None (labels show the name only);
     classes: int [N] contiguous labels; class_names[label] names a label (index 0 = background;
     a label beyond the list is shown as its number); masks: bool [N, h, w] or None.
-    Instances scoring below score_threshold are skipped. Each mask is blended with its class
-    color at mask_alpha; boxes are outlined in that color; labels sit on a filled background above
-    the box (inside it when the box touches the top edge).
+    Instances scoring below score_threshold are skipped, and so is one whose box overlaps a
+    better-scored drawn one by more than duplicate_iou (None: draw every instance). Each mask is
+    blended with its class color at mask_alpha; boxes are outlined in that color; labels sit on a
+    filled background above the box (inside it at the top edge), kept inside the image, and show
+    the score only where the box is wide enough for it.
     """
     canvas = _image_array(image)
     height, width = canvas.shape[:2]
@@ -74,13 +94,18 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
     n = boxes.shape[0]
     scores_np = None if scores is None else _to_numpy(scores).astype(np.float64).reshape(-1)
     keep = np.ones(n, dtype=bool) if scores_np is None else scores_np >= score_threshold
+    order = np.flatnonzero(keep)
+    if scores_np is not None:
+        order = order[np.argsort(-scores_np[order], kind="stable")]
+    if duplicate_iou is not None:
+        order = _one_per_object(boxes, order, duplicate_iou)
     if masks is not None:
         masks = _to_numpy(masks).astype(bool)
         if masks.shape != (n, height, width):
             raise ValueError(f"masks must be [N={n}, h={height}, w={width}] like the image, got "
                              f"{tuple(masks.shape)}")
         out = canvas.astype(np.float32)
-        for i in np.flatnonzero(keep):
+        for i in order[::-1]:  # the best on top
             m = masks[i]
             color = np.array(class_color(classes[i]), dtype=np.float32)
             out[m] = out[m] * (1.0 - mask_alpha) + color * mask_alpha
@@ -89,8 +114,9 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
     result = Image.fromarray(canvas)
     draw = ImageDraw.Draw(result)
     line_width = max(1, round(min(height, width) / 200))
-    font = _font(max(10, round(min(height, width) / 40)))
-    for i in np.flatnonzero(keep):
+    font = _font(max(8, round(min(height, width) / 40)))
+    pad = 1 if min(height, width) < 256 else 2
+    for i in order[::-1]:
         color = class_color(classes[i])
         x1, y1, x2, y2 = boxes[i].tolist()
         draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
@@ -98,9 +124,12 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
         name = class_names[label] if 0 <= label < len(class_names) else str(label)
         text = name if scores_np is None else f"{name} {scores_np[i]:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left, bottom - top
-        pad = 2
-        ty = y1 - th - 2 * pad if y1 - th - 2 * pad >= 0 else y1
-        draw.rectangle((x1, ty, x1 + tw + 2 * pad, ty + th + 2 * pad), fill=color)
-        draw.text((x1 + pad - left, ty + pad - top), text, fill=_text_color(color), font=font)
+        if scores_np is not None and right - left > max(x2 - x1, 1) * 1.5:
+            text = name  # a small box: the name only
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 2 * pad, bottom - top + 2 * pad
+        tx = min(max(x1, 0.0), max(width - tw, 0.0))
+        ty = y1 - th if y1 - th >= 0 else max(min(y1, height - th), 0.0)
+        draw.rectangle((tx, ty, tx + tw, ty + th), fill=color)
+        draw.text((tx + pad - left, ty + pad - top), text, fill=_text_color(color), font=font)
     return result

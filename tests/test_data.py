@@ -1,5 +1,6 @@
 """Tests of mrcnn_helpers.data: synthetic generator, COCO dataset, transforms, batching, loaders."""
 
+import colorsys
 import itertools
 import json
 from pathlib import Path
@@ -24,7 +25,7 @@ from mrcnn_helpers.data import (
     resize_and_pad,
 )
 from mrcnn_helpers.data.contours import mask_iou, mask_to_segmentation, polygons_to_mask
-from mrcnn_helpers.data.synthetic import image_rng, render_image
+from mrcnn_helpers.data.synthetic import _CLASS_HUES, image_rng, render_image
 from mrcnn_helpers.errors import DataError
 
 # pycocotools calls np.array(copy=False)-style __array__ on numpy 2; harmless here.
@@ -120,6 +121,32 @@ def test_synthetic_content_statistics():
     assert empty >= 1 and max(counts) >= 5
     assert kinds.count("polygon") >= 0.9 * len(kinds)
     assert min(sizes) <= 14 and max(sizes) >= 90
+
+
+def test_simple_style_is_the_easier_task(tmp_path):
+    """The demo's style: solid objects in their class's hue on muted backgrounds, 20-90 px."""
+    sizes, gaps = [], []
+    for index in range(40):
+        pixels, instances = render_image(image_rng(3, "train", index), 256, 256, "simple")
+        assert len(instances) <= 5
+        background = np.ones((256, 256), bool)
+        for label, visible in instances:
+            ys, xs = np.nonzero(visible)
+            sizes.append(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
+            background &= ~visible
+            hue = colorsys.rgb_to_hsv(*(pixels[visible].mean(0) / 255.0))[0]
+            gaps.append(min(abs(hue - _CLASS_HUES[label - 1]) % 1.0,
+                            1.0 - abs(hue - _CLASS_HUES[label - 1]) % 1.0))
+        objects = ~background
+        if objects.any():  # objects are brighter than the background around them
+            assert pixels[objects].max(1).mean() > pixels[background].max(1).mean() + 40
+    assert max(gaps) < 0.1 and min(sizes) >= 14 and max(sizes) <= 95
+    paths = generate_synthetic_dataset(tmp_path, num_train=2, num_val=1, image_size=(64, 64),
+                                       style="simple")
+    info = json.loads(Path(paths["train_json"]).read_text())["info"]
+    assert info["description"].endswith("style simple")
+    with pytest.raises(DataError, match="style = 'fancy': must be one of textured, simple"):
+        generate_synthetic_dataset(tmp_path / "x", num_train=1, num_val=1, style="fancy")
 
 
 def test_mask_to_segmentation_holes_and_parts():

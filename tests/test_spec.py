@@ -150,14 +150,14 @@ def test_shipped_spec_loads_without_warnings_and_round_trips(path):
 def test_demo_spec_values():
     spec = load_spec(SPECS_DIR / "demo_synthetic.txt")
     d, m = spec.data_config, spec.maskrcnn_config
-    assert d.image_size == (192, 192) and d.num_classes == 4 and d.max_num_instances == 20
+    assert d.image_size == (128, 128) and d.num_classes == 4 and d.max_num_instances == 20
     assert d.train_json_file == "data/synthetic/annotations/instances_train.json"
     assert d.val_image_dir == "data/synthetic/val"
     assert (m.nlayers, m.freeze_bn, m.freeze_blocks, m.anchor_scale) == (10, False, (), 2.0)
     assert (m.min_level, m.max_level, m.mrcnn_resolution) == (3, 6, 16)
-    assert spec.learning_rate_steps == (450, 550)
+    assert spec.learning_rate_steps == (300, 370)
     assert spec.learning_rate_decay_levels == (0.1, 0.01)
-    assert spec.checkpoint == "" and spec.total_steps == 600
+    assert spec.checkpoint == "" and spec.total_steps == 400
 
 
 def test_coco_spec_matches_seed_values(seed_env):
@@ -387,7 +387,7 @@ def test_format_spec_round_trips_unusual_values():
     odd = validate_spec(odd)
     text = format_spec(odd)
     assert "data_config {" in text and 'freeze_blocks: "[0, 1, 2]"' in text
-    assert 'image_size: "(192, 192)"' in text  # fixed-length tuples keep TLT's parentheses
+    assert 'image_size: "(128, 128)"' in text  # fixed-length tuples keep TLT's parentheses
     again = parse_spec(text, source="again")
     assert again == odd and again.source == "again"
     assert again.learning_rate_decay_levels[0] == 1 / 3
@@ -397,9 +397,9 @@ def test_spec_table_marks_defaults():
     spec = load_spec(SPECS_DIR / "demo_synthetic.txt")
     rows = {(block, name): (value, is_default) for block, name, value, is_default
             in spec_table(spec)}
-    assert rows[("experiment", "total_steps")] == (600, False)
+    assert rows[("experiment", "total_steps")] == (400, False)
     assert rows[("experiment", "momentum")] == (0.9, True)
-    assert rows[("data_config", "image_size")] == ((192, 192), False)
+    assert rows[("data_config", "image_size")] == ((128, 128), False)
     assert rows[("maskrcnn_config", "aspect_ratios")] == (
         ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4)), True)
     n_fields = sum(len(dataclasses.fields(c)) for c in (ExperimentSpec, DataConfig,
@@ -438,9 +438,9 @@ def test_validate_spec_after_replace():
     assert str(info.value).startswith(f"{spec.source}: learning_rate_steps = ")
     # Lists become tuples, ints become floats, TLT strings are parsed: the result is canonical.
     fixed = validate_spec(dataclasses.replace(
-        spec, learning_rate_steps=[450, 550], momentum=0,
+        spec, learning_rate_steps=[250, 350], momentum=0,
         data_config=dataclasses.replace(spec.data_config, image_size="(128, 192)")))
-    assert fixed.learning_rate_steps == (450, 550) and isinstance(fixed.momentum, float)
+    assert fixed.learning_rate_steps == (250, 350) and isinstance(fixed.momentum, float)
     assert fixed.data_config.image_size == (128, 192)
     with pytest.raises(SpecError, match="total_steps = '600': expected an integer"):
         validate_spec(dataclasses.replace(spec, total_steps="600"))

@@ -78,3 +78,23 @@ def test_mask_shape_must_match_image():
         draw_instances(image, boxes, [0.9], [1], CLASS_NAMES, masks=np.zeros((1, 30, 40), bool))
     with pytest.raises(ValueError, match="uint8"):
         draw_instances(image.astype(np.float32), boxes, [0.9], [1], CLASS_NAMES)
+
+
+def test_one_drawing_per_object_and_labels_inside_the_image():
+    image = np.zeros((60, 80, 3), dtype=np.uint8)
+    masks = np.zeros((3, 60, 80), dtype=bool)
+    masks[:2, 10:30, 50:79] = True   # one object claimed by two classes
+    masks[2, 40:58, 2:20] = True
+    boxes = np.array([[50.0, 10.0, 79.0, 30.0], [51.0, 10.0, 79.0, 30.0], [2.0, 40.0, 20.0, 58.0]])
+    scores, classes = [0.6, 0.9, 0.8], [1, 2, 1]
+    out = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES, masks=masks))
+    dog, cat = np.array(class_color(2), np.uint8), np.array(class_color(1), np.uint8)
+    blend = lambda c: np.rint(c.astype(np.float32) * 0.5).astype(np.uint8)  # noqa: E731
+    np.testing.assert_array_equal(out[20, 65], blend(dog))   # the better-scored class only
+    np.testing.assert_array_equal(out[50, 10], blend(cat))
+    # The label of the box at the right edge is moved left to stay whole inside the image.
+    label_rows = (out[:10] == dog).all(axis=-1)
+    assert label_rows.any() and label_rows[:, -1].any() and label_rows[:, :50].any()
+    both = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES, masks=masks,
+                                     duplicate_iou=None))
+    assert not np.array_equal(both[20, 65], blend(dog))      # both drawn when asked

@@ -37,7 +37,7 @@ def cmd_synthetic(args) -> int:
     h, w = args.image_size
     _print_result(generate_synthetic_dataset(args.out_dir, num_train=args.num_train,
                                              num_val=args.num_val, image_size=(h, w),
-                                             seed=args.seed))
+                                             seed=args.seed, style=args.style))
     return 0
 
 
@@ -169,6 +169,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=50)
     s.add_argument("--image-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--style", choices=("textured", "simple"), default="textured",
+                   help="textured backgrounds and objects, or the CPU demo's simpler task")
     s.set_defaults(func=cmd_synthetic)
 
     s = sub.add_parser("download-coco", help="download and extract COCO 2017 (resumable)")

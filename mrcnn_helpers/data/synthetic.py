@@ -10,6 +10,12 @@ whose visible part would be too small is dropped before anything is painted, so 
 fragments remain in the pixels. Segmentations are COCO polygons traced along pixel edges (exact
 under pycocotools' rasterization); visible regions with holes are stored as compressed RLE.
 
+Two styles. "textured" (the default) is the above. "simple" is what the CPU demo trains on:
+smooth, muted backgrounds, solid objects in their class's hue, 1-5 objects of 20-90 px (on a
+256 image) that touch less often. A ResNet-10 learns it to a high mask AP within a few hundred
+CPU steps, so a first run shows what the pipeline does in minutes; boundaries, occlusion and
+the three shapes still have to be segmented exactly.
+
 Everything is drawn from numpy Generators seeded by (seed, split, image index): the same seed
 gives byte-identical JSON and identical PNG pixels.
 """
@@ -39,6 +45,7 @@ _SPLITS = {"train": 1, "val": 2}
 MIN_SIDE, MAX_SIDE = 32, 4096
 MAX_IMAGES = 1_000_000
 _DESCRIPTION = "synthetic shapes"
+STYLES = ("textured", "simple")
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -47,8 +54,8 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _random_color(rng: np.random.Generator, hue: float | None = None, sat=(0.0, 0.6),
-                  val=(0.15, 0.95)) -> np.ndarray:
-    h = rng.random() if hue is None else (hue + rng.normal(0.0, 0.05)) % 1.0
+                  val=(0.15, 0.95), hue_sd: float = 0.05) -> np.ndarray:
+    h = rng.random() if hue is None else (hue + rng.normal(0.0, hue_sd)) % 1.0
     rgb = colorsys.hsv_to_rgb(h, rng.uniform(*sat), rng.uniform(*val))
     return np.asarray(rgb, dtype=np.float32) * 255.0
 
@@ -79,6 +86,14 @@ def _pattern(rng: np.random.Generator, height: int, width: int, kind: str) -> np
     return np.asarray(smooth, dtype=np.float32) / 255.0
 
 
+def _simple_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Float32 [height, width, 3] smooth, muted background in 0..255 (the "simple" style)."""
+    kind = ("gradient", "blotches")[int(rng.integers(2))]
+    c1, c2 = (_random_color(rng, sat=(0.0, 0.25), val=(0.2, 0.55)) for _ in range(2))
+    t = _pattern(rng, height, width, kind)[..., None]
+    return c1 + (c2 - c1) * t + rng.normal(0.0, 3.0, (height, width, 3)).astype(np.float32)
+
+
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Float32 [height, width, 3] textured background in 0..255."""
     kind = ("gradient", "stripes", "blotches", "checker")[int(rng.integers(4))]
@@ -89,6 +104,12 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
         t2 = _pattern(rng, height, width, ("gradient", "blotches")[int(rng.integers(2))])[..., None]
         image = image * (0.75 + 0.5 * t2)
     return image + rng.normal(0.0, rng.uniform(3.0, 14.0), (height, width, 3)).astype(np.float32)
+
+
+def _simple_texture(rng: np.random.Generator, label: int, height: int, width: int) -> np.ndarray:
+    """Float32 [height, width, 3] solid fill in the class's hue (the "simple" style)."""
+    base = _random_color(rng, _CLASS_HUES[label - 1], sat=(0.6, 1.0), val=(0.7, 1.0), hue_sd=0.02)
+    return base + rng.normal(0.0, 3.0, (height, width, 3)).astype(np.float32)
 
 
 def _object_texture(rng: np.random.Generator, label: int, height: int, width: int) -> np.ndarray:
@@ -123,16 +144,23 @@ def _shape_mask(label: int, cx: float, cy: float, size: float, angle: float,
     return np.asarray(canvas, dtype=bool)
 
 
-def _layout(rng: np.random.Generator, height: int, width: int) -> list[tuple[int, np.ndarray]]:
+# Per style: (most objects per image + 1, size range in px on a 256 image, chance that an object
+# is placed against an earlier one).
+_LAYOUTS = {"textured": (7, (12.0, 110.0), 0.4), "simple": (6, (20.0, 90.0), 0.2)}
+
+
+def _layout(rng: np.random.Generator, height: int, width: int,
+            style: str = "textured") -> list[tuple[int, np.ndarray]]:
     """Random instances in drawing order (bottom first): list of (label, whole-shape mask)."""
     if rng.random() < 0.08:  # some images have no objects at all
         return []
+    most, (smallest, largest), touching = _LAYOUTS[style]
     unit = min(height, width) / 256.0
     shapes, centres = [], []
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(1, most))):
         label = int(rng.integers(1, 4))
-        size = float(np.exp(rng.uniform(np.log(12.0), np.log(110.0)))) * unit
-        if centres and rng.random() < 0.4:
+        size = float(np.exp(rng.uniform(np.log(smallest), np.log(largest)))) * unit
+        if centres and rng.random() < touching:
             # Next to an earlier object: touching or overlapping it.
             px, py, psize = centres[int(rng.integers(len(centres)))]
             direction = rng.uniform(0.0, 2.0 * np.pi)
@@ -166,15 +194,18 @@ def _visible_instances(shapes, min_pixels: int, min_fraction: float):
     return kept[::-1]
 
 
-def render_image(rng: np.random.Generator, height: int, width: int):
+def render_image(rng: np.random.Generator, height: int, width: int, style: str = "textured"):
     """One synthetic image: (uint8 [height, width, 3] RGB, [(label, visible bool mask [h, w])])."""
-    image = _background(rng, height, width)
+    simple = style == "simple"
+    image = (_simple_background if simple else _background)(rng, height, width)
     unit2 = (min(height, width) / 256.0) ** 2
-    instances = _visible_instances(_layout(rng, height, width), max(8, int(30 * unit2)), 0.2)
+    instances = _visible_instances(_layout(rng, height, width, style), max(8, int(30 * unit2)),
+                                   0.2)
+    texture = _simple_texture if simple else _object_texture
     for _, label, whole, _ in instances:
         ys, xs = np.nonzero(whole)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        fill = _object_texture(rng, label, y1 - y0, x1 - x0)
+        fill = texture(rng, label, y1 - y0, x1 - x0)
         region = whole[y0:y1, x0:x1]
         image[y0:y1, x0:x1][region] = fill[region]
     pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -194,12 +225,12 @@ def _annotation(ann_id: int, image_id: int, label: int, visible: np.ndarray) -> 
 
 
 def _write_split(out_dir: Path, split: str, num_images: int, height: int, width: int,
-                 seed: int) -> tuple[str, str]:
+                 seed: int, style: str) -> tuple[str, str]:
     image_dir = check_writable_dir(out_dir / split, option="synthetic image folder")
     images, annotations = [], []
     for index in range(num_images):
         rng = image_rng(seed, split, index)
-        pixels, instances = render_image(rng, height, width)
+        pixels, instances = render_image(rng, height, width, style)
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         # Low zlib effort: these noisy textures barely compress, and speed matters more here.
@@ -209,7 +240,8 @@ def _write_split(out_dir: Path, split: str, num_images: int, height: int, width:
         for label, visible in instances:
             annotations.append(_annotation(len(annotations) + 1, image_id, label, visible))
     coco = {
-        "info": {"description": f"{_DESCRIPTION}, {split} split, seed {seed}"},
+        "info": {"description": f"{_DESCRIPTION}, {split} split, seed {seed}"
+                                + (f", style {style}" if style != "textured" else "")},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
@@ -221,8 +253,11 @@ def _write_split(out_dir: Path, split: str, num_images: int, height: int, width:
     return str(json_path), str(image_dir)
 
 
-def _check_arguments(out: Path, num_train, num_val, image_size, seed) -> tuple[int, int]:
+def _check_arguments(out: Path, num_train, num_val, image_size, seed,
+                     style="textured") -> tuple[int, int]:
     """(height, width) of valid arguments; DataError naming the argument and its range else."""
+    if style not in STYLES:
+        raise DataError(f"style = {style!r}: must be one of {', '.join(STYLES)}")
     for name, value in (("num_train", num_train), ("num_val", num_val), ("seed", seed)):
         try:
             operator.index(value)
@@ -271,7 +306,8 @@ def _is_synthetic(path: Path) -> bool:
 
 
 def generate_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 200, num_val: int = 50,
-                               image_size: tuple[int, int] = (256, 256), seed: int = 0) -> dict:
+                               image_size: tuple[int, int] = (256, 256), seed: int = 0,
+                               style: str = "textured") -> dict:
     """Write the synthetic shapes dataset under `out_dir` and return its paths.
 
     Layout: out_dir/train/NNNNNN.png, out_dir/val/NNNNNN.png,
@@ -279,14 +315,15 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 200,
     1..N per split; categories 1 "circle", 2 "triangle", 3 "square"). image_size is (height,
     width), each side 32..4096; num_train / num_val 0..1000000; seed >= 0. Deterministic: the
     same arguments give byte-identical JSON and identical pixels; train and val are drawn from
-    separate random streams. out_dir may hold an earlier synthetic dataset (it is replaced),
+    separate random streams. style: "textured" (default) or "simple" (the CPU demo's easier
+    task; see the module docstring). out_dir may hold an earlier synthetic dataset (it is replaced),
     nothing else of that layout. Every file is written atomically. Raises DataError for bad
     arguments, a folder holding other annotations, or too little disk space. Returns
     dict(train_json=..., train_images=..., val_json=..., val_images=...) with str paths.
     """
     out = Path(out_dir)
-    height, width = _check_arguments(out, num_train, num_val, image_size, seed)
-    train_json, train_images = _write_split(out, "train", num_train, height, width, seed)
-    val_json, val_images = _write_split(out, "val", num_val, height, width, seed)
+    height, width = _check_arguments(out, num_train, num_val, image_size, seed, style)
+    train_json, train_images = _write_split(out, "train", num_train, height, width, seed, style)
+    val_json, val_images = _write_split(out, "val", num_val, height, width, seed, style)
     return {"train_json": train_json, "train_images": train_images,
             "val_json": val_json, "val_images": val_images}

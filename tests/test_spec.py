@@ -155,9 +155,9 @@ def test_demo_spec_values():
     assert d.val_image_dir == "data/synthetic/val"
     assert (m.nlayers, m.freeze_bn, m.freeze_blocks, m.anchor_scale) == (10, False, (), 2.0)
     assert (m.min_level, m.max_level, m.mrcnn_resolution) == (3, 6, 16)
-    assert spec.learning_rate_steps == (300, 370)
+    assert spec.learning_rate_steps == (480, 590)
     assert spec.learning_rate_decay_levels == (0.1, 0.01)
-    assert spec.checkpoint == "" and spec.total_steps == 400
+    assert spec.checkpoint == "" and spec.total_steps == 640
 
 
 def test_coco_spec_matches_seed_values(seed_env):
@@ -397,7 +397,7 @@ def test_spec_table_marks_defaults():
     spec = load_spec(SPECS_DIR / "demo_synthetic.txt")
     rows = {(block, name): (value, is_default) for block, name, value, is_default
             in spec_table(spec)}
-    assert rows[("experiment", "total_steps")] == (400, False)
+    assert rows[("experiment", "total_steps")] == (640, False)
     assert rows[("experiment", "momentum")] == (0.9, True)
     assert rows[("data_config", "image_size")] == ((128, 128), False)
     assert rows[("maskrcnn_config", "aspect_ratios")] == (

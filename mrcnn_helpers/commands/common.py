@@ -57,11 +57,23 @@ def spec_inputs(spec) -> list[str]:
     return found
 
 
+def model_inputs(model: str | None) -> list[str]:
+    """What -m makes a command read: the file itself, or for a results directory the model files
+    and spec copy in it (every `*.pth`, `spec.txt`): the directory is where training writes its
+    outputs, so metrics, annotated images or exports beside them are fine, only over them not."""
+    if not model or not os.path.isdir(model):
+        return [model] if model else []
+    return [os.path.join(model, name) for name in sorted(os.listdir(model))
+            if name.endswith(".pth") or name == "spec.txt"]
+
+
 def command_inputs(args, loaded: LoadedModel | None = None, spec=None) -> list[str]:
-    """Everything a command reads: -m (and the file it resolved to, an engine's sidecar JSON),
-    -e, -i, -l, --ann, and the files the spec (`spec`, or the loaded model's) names."""
-    paths = [getattr(args, name, None) for name in ("model", "experiment_spec", "input",
-                                                      "labels", "ann", "cal_image_dir")]
+    """Everything a command reads: -m (model_inputs; and the file it resolved to, an engine's
+    sidecar JSON), -e, -i, -l, --ann, and the files the spec (`spec`, or the loaded model's)
+    names."""
+    paths = model_inputs(getattr(args, "model", None))
+    paths += [getattr(args, name, None) for name in ("experiment_spec", "input", "labels", "ann",
+                                                      "cal_image_dir")]
     if spec is not None:
         paths += spec_inputs(spec)
     if loaded is not None:

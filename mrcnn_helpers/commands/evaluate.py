@@ -6,15 +6,17 @@ from mrcnn_helpers.evaluate import (
     format_per_class_table,
     write_metrics_json,
 )
-from mrcnn_helpers.fileio import check_output_path
 
-from .common import load_for_inference
+from .common import load_for_inference, memory_errors_named
 
 
 def run(args) -> int:
-    if args.json:
-        check_output_path(args.json, [args.model, args.experiment_spec], option="--json")
-    predictor = load_for_inference(args)
+    with memory_errors_named("evaluate"):
+        return _run(args)
+
+
+def _run(args) -> int:
+    predictor = load_for_inference(args)  # checks --json against every input first
     metrics = evaluate_model(predictor, predictor.spec, max_images=args.max_images)
     print(format_metrics(metrics))
     print(format_per_class_table(metrics))

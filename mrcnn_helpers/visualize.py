@@ -55,18 +55,21 @@ def _text_color(background) -> tuple[int, int, int]:
     return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
 def _one_per_object(boxes: np.ndarray, order: np.ndarray, iou: float) -> np.ndarray:
     """Indices of `order` (best first) whose box overlaps no earlier kept box by more than `iou`
     (class-agnostic: one drawing per object when two classes claim it)."""
     kept: list[int] = []
     for i in order:
         if kept:
-            k = boxes[kept]
-            ix = np.clip(np.minimum(k[:, 2], boxes[i, 2]) - np.maximum(k[:, 0], boxes[i, 0]), 0, None)
-            iy = np.clip(np.minimum(k[:, 3], boxes[i, 3]) - np.maximum(k[:, 1], boxes[i, 1]), 0, None)
+            k, b = boxes[kept], boxes[i]
+            ix = np.clip(np.minimum(k[:, 2], b[2]) - np.maximum(k[:, 0], b[0]), 0, None)
+            iy = np.clip(np.minimum(k[:, 3], b[3]) - np.maximum(k[:, 1], b[1]), 0, None)
             inter = ix * iy
-            area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-            if np.any(inter > iou * (area(k) + area(boxes[i]) - inter)):
+            if np.any(inter > iou * (_area(k) + _area(b) - inter)):
                 continue
         kept.append(int(i))
     return np.asarray(kept, dtype=np.int64)

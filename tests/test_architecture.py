@@ -184,6 +184,41 @@ def test_tlt_spellings_are_accepted_and_help_lists_each_option_once(capsys):
     assert "(default: 0.5)" in text
 
 
+# The command lines of the TLT Mask R-CNN post, as printed there.
+TLT_POST_LINES = [
+    "tlt-train mask_rcnn -e $spec_file_path -r $experiment_dir -k $KEY --gpus N",
+    "tlt-evaluate mask_rcnn -e $spec_file_path -m $model_path -k $KEY",
+    "tlt-infer mask_rcnn  -i $input_images_dir  -o $annotated_images_dir -e $spec_file "
+    "-m $tlt_model -l $json_label -t $threshold  --include_mask ",
+    "tlt-export mask_rcnn -m $model_path -o $int8_etlt_file -e $spec_file -k $KEY "
+    "--cal_image_dir $calibration_image_dir --batch_size N  --batches $num_cal_batches "
+    "--cal_cache_file $calibration_table --cal_data_file $calibration_data_cache --data_type int8",
+]
+
+
+def test_tlt_post_command_lines_parse_with_only_the_program_changed():
+    import shlex
+
+    from mrcnn_helpers.cli import build_parser
+
+    values = {"N": "2", "threshold": "0.5", "num_cal_batches": "10"}
+    parser = build_parser()
+    for line in TLT_POST_LINES:
+        words = shlex.split(line)
+        assert words[0].startswith("tlt-") and words[1] == "mask_rcnn"
+        command = words[0][len("tlt-"):]
+        argv = [command] + [values.get(w.lstrip("$"), w.lstrip("$").replace("_", "-") + ".x")
+                            if w.startswith("$") or w == "N" else w for w in words[2:]]
+        args = parser.parse_args(argv)
+        assert args.command == command
+        if command != "infer":
+            assert args.key == "KEY.x"
+    export = parser.parse_args(["export"] + [values.get(w.lstrip("$"), w) for w in
+                                             shlex.split(TLT_POST_LINES[3])[2:]])
+    assert (export.data_type, export.batch_size, export.batches) == ("int8", 2, 10)
+    assert export.cal_cache_file == "$calibration_table" and export.key == "$KEY"
+
+
 def test_unknown_option_names_the_subcommand(capsys):
     from mrcnn_helpers.cli import main
 

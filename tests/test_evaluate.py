@@ -334,3 +334,41 @@ def test_evaluate_model_needs_coco_ground_truth(rect_data):
 
     with pytest.raises(DataError, match="NoCoco"):
         evaluate_model(BoxModel({}), _spec(gt_json, image_dir), dataset=NoCoco(), progress=False)
+
+
+def test_infer_json_scored_by_pycocotools_gives_evaluate_ap(rect_data, tmp_path):
+    """`mrcnn infer --json` with the dataset's JSON (--ann) carries the dataset's image ids, so
+    pycocotools scoring that file against the ground truth gives evaluate_model's AP."""
+    from pycocotools.cocoeval import COCOeval
+
+    from mrcnn_helpers.inference import Predictor
+    from mrcnn_helpers.inference.annotate import annotate_images
+
+    gt_json, image_dir, coco = rect_data
+    per_image = _gt_detections(coco)
+    box, score, label = per_image[20][1]
+    per_image[20][1] = ([box[0] + 6, box[1], box[2] + 6, box[3]], 0.7, label)  # a shifted dog
+    per_image[10].append(([5.0, 5.0, 20.0, 20.0], 0.8, 2))                      # a false dog
+    spec = _spec(gt_json, image_dir)
+    names = ["background", "cat", "dog", "bird"]
+    metrics = evaluate_model(Predictor(BoxModel(per_image), spec, names,
+                                       category_ids=CATEGORY_IDS), spec, progress=False)
+    summary = annotate_images(Predictor(BoxModel(per_image), spec, names,
+                                        category_ids=CATEGORY_IDS),
+                              image_dir, tmp_path / "drawn", threshold=0.0, include_mask=True,
+                              json_path=tmp_path / "results.json", ann_file=gt_json,
+                              progress=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted({r["image_id"] for r in results}) == [10, 20] and summary["image_ids"] == "dataset"
+    scored = {}
+    for iou_type, prefix in (("bbox", ""), ("segm", "mask_")):
+        kept = [{k: v for k, v in r.items() if k != ("segmentation" if iou_type == "bbox"
+                                                      else "bbox")} for r in results]
+        run = COCOeval(coco, coco.loadRes(kept), iou_type)
+        run.evaluate()
+        run.accumulate()
+        run.summarize()
+        scored[prefix + "AP"], scored[prefix + "AP50"] = run.stats[0], run.stats[1]
+    assert 0.2 < metrics["AP"] < 0.95  # neither trivial nor perfect
+    for name, value in scored.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name

@@ -89,12 +89,12 @@ def test_one_drawing_per_object_and_labels_inside_the_image():
     scores, classes = [0.6, 0.9, 0.8], [1, 2, 1]
     out = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES, masks=masks))
     dog, cat = np.array(class_color(2), np.uint8), np.array(class_color(1), np.uint8)
-    blend = lambda c: np.rint(c.astype(np.float32) * 0.5).astype(np.uint8)  # noqa: E731
-    np.testing.assert_array_equal(out[20, 65], blend(dog))   # the better-scored class only
-    np.testing.assert_array_equal(out[50, 10], blend(cat))
+    half_dog, half_cat = (np.rint(c.astype(np.float32) * 0.5).astype(np.uint8) for c in (dog, cat))
+    np.testing.assert_array_equal(out[20, 65], half_dog)   # the better-scored class only
+    np.testing.assert_array_equal(out[50, 10], half_cat)
     # The label of the box at the right edge is moved left to stay whole inside the image.
     label_rows = (out[:10] == dog).all(axis=-1)
     assert label_rows.any() and label_rows[:, -1].any() and label_rows[:, :50].any()
     both = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES, masks=masks,
                                      duplicate_iou=None))
-    assert not np.array_equal(both[20, 65], blend(dog))      # both drawn when asked
+    assert not np.array_equal(both[20, 65], half_dog)      # both drawn when asked

@@ -22,6 +22,9 @@ from .backends import ExportedModel
 from .metadata import ExportError, read_sidecar
 
 
+# Engines are read whole into memory; a Mask R-CNN engine is a few hundred MB at most.
+MAX_ENGINE_BYTES = 8 << 30
+
 class TensorRTUnavailable(ExportError):
     """TensorRT's Python package (or a CUDA GPU) is not available."""
 
@@ -83,6 +86,10 @@ class TensorRTModel(ExportedModel):
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise ExportError(f"TensorRT engine not found: {engine_path}")
+        size = engine_path.stat().st_size
+        if size > MAX_ENGINE_BYTES:  # read whole into memory below: bound it first
+            raise ExportError(f"{engine_path} is {size} bytes; a Mask R-CNN engine is far below "
+                              f"{MAX_ENGINE_BYTES >> 30} GiB: is it an engine?")
         super().__init__(read_sidecar(engine_path), str(engine_path))
         self.device = torch.device(device if device is not None else "cuda")
         if self.device.type != "cuda":

@@ -1,7 +1,10 @@
 """COCO evaluation: box and mask AP/AR through pycocotools, per-class AP, metric reports.
 
 Metric names are TLT's (`AP`, `AP50`, ..., `ARl` for boxes, the same with a `mask_` prefix for
-masks). Every number comes from pycocotools' COCOeval; nothing here re-implements AP.
+masks). Every number comes from COCOeval; nothing here re-implements AP. The matching runs in
+faster-coco-eval's C++ COCOeval when it is installed (a dependency; the same numbers as
+pycocotools', which the tests check, several times faster on large sets), else in pycocotools';
+MRCNN_COCOEVAL=pycocotools forces the reference. Both take pycocotools' COCO objects.
 
 Detections reach COCO as result dicts: `bbox` [x, y, w, h] in original-image pixels, `score`,
 `category_id` (the dataset's COCO id) and `segmentation` (compressed RLE with `counts` as str, so
@@ -11,6 +14,7 @@ the list can be written as JSON).
 import contextlib
 import io
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,14 +75,30 @@ def _per_class_ap(coco_eval: COCOeval) -> dict[int, float | None]:
     return out
 
 
+def cocoeval_class():
+    """The COCOeval used: faster-coco-eval's COCOeval_faster when importable and not overridden
+    by MRCNN_COCOEVAL=pycocotools, else pycocotools' COCOeval (same interface and numbers)."""
+    if os.environ.get("MRCNN_COCOEVAL", "").lower() != "pycocotools":
+        try:
+            from faster_coco_eval import COCOeval_faster
+        except ImportError:
+            pass
+        else:
+            return COCOeval_faster
+    return COCOeval
+
+
 def run_cocoeval(coco_gt, results: list[dict], iou_type: str, image_ids, *,
                  verbose: bool = False) -> COCOeval:
-    """pycocotools' COCOeval of non-empty `results` on `image_ids`, evaluated, accumulated and
-    summarized (its printing silenced unless verbose)."""
+    """COCOeval (cocoeval_class) of non-empty `results` on `image_ids`, evaluated, accumulated
+    and summarized (its printing silenced unless verbose)."""
     quiet = contextlib.redirect_stdout(io.StringIO())
     with contextlib.nullcontext() if verbose else quiet:
         coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
-        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        cls = cocoeval_class()
+        # faster-coco-eval logs its summary unless told to print it.
+        options = {"print_function": print} if verbose and cls is not COCOeval else {}
+        coco_eval = cls(coco_gt, coco_dt, iou_type, **options)
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -117,7 +137,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), imag
                         for c in cats}
         else:
             coco_eval = run_cocoeval(coco_gt, results, iou_type, image_ids, verbose=verbose)
-            stats = [float(v) for v in coco_eval.stats]
+            stats = [float(v) for v in coco_eval.stats[:len(METRIC_NAMES)]]
             class_ap = _per_class_ap(coco_eval)
         for name, value in zip(METRIC_NAMES, stats, strict=True):
             metrics[prefix + name] = value

@@ -372,3 +372,34 @@ def test_infer_json_scored_by_pycocotools_gives_evaluate_ap(rect_data, tmp_path)
     assert 0.2 < metrics["AP"] < 0.95  # neither trivial nor perfect
     for name, value in scored.items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers(coco_gt, monkeypatch):
+    """The C++ COCOeval (faster-coco-eval) and the pycocotools reference agree on every metric
+    of noisy, partly wrong detections, boxes and masks, per class too."""
+    pytest.importorskip("faster_coco_eval")
+    from mrcnn_helpers.evaluate import cocoeval_class
+
+    rng = np.random.default_rng(0)
+    results = []
+    for ann in coco_gt.loadAnns(coco_gt.getAnnIds()):
+        x, y, w, h = ann["bbox"]
+        mask = coco_gt.annToMask(ann).astype(bool)
+        for k in range(4):
+            dx, dy = rng.integers(-6, 7, 2)
+            box = np.array([[x + dx, y + dy, x + w + dx, y + h + dy]], dtype=float)
+            shifted = np.roll(mask, (int(dy), int(dx)), axis=(0, 1))[None]
+            label = int(rng.integers(1, 4)) if k else CATEGORY_IDS.index(ann["category_id"]) + 1
+            results += detections_to_coco_results(ann["image_id"], box, [float(rng.random())],
+                                                  [label], shifted, CATEGORY_IDS)
+    assert cocoeval_class().__module__.startswith("faster_coco_eval")
+    fast = coco_evaluate(coco_gt, results)
+    monkeypatch.setenv("MRCNN_COCOEVAL", "pycocotools")
+    assert cocoeval_class().__module__.startswith("pycocotools")
+    reference = coco_evaluate(coco_gt, results)
+    assert 0.05 < reference["AP"] < 0.95 and 0.05 < reference["mask_AP"] < 0.95
+    for name, value in reference.items():
+        if name != "per_class":
+            assert fast[name] == pytest.approx(value, abs=1e-12), name
+    for name, values in reference["per_class"].items():
+        assert fast["per_class"][name] == pytest.approx(values), name

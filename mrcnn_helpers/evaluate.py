@@ -266,3 +266,27 @@ def write_metrics_json(metrics: dict, path) -> Path:
     path. Raises MrcnnError naming the path when it cannot be written (disk full, read-only): no
     file is then left half-written."""
     return atomic_write_json(path, metrics, what="metrics")
+
+
+SUMMARY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100")
+
+
+def format_summary(metrics: dict) -> str:
+    """The metrics as a short table: a row for boxes and one for masks (when evaluated), the
+    columns SUMMARY_COLUMNS at 3 decimals, "n/a" where COCOeval has no value (-1: no ground
+    truth of that size), then the images evaluated and their rate."""
+    rows = [(label, prefix) for label, prefix in (("box", ""), ("mask", "mask_"))
+            if prefix + "AP" in metrics]
+
+    def cell(value) -> str:
+        return "n/a" if value is None or value < 0 or math.isnan(value) else f"{value:.3f}"
+
+    lines = ["      " + " ".join(f"{c:>8}" for c in SUMMARY_COLUMNS)]
+    for label, prefix in rows:
+        lines.append(f"{label:<6}" + " ".join(f"{cell(metrics.get(prefix + c)):>8}"
+                                              for c in SUMMARY_COLUMNS))
+    if "eval_images" in metrics:
+        rate = metrics.get("eval_images_per_sec")
+        lines.append(f"{int(metrics['eval_images'])} images"
+                     + (f", {rate:.1f} img/s" if rate else ""))
+    return "\n".join(lines)

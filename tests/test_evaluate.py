@@ -425,3 +425,19 @@ def test_rle_from_the_occupied_region_equals_pycocotools_encode():
             got = encode_masks(given)
             assert [g["counts"] for g in got] == [e["counts"] for e in expected]
             assert [list(g["size"]) for g in got] == [[h, w]] * 5
+
+
+def test_format_summary_is_short_and_says_n_a(coco_gt):
+    from mrcnn_helpers.evaluate import format_summary
+
+    m = coco_evaluate(coco_gt, perfect_results(coco_gt, drop=(2,)))
+    m.update(eval_images=2, eval_images_per_sec=12.345)
+    lines = format_summary(m).splitlines()
+    assert lines[0].split() == ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100"]
+    box, mask = lines[1].split(), lines[2].split()
+    assert box[0] == "box" and mask[0] == "mask" and len(box) == 8
+    assert box[1] == f"{m['AP']:.3f}" and mask[7] == f"{m['mask_ARmax100']:.3f}"
+    assert box[4] == "n/a" and box[6] == "n/a"    # no small or large ground truth: -1 in COCO
+    assert lines[3] == "2 images, 12.3 img/s" and "-1" not in format_summary(m)
+    box_only = {k: v for k, v in m.items() if not k.startswith("mask_")}
+    assert len(format_summary(box_only).splitlines()) == 3

@@ -2,8 +2,8 @@
 
 from mrcnn_helpers.evaluate import (
     evaluate_model,
-    format_metrics,
     format_per_class_table,
+    format_summary,
     write_metrics_json,
 )
 
@@ -18,7 +18,7 @@ def run(args) -> int:
 def _run(args) -> int:
     predictor = load_for_inference(args)  # checks --json against every input first
     metrics = evaluate_model(predictor, predictor.spec, max_images=args.max_images)
-    print(format_metrics(metrics))
+    print(format_summary(metrics))
     print(format_per_class_table(metrics))
     if args.json:
         write_metrics_json(metrics, args.json)

@@ -2,13 +2,17 @@
 monitor's history, figures and the instance viewer (driven by a fake predictor whose detections
 are the ground truth with known errors added)."""
 
+import io
 import json
 import os
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from PIL import Image
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("ipywidgets")
@@ -266,13 +270,7 @@ def test_figures_for_ground_truth_stats_ap_and_pr(synthetic, tmp_path):
     ap = nb.plot_per_class_ap({"per_class": per_class})
     texts = [t.get_text() for t in ap.axes[0].texts]
     assert texts == ["0.500", "no GT", "0.400", "no GT"]
-    precision = np.full((10, 101, 2), -1.0)
-    precision[:, :, 0] = np.linspace(1.0, 0.0, 101)
-    result = nb.EvalResult(metrics={}, results=[], image_ids=[], class_names=["circle", "square"],
-                           iou_thresholds=np.linspace(0.5, 0.95, 10),
-                           recall_thresholds=np.linspace(0, 1, 101),
-                           precision={"bbox": precision, "segm": precision})
-    pr = nb.plot_pr_curves(result)
+    pr = nb.plot_pr_curves(pr_result())
     assert len(pr.axes) == 2
     assert [line.get_label() for line in pr.axes[0].lines] == ["circle @0.5 (AP 0.500)",
                                                                "circle @0.75 (AP 0.500)"]
@@ -280,6 +278,43 @@ def test_figures_for_ground_truth_stats_ap_and_pr(synthetic, tmp_path):
     assert "no detections" in empty.axes[0].texts[0].get_text()
     fig.savefig(tmp_path / "gt.png")
     assert (tmp_path / "gt.png").stat().st_size > 1000
+
+
+def pr_result(class_names=("circle", "square")):
+    """An EvalResult whose first class has a straight precision / recall line, the rest no GT."""
+    precision = np.full((10, 101, len(class_names)), -1.0)
+    precision[:, :, 0] = np.linspace(1.0, 0.0, 101)
+    return nb.EvalResult(metrics={}, results=[], image_ids=[], class_names=list(class_names),
+                         iou_thresholds=np.linspace(0.5, 0.95, 10),
+                         recall_thresholds=np.linspace(0, 1, 101),
+                         precision={"bbox": precision, "segm": precision})
+
+
+def test_figures_are_120_dpi_with_text_of_10_points_or_more(synthetic):
+    # Small defaults: every size checked below must be set by the helpers, not inherited.
+    with matplotlib.rc_context({"font.size": 6, "legend.fontsize": 6, "figure.dpi": 72,
+                                "savefig.dpi": 72}):
+        monitor = nb.TrainingMonitor(None, show=False)
+        monitor(train_record(1, 2.0))
+        monitor({"event": "eval", "step": 1, "AP": 0.3, "mask_AP": 0.25})
+        figures = {"stats": nb.plot_dataset_stats(synthetic["train_json"]),
+                   "pr": nb.plot_pr_curves(pr_result()), "monitor": monitor.figure(),
+                   "ap": nb.plot_per_class_ap({"per_class": {"circle": {"AP": 0.5}}}),
+                   "grid": nb.show_ground_truth(synthetic["train_json"],
+                                                synthetic["train_images"], num_images=2)}
+        for name, fig in figures.items():
+            png = Image.open(io.BytesIO(nb.figure_png(fig)))  # drawn: tick labels exist
+            assert fig.dpi >= 120 and png.info["dpi"][0] == pytest.approx(120, abs=0.5), name
+            texts = [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+            small = {(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 10}
+            assert texts and not small, f"{name}: {small}"
+    legends = [ax.get_legend() for fig in figures.values() for ax in fig.axes if ax.get_legend()]
+    assert len(legends) >= 4  # stats, pr (box and mask), monitor (loss and AP), ap
+    assert all(t.get_fontsize() >= 10 for legend in legends for t in legend.get_texts())
+    # Class colors of the size histograms: the palette's, readable on white (no yellow).
+    edges = [patch.get_edgecolor()[:3] for patch in figures["stats"].axes[1].patches]
+    assert edges and all(min(color) < 0.9 and not (color[0] > 0.8 and color[1] > 0.8)
+                         for color in edges)
 
 
 def test_show_predictions_titles_count_detections(synthetic):

@@ -21,6 +21,7 @@ from mrcnn_helpers import notebook as nb
 from mrcnn_helpers.data import generate_synthetic_dataset, load_coco
 from mrcnn_helpers.errors import CheckpointError
 from mrcnn_helpers.evaluate import coco_evaluate, detections_to_coco_results
+from mrcnn_helpers.notebook import viewer as viewer_module
 from mrcnn_helpers.notebook.analysis import coco_precision
 from mrcnn_helpers.spec import load_spec, replace_spec
 
@@ -396,6 +397,63 @@ def test_viewer_renders_each_mode_and_reacts_to_the_widgets(synthetic):
     assert viewer.index == sorted(coco.imgs).index(dropped)
     viewer._alpha_slider.value = 0.9
     assert viewer.mask_alpha == 0.9
+
+
+def test_viewer_class_filter_draws_only_the_selected_classes(synthetic, monkeypatch):
+    coco = load_coco(synthetic["val_json"])
+    image_id = next(i for i in sorted(coco.imgs)  # an image with instances of two classes
+                    if len({a["category_id"] for a in coco.imgToAnns[i]}) >= 2)
+    index = sorted(coco.imgs).index(image_id)
+    predictor = FakePredictor(coco, synthetic["val_images"], drop={image_id})
+    viewer = nb.InstanceViewer(predictor, synthetic["val_json"], synthetic["val_images"],
+                               max_images=6, progress=False, min_panel_width=100)
+    assert viewer.index == index  # its first instance is missed: the one error
+    gt_classes = nb.load_ground_truth(coco, image_id)["classes"]
+    missed_class = int(gt_classes[0])
+    other = next(int(c) for c in gt_classes if c != missed_class)
+    drawn = []
+    real_draw = viewer_module.draw_instances
+
+    def spy(image, boxes, scores, classes, *args, **kwargs):
+        drawn.append(("gt" if scores is None else "pred", np.asarray(classes).tolist()))
+        return real_draw(image, boxes, scores, classes, *args, **kwargs)
+
+    monkeypatch.setattr(viewer_module, "draw_instances", spy)
+    assert viewer.widget is not None  # builds the widgets and draws the first image
+    assert viewer._class_select.options == (("circle", 1), ("triangle", 2), ("square", 3))
+    assert viewer._class_select.value == viewer.classes == (1, 2, 3)
+    every_class = viewer._image.value
+    assert {c for _, classes in drawn for c in classes} >= {missed_class, other}
+
+    drawn.clear()
+    viewer._class_select.value = (other,)  # as a click in the list does
+    assert viewer.classes == (other,) and viewer._image.value != every_class
+    assert drawn == [("gt", [c for c in gt_classes.tolist() if c == other]),
+                     ("pred", [c for c in gt_classes[1:].tolist() if c == other])]
+    name = viewer.class_options[other - 1][0]
+    assert "0 missed" in viewer._caption.value and f"classes: {name}" in viewer._caption.value
+    assert viewer.worst_images() == []  # the missed instance's class is hidden
+    assert viewer._worst.options == (("no errors at this threshold", None),)
+    assert f"(classes: {name})" in viewer.worst_table().title
+
+    viewer._class_select.value = (missed_class,)
+    assert [(r["image_id"], r["missed"]) for r in viewer.worst_images()] == [(image_id, 1)]
+    drawn.clear()
+    viewer._class_select.value = ()
+    assert drawn == [("gt", []), ("pred", [])] and "classes: none" in viewer._caption.value
+    plain = np.asarray(viewer.render(index, mode="ground truth"))
+    assert (plain != np.asarray(viewer.render(index, mode="ground truth", classes=(1, 2, 3)))).any()
+    viewer._all_button.click()
+    assert viewer.classes == (1, 2, 3) and viewer._image.value == every_class
+
+    assert viewer.select_classes(["square", 1]) == (1, 3)
+    assert viewer.select_classes("triangle") == (2,) and viewer.select_classes(None) == (1, 2, 3)
+    with pytest.raises(ValueError, match="unknown class 'dog'.*circle \\(1\\)"):
+        viewer.select_classes(["dog"])
+    only = nb.InstanceViewer(predictor, synthetic["val_json"], synthetic["val_images"],
+                             max_images=2, classes=["square"], progress=False)
+    assert only.classes == (3,) and only.errors(0)["num_gt"] == sum(
+        a["category_id"] == 3 and not a["iscrowd"] for a in coco.imgToAnns[min(coco.imgs)])
 
 
 def test_viewer_rejects_an_unknown_mode(synthetic):

@@ -10,6 +10,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
@@ -291,6 +292,12 @@ def pr_result(class_names=("circle", "square")):
                          precision={"bbox": precision, "segm": precision})
 
 
+def contrast_with_white(rgb) -> float:
+    """WCAG 2 contrast ratio of an RGB color (0..1) against white."""
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 1.05 / (0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2] + 0.05)
+
+
 def test_figures_are_120_dpi_with_text_of_10_points_or_more(synthetic):
     # Small defaults: every size checked below must be set by the helpers, not inherited.
     with matplotlib.rc_context({"font.size": 6, "legend.fontsize": 6, "figure.dpi": 72,
@@ -315,10 +322,16 @@ def test_figures_are_120_dpi_with_text_of_10_points_or_more(synthetic):
     legends = [ax.get_legend() for fig in figures.values() for ax in fig.axes if ax.get_legend()]
     assert len(legends) >= 4  # stats, pr (box and mask), monitor (loss and AP), ap
     assert all(t.get_fontsize() >= 10 for legend in legends for t in legend.get_texts())
-    # Class colors of the size histograms: the palette's, readable on white (no yellow).
-    edges = [patch.get_edgecolor()[:3] for patch in figures["stats"].axes[1].patches]
-    assert edges and all(min(color) < 0.9 and not (color[0] > 0.8 and color[1] > 0.8)
-                         for color in edges)
+    # Readable on white: lines (class colors and other series) and bars at contrast >= 3,
+    # colored text at >= 4.5.
+    lines = [line.get_color() for fig in figures.values() for ax in fig.axes
+             for line in ax.lines]
+    drawn = lines + [p.get_edgecolor() for p in figures["stats"].axes[1].patches] + \
+        [p.get_facecolor() for p in figures["ap"].axes[0].patches]
+    assert len(drawn) > 10 and min(contrast_with_white(to_rgb(c)) for c in drawn) >= 3.0
+    texts = [t.get_color() for fig in figures.values() for t in fig.findobj(Text)
+             if t.get_text().strip()]
+    assert min(contrast_with_white(to_rgb(c)) for c in texts) >= 4.5
 
 
 def test_show_predictions_titles_count_detections(synthetic):

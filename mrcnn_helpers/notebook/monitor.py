@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from mrcnn_helpers.engine.hooks import HookBase
 from mrcnn_helpers.fileio import atomic_write
 
-from .plots import FONT_SIZE, figure_png, new_figure, style_axes
+from .plots import BLUE, FONT_SIZE, ORANGE, figure_png, new_figure, series_color, style_axes
 
 HISTORY_FILE = "notebook_log.jsonl"
 # Loss terms plotted thin under the total (keys of the trainer's train records).
@@ -111,23 +111,24 @@ class TrainingMonitor(HookBase):
         # Markers while there are few points: a single log would otherwise draw nothing.
         marker = "." if len(train) < 50 else None
         if train:
-            for key in LOSS_TERMS:
+            for k, key in enumerate(LOSS_TERMS):
                 if any(key in r for r in train):
                     ax_loss.plot(steps, [r.get(key, math.nan) for r in train], linewidth=1,
-                                 marker=marker, label=key.replace("_loss", ""))
+                                 marker=marker, label=key.replace("_loss", ""),
+                                 color=series_color(k))
             ax_loss.plot(steps, [r["total_loss"] for r in train], color="black", linewidth=2.2,
                          marker=marker, label="total")
             ax_loss.legend(fontsize=FONT_SIZE, ncol=2)
             last = train[-1]
             style_axes(ax_loss, title=f"loss {last['total_loss']:.4f} at step {last['step']}"
                                       f"/{last.get('total_steps', '?')}")
-            ax_speed.plot(steps, [r["samples_per_sec"] for r in train], color="#4c72b0",
+            ax_speed.plot(steps, [r["samples_per_sec"] for r in train], color=BLUE,
                           marker=marker)
             style_axes(ax_speed, title=f"throughput {last['samples_per_sec']:.1f} samples/s")
             ax_lr = ax_speed.twinx()
-            ax_lr.plot(steps, [r["learning_rate"] for r in train], color="#dd8452", linewidth=1,
+            ax_lr.plot(steps, [r["learning_rate"] for r in train], color=ORANGE, linewidth=1,
                        marker=marker)
-            ax_lr.set_ylabel("learning rate", color="#dd8452", fontsize=FONT_SIZE)
+            ax_lr.set_ylabel("learning rate", color=ORANGE, fontsize=FONT_SIZE)
             ax_lr.tick_params(labelsize=FONT_SIZE)
         else:
             ax_loss.text(0.5, 0.5, "waiting for the first log", ha="center", va="center",
@@ -136,14 +137,14 @@ class TrainingMonitor(HookBase):
             style_axes(ax_speed, title="throughput")
         style_axes(ax_loss, xlabel="step")
         style_axes(ax_speed, xlabel="step")
-        ax_speed.set_ylabel("samples/s", color="#4c72b0", fontsize=FONT_SIZE)
+        ax_speed.set_ylabel("samples/s", color=BLUE, fontsize=FONT_SIZE)
         ax_speed.set_ylim(bottom=0)
         if self.eval_records:
             eval_steps = [r["step"] for r in self.eval_records]
-            for key in EVAL_KEYS:
+            for k, key in enumerate(EVAL_KEYS):
                 if any(key in r for r in self.eval_records):
                     ax_ap.plot(eval_steps, [r.get(key, math.nan) for r in self.eval_records],
-                               marker="o", label=key)
+                               marker="o", label=key, color=series_color(k))
             ax_ap.legend(fontsize=FONT_SIZE)
             best = max(self.eval_records, key=lambda r: r.get("mask_AP", r.get("AP", 0.0)))
             style_axes(ax_ap, title=f"evaluation (best mask AP {best.get('mask_AP', math.nan):.3f}"

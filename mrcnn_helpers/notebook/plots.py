@@ -26,6 +26,7 @@ from mrcnn_helpers.visualize import class_color, draw_instances
 FIGURE_DPI = 120  # dots per inch of every figure, shown inline or saved
 FONT_SIZE = 10    # points: legends, axis labels, ticks, annotations, image titles
 TITLE_SIZE = 12   # points: axes titles
+BLUE, ORANGE = "#4c72b0", "#b05000"  # two series that are not classes (contrast >= 4.5 on white)
 
 
 def new_figure(figsize, **kwargs) -> Figure:
@@ -52,6 +53,11 @@ def style_axes(ax, xlabel: str | None = None, ylabel: str | None = None,
     if title is not None:
         ax.set_title(title, fontsize=TITLE_SIZE)
     ax.tick_params(labelsize=FONT_SIZE)
+
+
+def series_color(k: int) -> tuple[float, float, float]:
+    """The k-th (0-based) color of a series of lines that are not classes: the palette's."""
+    return _color(k + 1)
 
 
 def _color(label: int) -> tuple[float, float, float]:
@@ -183,7 +189,7 @@ def plot_per_class_ap(metrics: dict) -> Figure:
         heights = [0.0 if v is None else v for v in values]
         bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, heights, width,
                       label="box AP" if kind == "AP" else "mask AP",
-                      color=("#4c72b0", "#dd8452")[j % 2])
+                      color=(BLUE, ORANGE)[j % 2])
         for bar, value in zip(bars, values, strict=True):
             text = "no GT" if value is None else f"{value:.3f}"
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center",

@@ -414,7 +414,7 @@ def test_07_deploys_with_onnx_and_pytorch(executed):
 
 def test_tensorrt_choice_follows_the_parameter(tmp_path):
     from mrcnn_helpers import notebook as nb_helpers
-    from mrcnn_helpers.export import ExportError
+    from mrcnn_helpers.inference import ExportError
 
     assert nb_helpers.tensorrt_choice(False) == (False, "TensorRT skipped (the parameter is False).")
     for bad in ("yes", 1, None):

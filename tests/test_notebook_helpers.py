@@ -2,13 +2,18 @@
 monitor's history, figures and the instance viewer (driven by a fake predictor whose detections
 are the ground truth with known errors added)."""
 
+import io
 import json
 import os
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from PIL import Image
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("ipywidgets")
@@ -17,6 +22,7 @@ from mrcnn_helpers import notebook as nb
 from mrcnn_helpers.data import generate_synthetic_dataset, load_coco
 from mrcnn_helpers.errors import CheckpointError
 from mrcnn_helpers.evaluate import coco_evaluate, detections_to_coco_results
+from mrcnn_helpers.notebook import viewer as viewer_module
 from mrcnn_helpers.notebook.analysis import coco_precision
 from mrcnn_helpers.spec import load_spec, replace_spec
 
@@ -109,7 +115,7 @@ def test_spec_changes_lists_exactly_the_changed_fields():
     spec = load_spec(DEMO_SPEC)
     changed = replace_spec(spec, total_steps=10, learning_rate_steps=(5,),
                            learning_rate_decay_levels=(0.1,),
-                           **{"data_config.image_size": (192, 192)})
+                           **{"data_config.image_size": (192, 192)})  # the demo's is 128
     table = nb.spec_changes(spec, changed)
     assert table.column("field") == ["learning_rate_steps", "learning_rate_decay_levels",
                                      "total_steps", "data_config.image_size"]
@@ -266,13 +272,7 @@ def test_figures_for_ground_truth_stats_ap_and_pr(synthetic, tmp_path):
     ap = nb.plot_per_class_ap({"per_class": per_class})
     texts = [t.get_text() for t in ap.axes[0].texts]
     assert texts == ["0.500", "no GT", "0.400", "no GT"]
-    precision = np.full((10, 101, 2), -1.0)
-    precision[:, :, 0] = np.linspace(1.0, 0.0, 101)
-    result = nb.EvalResult(metrics={}, results=[], image_ids=[], class_names=["circle", "square"],
-                           iou_thresholds=np.linspace(0.5, 0.95, 10),
-                           recall_thresholds=np.linspace(0, 1, 101),
-                           precision={"bbox": precision, "segm": precision})
-    pr = nb.plot_pr_curves(result)
+    pr = nb.plot_pr_curves(pr_result())
     assert len(pr.axes) == 2
     assert [line.get_label() for line in pr.axes[0].lines] == ["circle @0.5 (AP 0.500)",
                                                                "circle @0.75 (AP 0.500)"]
@@ -280,6 +280,58 @@ def test_figures_for_ground_truth_stats_ap_and_pr(synthetic, tmp_path):
     assert "no detections" in empty.axes[0].texts[0].get_text()
     fig.savefig(tmp_path / "gt.png")
     assert (tmp_path / "gt.png").stat().st_size > 1000
+
+
+def pr_result(class_names=("circle", "square")):
+    """An EvalResult whose first class has a straight precision / recall line, the rest no GT."""
+    precision = np.full((10, 101, len(class_names)), -1.0)
+    precision[:, :, 0] = np.linspace(1.0, 0.0, 101)
+    return nb.EvalResult(metrics={}, results=[], image_ids=[], class_names=list(class_names),
+                         iou_thresholds=np.linspace(0.5, 0.95, 10),
+                         recall_thresholds=np.linspace(0, 1, 101),
+                         precision={"bbox": precision, "segm": precision})
+
+
+def contrast_with_white(rgb) -> float:
+    """WCAG 2 contrast ratio of an RGB color (0..1) against white."""
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 1.05 / (0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2] + 0.05)
+
+
+def test_figures_are_120_dpi_with_text_of_10_points_or_more(synthetic):
+    # Small defaults: every size checked below must be set by the helpers, not inherited.
+    with matplotlib.rc_context({"font.size": 6, "legend.fontsize": 6, "figure.dpi": 72,
+                                "savefig.dpi": 72}):
+        monitor = nb.TrainingMonitor(None, show=False)
+        monitor(train_record(1, 2.0))
+        monitor({"event": "eval", "step": 1, "AP": 0.3, "mask_AP": 0.25})
+        figures = {"stats": nb.plot_dataset_stats(synthetic["train_json"]),
+                   "pr": nb.plot_pr_curves(pr_result()), "monitor": monitor.figure(),
+                   "ap": nb.plot_per_class_ap({"per_class": {"circle": {"AP": 0.5}}}),
+                   "grid": nb.show_ground_truth(synthetic["train_json"],
+                                                synthetic["train_images"], num_images=2)}
+        for name, fig in figures.items():
+            png = Image.open(io.BytesIO(nb.figure_png(fig)))  # drawn: tick labels exist
+            assert fig.dpi >= 120 and png.info["dpi"][0] == pytest.approx(120, abs=0.5), name
+            hidden = {id(t) for ax in fig.axes if not ax.axison  # image panels: no axes drawn
+                      for t in ax.get_xticklabels() + ax.get_yticklabels()}
+            texts = [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()
+                     and id(t) not in hidden]
+            small = {(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 10}
+            assert texts and not small, f"{name}: {small}"
+    legends = [ax.get_legend() for fig in figures.values() for ax in fig.axes if ax.get_legend()]
+    assert len(legends) >= 4  # stats, pr (box and mask), monitor (loss and AP), ap
+    assert all(t.get_fontsize() >= 10 for legend in legends for t in legend.get_texts())
+    # Readable on white: lines (class colors and other series) and bars at contrast >= 3,
+    # colored text at >= 4.5.
+    lines = [line.get_color() for fig in figures.values() for ax in fig.axes
+             for line in ax.lines]
+    drawn = lines + [p.get_edgecolor() for p in figures["stats"].axes[1].patches] + \
+        [p.get_facecolor() for p in figures["ap"].axes[0].patches]
+    assert len(drawn) > 10 and min(contrast_with_white(to_rgb(c)) for c in drawn) >= 3.0
+    texts = [t.get_color() for fig in figures.values() for t in fig.findobj(Text)
+             if t.get_text().strip()]
+    assert min(contrast_with_white(to_rgb(c)) for c in texts) >= 4.5
 
 
 def test_show_predictions_titles_count_detections(synthetic):
@@ -361,6 +413,63 @@ def test_viewer_renders_each_mode_and_reacts_to_the_widgets(synthetic):
     assert viewer.index == sorted(coco.imgs).index(dropped)
     viewer._alpha_slider.value = 0.9
     assert viewer.mask_alpha == 0.9
+
+
+def test_viewer_class_filter_draws_only_the_selected_classes(synthetic, monkeypatch):
+    coco = load_coco(synthetic["val_json"])
+    image_id = next(i for i in sorted(coco.imgs)  # an image with instances of two classes
+                    if len({a["category_id"] for a in coco.imgToAnns[i]}) >= 2)
+    index = sorted(coco.imgs).index(image_id)
+    predictor = FakePredictor(coco, synthetic["val_images"], drop={image_id})
+    viewer = nb.InstanceViewer(predictor, synthetic["val_json"], synthetic["val_images"],
+                               max_images=6, progress=False, min_panel_width=100)
+    assert viewer.index == index  # its first instance is missed: the one error
+    gt_classes = nb.load_ground_truth(coco, image_id)["classes"]
+    missed_class = int(gt_classes[0])
+    other = next(int(c) for c in gt_classes if c != missed_class)
+    drawn = []
+    real_draw = viewer_module.draw_instances
+
+    def spy(image, boxes, scores, classes, *args, **kwargs):
+        drawn.append(("gt" if scores is None else "pred", np.asarray(classes).tolist()))
+        return real_draw(image, boxes, scores, classes, *args, **kwargs)
+
+    monkeypatch.setattr(viewer_module, "draw_instances", spy)
+    assert viewer.widget is not None  # builds the widgets and draws the first image
+    assert viewer._class_select.options == (("circle", 1), ("triangle", 2), ("square", 3))
+    assert viewer._class_select.value == viewer.classes == (1, 2, 3)
+    every_class = viewer._image.value
+    assert {c for _, classes in drawn for c in classes} >= {missed_class, other}
+
+    drawn.clear()
+    viewer._class_select.value = (other,)  # as a click in the list does
+    assert viewer.classes == (other,) and viewer._image.value != every_class
+    assert drawn == [("gt", [c for c in gt_classes.tolist() if c == other]),
+                     ("pred", [c for c in gt_classes[1:].tolist() if c == other])]
+    name = viewer.class_options[other - 1][0]
+    assert "0 missed" in viewer._caption.value and f"classes: {name}" in viewer._caption.value
+    assert viewer.worst_images() == []  # the missed instance's class is hidden
+    assert viewer._worst.options == (("no errors at this threshold", None),)
+    assert f"(classes: {name})" in viewer.worst_table().title
+
+    viewer._class_select.value = (missed_class,)
+    assert [(r["image_id"], r["missed"]) for r in viewer.worst_images()] == [(image_id, 1)]
+    drawn.clear()
+    viewer._class_select.value = ()
+    assert drawn == [("gt", []), ("pred", [])] and "classes: none" in viewer._caption.value
+    plain = np.asarray(viewer.render(index, mode="ground truth"))
+    assert (plain != np.asarray(viewer.render(index, mode="ground truth", classes=(1, 2, 3)))).any()
+    viewer._all_button.click()
+    assert viewer.classes == (1, 2, 3) and viewer._image.value == every_class
+
+    assert viewer.select_classes(["square", 1]) == (1, 3)
+    assert viewer.select_classes("triangle") == (2,) and viewer.select_classes(None) == (1, 2, 3)
+    with pytest.raises(ValueError, match="unknown class 'dog'.*circle \\(1\\)"):
+        viewer.select_classes(["dog"])
+    only = nb.InstanceViewer(predictor, synthetic["val_json"], synthetic["val_images"],
+                             max_images=2, classes=["square"], progress=False)
+    assert only.classes == (3,) and only.errors(0)["num_gt"] == sum(
+        a["category_id"] == 3 and not a["iscrowd"] for a in coco.imgToAnns[min(coco.imgs)])
 
 
 def test_viewer_rejects_an_unknown_mode(synthetic):

@@ -8,7 +8,9 @@ into the repository.
 """
 
 import ast
+import base64
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
@@ -190,6 +192,22 @@ def output_texts(nb) -> list[str]:
     return texts
 
 
+def cell_texts(nb) -> list[str]:
+    """Per code cell, everything it printed or returned as text, joined."""
+    return ["".join(out.text if out.output_type == "stream" else out.data.get("text/plain", "")
+                    for out in cell.get("outputs", []) if out.output_type != "error")
+            for cell in nb.cells if cell.cell_type == "code"]
+
+
+def png_dpis(nb) -> list[float]:
+    """The horizontal dpi recorded in every PNG a notebook's cells displayed."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(base64.b64decode(out.data["image/png"]))).info["dpi"][0]
+            for cell in nb.cells for out in cell.get("outputs", [])
+            if out.output_type in ("execute_result", "display_data") and "image/png" in out.data]
+
+
 def count_outputs(nb, mime: str) -> int:
     return sum(1 for cell in nb.cells for out in cell.get("outputs", [])
                if out.output_type in ("execute_result", "display_data") and mime in out.data)
@@ -218,7 +236,8 @@ def executed(tmp_path_factory):
         ("04_evaluate", "04_evaluate.ipynb", {**common, "experiment_dir": str(experiment),
                                               "max_images": 3}),
         ("05_visualize", "05_visualize.ipynb", {**common, "experiment_dir": str(experiment),
-                                                "num_images": 2, "viewer_images": 3}),
+                                                "num_images": 2, "viewer_images": 3,
+                                                "viewer_classes": ["circle", "square"]}),
         ("06_export", "06_export.ipynb", {"root": str(REPO), "experiment_dir": str(experiment),
                                           "export_dir": str(export), "verify_images": 2,
                                           "cal_batches": 2}),
@@ -245,7 +264,33 @@ def test_01_makes_and_shows_the_data(executed):
     assert (work / "data" / "annotations" / "instances_train.json").is_file()
     assert len(list((work / "data" / "val").glob("*.png"))) == 6
     assert count_outputs(nb, "image/png") == 2  # ground truth grid, statistics
+    assert all(dpi == pytest.approx(120, abs=0.5) for dpi in png_dpis(nb))
     assert any(text.startswith("30 images") for text in output_texts(nb))
+
+
+def test_01_checks_fixes_subsets_and_writes_tfrecords(executed):
+    work, done = executed
+    texts = cell_texts(done["01_data"])
+    doctor = [t for t in texts if "instances_train.json: 30 images" in t]
+    assert len(doctor) == 1 and "OK: 0 errors, 0 warnings" in doctor[0]
+    broken = next(t for t in texts if "broken_train.json: 30 images" in t
+                  and "FAILED" in t)
+    assert "FAILED: 2 errors" in broken
+    assert "unknown_category (1)" in broken and "degenerate_box (1)" in broken
+    fixed = next(t for t in texts if t.startswith("fixed copy: 30 images"))
+    assert "OK: 0 errors, 0 warnings" in fixed
+    assert (work / "data" / "doctor" / "fixed" / "annotations" / "broken_train.json").is_file()
+    assert any("circles_train.json" in t and "(1, 'circle', 1)" in t for t in texts)
+    assert any("instances_all.json" in t and "'num_images': 36" in t for t in texts)
+    shards = sorted((work / "data" / "tfrecords").glob("*.tfrecord"))
+    assert [p.name for p in shards] == [f"{split}-0000{k}-of-00002.tfrecord"
+                                        for split in ("train", "val") for k in (0, 1)]
+    joined = "".join(texts)
+    assert "train: 30 records" in joined and "val: 6 records" in joined
+    assert "training reads 30 records from 2 TFRecord files, classes ['circle', 'triangle', " \
+           "'square']" in joined
+    assert "evaluation reads 6 records from 2 TFRecord files" in joined
+    assert "6 validation samples, the same from records and from JSON: True" in joined
 
 
 def test_02_saves_the_changed_spec(executed):
@@ -277,6 +322,7 @@ def test_03_trains_stops_and_resumes(executed):
     # The live plot is one display updated in place, in both runs.
     for run in ("03_train_part", "03_train_resumed"):
         assert count_outputs(done[run], "image/png") == 1
+        assert png_dpis(done[run]) == [pytest.approx(120, abs=0.5)]
 
 
 def test_04_reports_metrics_and_plots(executed):
@@ -295,6 +341,8 @@ def test_05_shows_predictions_and_the_viewer(executed):
     assert count_outputs(nb, "image/png") >= 1
     texts = output_texts(nb)
     assert any(t.startswith("Worst") or "no errors" in t for t in texts)
+    # The viewer_classes parameter reaches the viewer's class filter.
+    assert any("Worst" in t and "(classes: circle, square)" in t for t in texts)
 
 
 def executed_run(executed, run):

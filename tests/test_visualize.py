@@ -102,3 +102,18 @@ def test_one_drawing_per_object_and_labels_inside_the_image():
     boxes_only = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES))
     assert (boxes_only[10:31, 50] == cat).all(axis=-1).sum() == 0   # the cat box of IoU 0.97
     assert (boxes_only[40:59, 2] == cat).all(axis=-1).sum() >= 15   # the other cat's outline
+
+
+def contrast_with_white(rgb) -> float:
+    """WCAG 2 contrast ratio of an sRGB color against white."""
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+              for c in (v / 255.0 for v in rgb)]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return 1.05 / (luminance + 0.05)
+
+
+def test_palette_reads_on_white_and_colors_differ():
+    assert len(set(PALETTE)) == len(PALETTE) == 20
+    assert all(contrast_with_white(c) >= 3.0 for c in PALETTE), \
+        [c for c in PALETTE if contrast_with_white(c) < 3.0]
+    assert [class_color(k) for k in (1, 2, 3)] == list(PALETTE[:3])

@@ -40,7 +40,9 @@ from .deployment import (
 )
 from .monitor import TrainingMonitor
 from .plots import (
+    FIGURE_DPI,
     draw_ground_truth,
+    figure_png,
     image_grid,
     load_ground_truth,
     plot_dataset_stats,
@@ -53,6 +55,7 @@ from .tables import Table, dataset_summary, metrics_table, spec_changes, spec_ta
 from .viewer import InstanceViewer
 
 __all__ = [
+    "FIGURE_DPI",
     "EvalResult",
     "accuracy_table",
     "plot_per_class_precision",
@@ -64,6 +67,7 @@ __all__ = [
     "deploy_stats_table",
     "draw_ground_truth",
     "evaluate_detailed",
+    "figure_png",
     "image_grid",
     "load_experiment",
     "load_ground_truth",
@@ -125,11 +129,11 @@ def load_experiment(results_dir: str | os.PathLike, device=None) -> LoadedModel:
 
 
 def _register_figure_formatter() -> None:
-    """Let Jupyter show a returned matplotlib Figure as PNG without pyplot being imported
-    (matplotlib's inline backend registers this only when pyplot is)."""
+    """Let Jupyter show a returned matplotlib Figure as PNG (figure_png: at least FIGURE_DPI)
+    without pyplot being imported (matplotlib's inline backend registers this only when pyplot
+    is)."""
     try:
         from IPython import get_ipython
-        from IPython.core.pylabtools import print_figure
         from matplotlib.figure import Figure
     except ImportError:
         return
@@ -137,7 +141,7 @@ def _register_figure_formatter() -> None:
     if shell is None:
         return
     formatter = shell.display_formatter.formatters["image/png"]
-    formatter.for_type(Figure, lambda fig: print_figure(fig, "png", bbox_inches="tight"))
+    formatter.for_type(Figure, figure_png)
 
 
 _register_figure_formatter()

@@ -20,7 +20,7 @@ from mrcnn_helpers.export.verify import AP_KEYS, verify_export
 from mrcnn_helpers.inference.metadata import ExportError
 from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, import_tensorrt
 
-from .plots import image_grid
+from .plots import FIGURE_DPI, image_grid
 from .tables import Table
 
 # What each tensor of the two export layouts holds (graph.ExportableMaskRCNN's contract);
@@ -215,7 +215,7 @@ def plot_per_class_precision(table, key: str = "mask_AP") -> Figure:
     bars: where a class loses accuracy after FP16 / INT8 export."""
     rows = [r for r in table.rows if r.per_class]
     classes = list(rows[0].per_class) if rows else []
-    fig = Figure(figsize=(max(6.0, 1.2 * len(classes) + 2), 4.0), dpi=120)
+    fig = Figure(figsize=(max(6.0, 1.2 * len(classes) + 2), 4.0), dpi=FIGURE_DPI)
     ax = fig.subplots()
     width = 0.8 / max(1, len(rows))
     for k, row in enumerate(rows):

@@ -11,7 +11,6 @@ curves instead of starting them anew.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -22,6 +21,8 @@ from matplotlib.figure import Figure
 
 from mrcnn_helpers.engine.hooks import HookBase
 from mrcnn_helpers.fileio import atomic_write
+
+from .plots import BLUE, FONT_SIZE, ORANGE, figure_png, new_figure, series_color, style_axes
 
 HISTORY_FILE = "notebook_log.jsonl"
 # Loss terms plotted thin under the total (keys of the trainer's train records).
@@ -103,55 +104,56 @@ class TrainingMonitor(HookBase):
 
     def figure(self) -> Figure:
         """The current plot: losses, throughput and learning rate, evaluation AP (by step)."""
-        fig = Figure(figsize=(15, 3.8), layout="constrained")
+        fig = new_figure((14, 4.2))
         ax_loss, ax_speed, ax_ap = fig.subplots(1, 3)
         train = self.train_records
         steps = [r["step"] for r in train]
         # Markers while there are few points: a single log would otherwise draw nothing.
         marker = "." if len(train) < 50 else None
         if train:
-            for key in LOSS_TERMS:
+            for k, key in enumerate(LOSS_TERMS):
                 if any(key in r for r in train):
                     ax_loss.plot(steps, [r.get(key, math.nan) for r in train], linewidth=1,
-                                 marker=marker, label=key.replace("_loss", ""))
+                                 marker=marker, label=key.replace("_loss", ""),
+                                 color=series_color(k))
             ax_loss.plot(steps, [r["total_loss"] for r in train], color="black", linewidth=2.2,
                          marker=marker, label="total")
-            ax_loss.legend(fontsize=7, ncol=2)
+            ax_loss.legend(fontsize=FONT_SIZE, ncol=2)
             last = train[-1]
-            ax_loss.set_title(f"loss {last['total_loss']:.4f} at step {last['step']}"
-                              f"/{last.get('total_steps', '?')}")
-            ax_speed.plot(steps, [r["samples_per_sec"] for r in train], color="#4c72b0",
+            style_axes(ax_loss, title=f"loss {last['total_loss']:.4f} at step {last['step']}"
+                                      f"/{last.get('total_steps', '?')}")
+            ax_speed.plot(steps, [r["samples_per_sec"] for r in train], color=BLUE,
                           marker=marker)
-            ax_speed.set_title(f"throughput {last['samples_per_sec']:.1f} samples/s")
+            style_axes(ax_speed, title=f"throughput {last['samples_per_sec']:.1f} samples/s")
             ax_lr = ax_speed.twinx()
-            ax_lr.plot(steps, [r["learning_rate"] for r in train], color="#dd8452", linewidth=1,
+            ax_lr.plot(steps, [r["learning_rate"] for r in train], color=ORANGE, linewidth=1,
                        marker=marker)
-            ax_lr.set_ylabel("learning rate", color="#dd8452")
+            ax_lr.set_ylabel("learning rate", color=ORANGE, fontsize=FONT_SIZE)
+            ax_lr.tick_params(labelsize=FONT_SIZE)
         else:
             ax_loss.text(0.5, 0.5, "waiting for the first log", ha="center", va="center",
-                         transform=ax_loss.transAxes)
-            ax_loss.set_title("loss")
-            ax_speed.set_title("throughput")
-        ax_loss.set_xlabel("step")
-        ax_speed.set_xlabel("step")
-        ax_speed.set_ylabel("samples/s", color="#4c72b0")
+                         transform=ax_loss.transAxes, fontsize=FONT_SIZE)
+            style_axes(ax_loss, title="loss")
+            style_axes(ax_speed, title="throughput")
+        style_axes(ax_loss, xlabel="step")
+        style_axes(ax_speed, xlabel="step")
+        ax_speed.set_ylabel("samples/s", color=BLUE, fontsize=FONT_SIZE)
         ax_speed.set_ylim(bottom=0)
         if self.eval_records:
             eval_steps = [r["step"] for r in self.eval_records]
-            for key in EVAL_KEYS:
+            for k, key in enumerate(EVAL_KEYS):
                 if any(key in r for r in self.eval_records):
                     ax_ap.plot(eval_steps, [r.get(key, math.nan) for r in self.eval_records],
-                               marker="o", label=key)
-            ax_ap.legend(fontsize=8)
+                               marker="o", label=key, color=series_color(k))
+            ax_ap.legend(fontsize=FONT_SIZE)
             best = max(self.eval_records, key=lambda r: r.get("mask_AP", r.get("AP", 0.0)))
-            ax_ap.set_title(f"evaluation (best mask AP {best.get('mask_AP', math.nan):.3f} "
-                            f"at step {best['step']})")
+            style_axes(ax_ap, title=f"evaluation (best mask AP {best.get('mask_AP', math.nan):.3f}"
+                                    f" at step {best['step']})")
         else:
             ax_ap.text(0.5, 0.5, "no evaluation yet\n(every num_steps_per_eval steps)",
-                       ha="center", va="center", transform=ax_ap.transAxes)
-            ax_ap.set_title("evaluation")
-        ax_ap.set_xlabel("step")
-        ax_ap.set_ylabel("AP")
+                       ha="center", va="center", transform=ax_ap.transAxes, fontsize=FONT_SIZE)
+            style_axes(ax_ap, title="evaluation")
+        style_axes(ax_ap, "step", "AP")
         ax_ap.set_ylim(0, None)
         return fig
 
@@ -167,9 +169,7 @@ class TrainingMonitor(HookBase):
             return
         if get_ipython() is None:
             return
-        buffer = io.BytesIO()
-        self.figure().savefig(buffer, format="png", dpi=80)
-        image = Image(data=buffer.getvalue(), format="png")
+        image = Image(data=figure_png(self.figure()), format="png")
         if self._handle is None:
             self._handle = display(image, display_id=True)
         else:

@@ -4,11 +4,14 @@ per-class AP and precision/recall curves.
 Every function returns a `matplotlib.figure.Figure` built without pyplot, so nothing is shown
 twice or kept alive by pyplot's figure registry; Jupyter shows a returned figure as PNG (the
 formatter is registered when `mrcnn_helpers.notebook` is imported), and `fig.savefig(path)` writes
-it to a file.
+it to a file. Figures are made at FIGURE_DPI (inline PNGs and savefig alike), with legends, axis
+labels, ticks and annotations at FONT_SIZE points or more and lines in the class colors of
+visualize.PALETTE (all readable on white).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -19,6 +22,42 @@ from mrcnn_helpers.data.coco import load_coco
 from mrcnn_helpers.data.images import load_image
 from mrcnn_helpers.inference.predictor import to_image_tensor
 from mrcnn_helpers.visualize import class_color, draw_instances
+
+FIGURE_DPI = 120  # dots per inch of every figure, shown inline or saved
+FONT_SIZE = 10    # points: legends, axis labels, ticks, annotations, image titles
+TITLE_SIZE = 12   # points: axes titles
+BLUE, ORANGE = "#4c72b0", "#b05000"  # two series that are not classes (contrast >= 4.5 on white)
+
+
+def new_figure(figsize, **kwargs) -> Figure:
+    """A Figure of `figsize` inches at FIGURE_DPI, constrained layout unless told otherwise."""
+    kwargs.setdefault("layout", "constrained")
+    return Figure(figsize=figsize, dpi=FIGURE_DPI, **kwargs)
+
+
+def figure_png(fig: Figure) -> bytes:
+    """PNG bytes of a figure at its dpi, and at least FIGURE_DPI (what Jupyter shows inline)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=max(float(fig.dpi), FIGURE_DPI), bbox_inches="tight",
+                facecolor=fig.get_facecolor(), edgecolor=fig.get_edgecolor())
+    return buffer.getvalue()
+
+
+def style_axes(ax, xlabel: str | None = None, ylabel: str | None = None,
+               title: str | None = None) -> None:
+    """Axis labels and tick labels at FONT_SIZE, the title at TITLE_SIZE."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel, fontsize=FONT_SIZE)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
+    if title is not None:
+        ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.tick_params(labelsize=FONT_SIZE)
+
+
+def series_color(k: int) -> tuple[float, float, float]:
+    """The k-th (0-based) color of a series of lines that are not classes: the palette's."""
+    return _color(k + 1)
 
 
 def _color(label: int) -> tuple[float, float, float]:
@@ -36,16 +75,16 @@ def image_grid(images, titles=None, cols: int = 4, width: float | None = None) -
     rows = math.ceil(n / cols)
     first = np.asarray(images[0]) if images else np.zeros((1, 1, 3))
     aspect = first.shape[0] / max(first.shape[1], 1)
-    fig = Figure(figsize=(width, width / cols * aspect * rows + 0.4 * rows), layout="constrained")
+    fig = new_figure((width, width / cols * aspect * rows + 0.45 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for i, ax in enumerate(axes):
         ax.set_axis_off()
         if i < len(images):
             ax.imshow(np.asarray(images[i]))
             if titles is not None:
-                ax.set_title(str(titles[i]), fontsize=9)
+                ax.set_title(str(titles[i]), fontsize=FONT_SIZE)
     if not images:
-        axes[0].text(0.5, 0.5, "no images", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no images", ha="center", va="center", fontsize=FONT_SIZE)
     return fig
 
 
@@ -109,14 +148,12 @@ def plot_dataset_stats(json_file) -> Figure:
     """Two panels: instances per image (histogram) and instance size sqrt(area) per class, with
     COCO's small / large boundaries (32 and 96 px) marked."""
     coco = load_coco(json_file) if not hasattr(json_file, "imgs") else json_file
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    fig = new_figure((12, 3.8))
     ax_count, ax_size = fig.subplots(1, 2)
     counts = [len(coco.getAnnIds(imgIds=[i], iscrowd=False)) for i in sorted(coco.imgs)]
     top = max(counts, default=0)
     ax_count.hist(counts, bins=np.arange(top + 2) - 0.5, color="0.4", rwidth=0.85)
-    ax_count.set_xlabel("instances per image")
-    ax_count.set_ylabel("images")
-    ax_count.set_title(f"{len(counts)} images")
+    style_axes(ax_count, "instances per image", "images", f"{len(counts)} images")
     cats = sorted(coco.cats.values(), key=lambda c: c["id"])
     sizes = [[math.sqrt(a["area"]) for a in coco.loadAnns(coco.getAnnIds(catIds=[c["id"]]))
               if not a.get("iscrowd", 0)] for c in cats]
@@ -129,11 +166,11 @@ def plot_dataset_stats(json_file) -> Figure:
         if edge < bins[-1]:
             ax_size.axvline(edge, color="0.5", linestyle="--", linewidth=1)
             near_right = edge > 0.75 * bins[-1]  # keep the label inside the axes
-            ax_size.text(edge, ax_size.get_ylim()[1] * 0.95, f" {name} ", fontsize=8, va="top",
+            ax_size.text(edge, ax_size.get_ylim()[1] * 0.95, f" {name} ", fontsize=FONT_SIZE,
+                         va="top",
                          ha="right" if near_right else "left")
-    ax_size.set_xlabel("instance size sqrt(area) [px]")
-    ax_size.set_ylabel("instances")
-    ax_size.legend(fontsize=8)
+    style_axes(ax_size, "instance size sqrt(area) [px]", "instances", "instance sizes per class")
+    ax_size.legend(fontsize=FONT_SIZE)
     return fig
 
 
@@ -143,7 +180,7 @@ def plot_per_class_ap(metrics: dict) -> Figure:
     per_class = metrics.get("per_class", {})
     names = list(per_class)
     kinds = [k for k in ("AP", "mask_AP") if any(k in v for v in per_class.values())]
-    fig = Figure(figsize=(max(6.0, 1.2 * len(names) + 2), 3.8), layout="constrained")
+    fig = new_figure((max(6.0, 1.2 * len(names) + 2), 4.0))
     ax = fig.subplots()
     width = 0.8 / max(len(kinds), 1)
     x = np.arange(len(names))
@@ -152,16 +189,15 @@ def plot_per_class_ap(metrics: dict) -> Figure:
         heights = [0.0 if v is None else v for v in values]
         bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, heights, width,
                       label="box AP" if kind == "AP" else "mask AP",
-                      color=("#4c72b0", "#dd8452")[j % 2])
+                      color=(BLUE, ORANGE)[j % 2])
         for bar, value in zip(bars, values, strict=True):
             text = "no GT" if value is None else f"{value:.3f}"
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center",
-                    va="bottom", fontsize=8)
+                    va="bottom", fontsize=FONT_SIZE)
     ax.set_xticks(x, names, rotation=30 if len(names) > 8 else 0)
     ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
-    ax.set_ylabel("AP @ IoU .50:.95")
-    ax.set_title("Per-class AP")
-    ax.legend()
+    style_axes(ax, ylabel="AP @ IoU .50:.95", title="Per-class AP")
+    ax.legend(fontsize=FONT_SIZE)
     return fig
 
 
@@ -173,10 +209,11 @@ def plot_pr_curves(result, iou_thresholds=(0.5, 0.75)) -> Figure:
     points (area "all", up to 100 detections); a class without ground truth is left out.
     """
     types = [t for t in ("bbox", "segm") if t in result.precision]
-    fig = Figure(figsize=(7.5 * max(len(types), 1), 4.2), layout="constrained")
+    fig = new_figure((6.5 * max(len(types), 1), 4.2))
     axes = np.atleast_1d(fig.subplots(1, max(len(types), 1)))
     if not types:
-        axes[0].text(0.5, 0.5, "no detections: nothing to plot", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no detections: nothing to plot", ha="center", va="center",
+                     fontsize=FONT_SIZE)
         axes[0].set_axis_off()
         return fig
     recall = np.asarray(result.recall_thresholds)
@@ -195,10 +232,9 @@ def plot_pr_curves(result, iou_thresholds=(0.5, 0.75)) -> Figure:
                         label=f"{name} @{iou:g} (AP {ap:.3f})")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_title(("box" if iou_type == "bbox" else "mask") + " precision / recall")
+        style_axes(ax, "recall", "precision",
+                   ("box" if iou_type == "bbox" else "mask") + " precision / recall")
         ax.grid(alpha=0.3)
         # Outside the axes: curves of a good model fill the corners a legend would cover.
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=FONT_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

@@ -2,13 +2,16 @@
 
     viewer = InstanceViewer(predictor, val_json, val_image_dir, max_images=50)
     viewer            # in Jupyter: page through images, move the score threshold and the mask
-                      # opacity, switch prediction / ground truth / both, jump to the worst images
+                      # opacity, switch prediction / ground truth / both, pick the classes shown,
+                      # jump to the worst images
 
 Predictions are computed once, at the lowest threshold the slider offers, and kept as RLE masks,
 so moving the sliders only redraws. Errors are counted per image at the current threshold by
 `analysis.match_instances` (mask IoU >= iou_threshold, same class): missed instances (ground
-truth without a match) and false positives (detections without one). The predictor's labels and
-the annotation file's categories must follow the same order (the model was trained on this set's
+truth without a match) and false positives (detections without one). The class filter keeps
+the drawings, the counts and the worst-image list to the selected classes (matching is per
+class, so the filter leaves each class's errors as they are). The predictor's labels and the
+annotation file's categories must follow the same order (the model was trained on this set's
 categories, the usual case).
 """
 
@@ -42,13 +45,14 @@ class InstanceViewer:
     by id). min_score: the lowest selectable score threshold (detections below it are dropped at
     prediction time). max_width: rendered images are scaled down to at most this many pixels wide;
     min_panel_width: images narrower than this are enlarged by the smallest whole factor (at most
-    4) that reaches it. The viewer opens on the worst image (see worst_images).
+    4) that reaches it. classes: the classes shown (names or contiguous labels; None: all), see
+    select_classes. The viewer opens on the worst image (see worst_images).
     """
 
     def __init__(self, predictor, json_file, image_dir, *, max_images: int = 50, image_ids=None,
                  score_threshold: float = 0.5, mask_alpha: float = 0.5, mode: str = "both",
                  min_score: float = 0.05, iou_threshold: float = 0.5, max_width: int = 1000,
-                 min_panel_width: int = 400, progress: bool = True):
+                 min_panel_width: int = 400, classes=None, progress: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.coco = load_coco(json_file) if not hasattr(json_file, "imgs") else json_file
@@ -57,6 +61,11 @@ class InstanceViewer:
         self.gt_names = ["background"] + [c["name"] for c in
                                           self.coco.loadCats(sorted(self.coco.getCatIds()))]
         self.class_names = list(predictor.class_names)
+        # (name, label) of every class the predictor or the annotations name, label order.
+        names = self.class_names + self.gt_names[len(self.class_names):]
+        self.class_options = [(str(name), label) for label, name in enumerate(names) if label]
+        self.classes: tuple[int, ...] = ()
+        self.select_classes(classes)
         self.min_score = float(min_score)
         self.iou_threshold = float(iou_threshold)
         self.max_width = int(max_width)
@@ -90,10 +99,44 @@ class InstanceViewer:
     def __len__(self) -> int:
         return len(self.items)
 
-    def errors(self, index: int, score_threshold: float | None = None) -> dict:
+    def select_classes(self, classes=None) -> tuple[int, ...]:
+        """Show only these classes: names or contiguous labels (None: every class; empty: none).
+        Sets and returns `classes`, the selected labels in label order; unknown names or
+        labels raise ValueError listing the classes there are."""
+        known = dict(self.class_options)
+        if classes is None:
+            self.classes = tuple(known.values())
+            return self.classes
+        if isinstance(classes, (str, int)):
+            classes = [classes]
+        labels = set()
+        for c in classes:
+            label = known.get(c) if isinstance(c, str) else int(c)
+            if label not in known.values():
+                raise ValueError(f"unknown class {c!r}; the classes are "
+                                 f"{', '.join(f'{n} ({v})' for n, v in self.class_options)}")
+            labels.add(label)
+        self.classes = tuple(sorted(labels))
+        return self.classes
+
+    def _classes_note(self) -> str:
+        """"classes: a, b" when the filter hides some classes, else ""."""
+        if len(self.classes) == len(self.class_options):
+            return ""
+        return "classes: " + (", ".join(name for name, label in self.class_options
+                                        if label in self.classes) or "none")
+
+    def _selected(self, labels, classes=None) -> np.ndarray:
+        """bool [N]: which of these labels are among `classes` (default: the selected ones)."""
+        chosen = self.classes if classes is None else classes
+        return np.isin(np.asarray(labels, dtype=np.int64), np.asarray(chosen, dtype=np.int64))
+
+    def errors(self, index: int, score_threshold: float | None = None, classes=None) -> dict:
         """Image `index`'s matching at a score threshold (default the current one): the dict of
-        match_instances plus num_gt (non-crowd) and num_pred (detections >= threshold).
-        Without predicted masks, boxes are matched instead."""
+        match_instances plus num_gt (non-crowd) and num_pred (detections >= threshold), all
+        restricted to `classes` (labels; default the selected ones). Indices are into the
+        image's full ground truth and detection lists. Without predicted masks, boxes are
+        matched instead."""
         thr = self.score_threshold if score_threshold is None else float(score_threshold)
         item = self.items[index]
         gt, pred = item["gt"], item["pred"]
@@ -107,12 +150,17 @@ class InstanceViewer:
         found = match_instances(gt_rles, gt["classes"], dt_rles, pred["classes"][keep],
                                 pred["scores"][keep], gt_crowd=gt["crowd"],
                                 iou_threshold=self.iou_threshold)
-        # Indices back into the image's full detection list.
-        found["matches"] = [(int(keep[d]), g, iou) for d, g, iou in found["matches"]]
-        found["false_positives"] = [int(keep[d]) for d in found["false_positives"]]
-        found["ignored"] = [int(keep[d]) for d in found["ignored"]]
-        found["num_gt"] = int((~gt["crowd"]).sum())
-        found["num_pred"] = len(keep)
+        # Indices back into the image's full detection list, of the selected classes only.
+        dt_on = self._selected(pred["classes"], classes)
+        gt_on = self._selected(gt["classes"], classes)
+        found["matches"] = [(int(keep[d]), g, iou) for d, g, iou in found["matches"]
+                            if dt_on[keep[d]]]
+        found["false_positives"] = [int(keep[d]) for d in found["false_positives"]
+                                    if dt_on[keep[d]]]
+        found["ignored"] = [int(keep[d]) for d in found["ignored"] if dt_on[keep[d]]]
+        found["missed"] = [g for g in found["missed"] if gt_on[g]]
+        found["num_gt"] = int((~gt["crowd"] & gt_on).sum())
+        found["num_pred"] = int(dt_on[keep].sum())
         return found
 
     def worst_images(self, k: int = 10, score_threshold: float | None = None) -> list[dict]:
@@ -137,7 +185,8 @@ class InstanceViewer:
         rows = [[r["index"], r["file_name"], r["missed"], r["false_positives"], r["num_gt"],
                  r["num_pred"]] for r in self.worst_images(k, thr)]
         return Table(["index", "file", "missed", "false positives", "instances", "detections"],
-                     rows, title=f"Worst {len(rows)} of {len(self)} images at score >= {thr:.2f}")
+                     rows, title=f"Worst {len(rows)} of {len(self)} images at score >= {thr:.2f}"
+                     + (f" ({self._classes_note()})" if self._classes_note() else ""))
 
     def _decode(self, rles, keep, shape) -> np.ndarray:
         if rles is None:
@@ -147,11 +196,14 @@ class InstanceViewer:
         return mask_utils.decode([rles[i] for i in keep]).transpose(2, 0, 1).astype(bool)
 
     def render(self, index: int | None = None, *, mode: str | None = None,
-               score_threshold: float | None = None, mask_alpha: float | None = None):
-        """PIL image of one image as the viewer shows it (defaults: the viewer's current state).
+               score_threshold: float | None = None, mask_alpha: float | None = None,
+               classes=None):
+        """PIL image of one image as the viewer shows it (defaults: the viewer's current state;
+        classes: labels).
 
         "prediction": detections >= threshold, plus white boxes around missed instances;
-        "ground truth": the annotations; "both": ground truth left, prediction right.
+        "ground truth": the annotations; "both": ground truth left, prediction right. Only
+        instances and detections of the selected classes are drawn.
         """
         index = self.index if index is None else int(index)
         mode = self.mode if mode is None else mode
@@ -174,18 +226,20 @@ class InstanceViewer:
         panels = []
         if mode in ("ground truth", "both"):
             gt = item["gt"]
-            masks = self._decode(gt["rles"], range(len(gt["rles"])), shape)
+            shown = np.flatnonzero(self._selected(gt["classes"], classes))
+            masks = self._decode(gt["rles"], shown, shape)
             panels.append(("ground truth", draw_instances(
-                image, gt["boxes"] * f, None, gt["classes"], self.gt_names, masks=enlarge(masks),
-                mask_alpha=alpha)))
+                image, gt["boxes"][shown] * f, None, gt["classes"][shown], self.gt_names,
+                masks=enlarge(masks), mask_alpha=alpha)))
         if mode in ("prediction", "both"):
             pred = item["pred"]
-            keep = np.flatnonzero(pred["scores"] >= thr)
+            keep = np.flatnonzero((pred["scores"] >= thr)
+                                  & self._selected(pred["classes"], classes))
             drawn = draw_instances(image, pred["boxes"][keep] * f, pred["scores"][keep],
                                    pred["classes"][keep], self.class_names,
                                    masks=enlarge(self._decode(pred["rles"], keep, shape)),
                                    mask_alpha=alpha)
-            missed = self.errors(index, thr)["missed"]
+            missed = self.errors(index, thr, classes)["missed"]
             _mark_missed(drawn, item["gt"]["boxes"][missed] * f,
                          [self.gt_names[c] for c in item["gt"]["classes"][missed]])
             panels.append((f"prediction >= {thr:.2f}", drawn))
@@ -196,10 +250,12 @@ class InstanceViewer:
         index = self.index if index is None else int(index)
         item = self.items[index]
         e = self.errors(index)
+        shown = self._classes_note()
         return (f"{index + 1}/{len(self)}  {Path(item['path']).name} (id {item['image_id']}): "
                 f"{e['num_gt']} instances, {e['num_pred']} detections >= "
                 f"{self.score_threshold:.2f}, {len(e['matches'])} matched, "
-                f"{len(e['missed'])} missed, {len(e['false_positives'])} false positives")
+                f"{len(e['missed'])} missed, {len(e['false_positives'])} false positives"
+                + (f"; {shown}" if shown else ""))
 
     # ----- widgets -------------------------------------------------------------------------
     @property
@@ -231,6 +287,10 @@ class InstanceViewer:
         self._image = w.Image(format="png")
         self._caption = w.HTML()
         self._worst = w.Select(options=[], rows=12, layout=w.Layout(width="330px"))
+        self._class_select = w.SelectMultiple(
+            options=self.class_options, value=self.classes, description="classes",
+            rows=min(max(len(self.class_options), 2), 8), layout=w.Layout(width="330px"))
+        self._all_button = w.Button(description="all classes", layout=w.Layout(width="110px"))
 
         prev_button.on_click(lambda _: self._step(-1))
         next_button.on_click(lambda _: self._step(+1))
@@ -239,11 +299,16 @@ class InstanceViewer:
         self._alpha_slider.observe(self._on_alpha, names="value")
         self._mode_buttons.observe(self._on_mode, names="value")
         self._worst.observe(self._on_worst, names="value")
+        self._class_select.observe(self._on_classes, names="value")
+        self._all_button.on_click(lambda _: setattr(
+            self._class_select, "value", tuple(label for _, label in self.class_options)))
         self._refresh_worst()
         self._refresh()
         controls = w.VBox([w.HBox([prev_button, next_button, self._index_slider]),
                            w.HBox([self._score_slider, self._alpha_slider]), self._mode_buttons])
-        side = w.VBox([w.HTML("<b>Worst images</b> (missed + false positives)"), self._worst])
+        side = w.VBox([w.HTML("<b>Classes shown</b> (ctrl / shift click for several)"),
+                       self._class_select, self._all_button,
+                       w.HTML("<b>Worst images</b> (missed + false positives)"), self._worst])
         return w.HBox([w.VBox([controls, self._image, self._caption]), side])
 
     def _step(self, delta: int) -> None:
@@ -265,6 +330,11 @@ class InstanceViewer:
 
     def _on_mode(self, change) -> None:
         self.mode = change["new"]
+        self._refresh()
+
+    def _on_classes(self, change) -> None:
+        self.select_classes(change["new"])
+        self._refresh_worst()
         self._refresh()
 
     def _on_worst(self, change) -> None:

@@ -128,7 +128,9 @@ def test_pr_curves_are_cocoeval_precision(gt):
     cat = np.r_[np.ones(51), np.zeros(50)]
     for key in ("precision50", "precision"):
         assert curves[key].shape == (3, 101)
-        assert np.array_equal(curves[key][0], cat) and np.array_equal(curves[key][1], np.ones(101))
+        # pycocotools' precision is tp / (tp + fp + eps): 1 within a few ulps.
+        assert np.allclose(curves[key][0], cat, rtol=0, atol=1e-12)
+        assert np.allclose(curves[key][1], 1.0, rtol=0, atol=1e-12)
         assert np.isnan(curves[key][2]).all()
     # Taken as they are from pycocotools' array (IoU 0.50, area all, 100 detections).
     raw = coco_eval.eval["precision"]  # [T, R, K, A, M]

@@ -37,6 +37,7 @@ CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 PREDICTIONS_PNG = "predictions.png"
 PREDICTION_IMAGES = 4  # images in predictions.png
 IOU_THRESHOLD = 0.5    # of the confusion matrix
+DRAW_WIDTH = 480       # px: narrower images are enlarged (by a whole factor) before drawing
 
 
 def class_names_of(dataset) -> list[str]:
@@ -54,15 +55,22 @@ def _iou_type(evaluation: Evaluation) -> str:
 
 def _drawing(image, items: list[dict], scores, label_of: dict[int, int], names: list[str],
              mask_of: Callable[[dict], np.ndarray] | None, duplicate_iou: float | None):
-    """`image` with COCO annotations or result dicts (`items`) drawn by draw_instances."""
+    """`image` (uint8 [3, h, w]) with COCO annotations or result dicts (`items`) drawn by
+    draw_instances; an image narrower than DRAW_WIDTH is enlarged by a whole factor first
+    (pixels repeated), so that its labels are drawn large enough to read."""
+    factor = max(1, DRAW_WIDTH // int(image.shape[-1]))
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (i["bbox"] for i in items)],
-                     dtype=np.float64).reshape(-1, 4)
+                     dtype=np.float64).reshape(-1, 4) * factor
     classes = np.array([label_of[int(i["category_id"])] for i in items], dtype=np.int64)
     masks = None
     if mask_of is not None:
-        masks = np.zeros((len(items),) + tuple(image.shape[1:]), dtype=bool)
+        height, width = (int(n) * factor for n in image.shape[1:])
+        masks = np.zeros((len(items), height, width), dtype=bool)
         for k, item in enumerate(items):
-            masks[k] = mask_of(item).astype(bool)
+            mask = mask_of(item).astype(bool)
+            masks[k] = mask.repeat(factor, axis=0).repeat(factor, axis=1)
+    if factor > 1:
+        image = image.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
     return draw_instances(image, boxes, scores, classes, names, masks=masks,
                           duplicate_iou=duplicate_iou)
 
@@ -92,8 +100,8 @@ def prediction_panels(evaluation: Evaluation, *, score_threshold: float,
         truth = _drawing(image, gts, None, label_of, names,
                          coco.annToMask if with_masks else None, duplicate_iou=None)
         name = info.get("file_name", str(image_id))
-        panels.append((f"prediction: {name} ({len(dets)} >= {score_threshold:g})", predicted,
-                       f"ground truth: {name} ({len(gts)})", truth))
+        panels.append((f"prediction: {name}, {len(dets)} scoring >= {score_threshold:g}",
+                       predicted, f"ground truth: {name}, {len(gts)} instances", truth))
     return panels
 
 

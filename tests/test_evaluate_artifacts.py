@@ -261,3 +261,47 @@ def test_save_dir_over_an_input_is_refused_in_one_line(tmp_path, capsys):
                            f"the input folder {data / 'val'}")
     assert not inside.exists() and model.read_bytes() == b"never read"
     assert sorted(p.name for p in (data / "val").iterdir()) == ["model.pth"]
+
+
+def test_every_figure_writes_text_of_10_points_or_more_at_120_dpi(rect, tmp_path):
+    """Under rc defaults of 6 points, every text of every figure (legends, ticks, labels, cell
+    counts, colorbar) is still drawn at 10 points or more, and the PNGs say 120 dpi."""
+    import matplotlib
+    from matplotlib.text import Text
+
+    from mrcnn_helpers.engine.results_plot import read_results_csv, results_figure
+    from mrcnn_helpers.evaluate.artifacts import prediction_panels
+    from mrcnn_helpers.evaluate.plots import (
+        confusion_matrix_figure,
+        pr_curves_figure,
+        predictions_figure,
+    )
+    from mrcnn_helpers.plotting import figure_png
+
+    gt_json, image_dir, coco = rect
+    evaluation = run_evaluation(BoxModel(_model(coco)), _spec(gt_json, image_dir), progress=False)
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("step,event,time,total_loss,learning_rate,samples_per_sec,AP,mask_AP\n"
+                        "5,train,t,2.5,0.0001,40.0,,\n6,eval,t,,,,0.25,0.125\n"
+                        "10,train,t,1.5,0.00001,42.0,,\n")
+    small = {"font.size": 6, "legend.fontsize": 6, "xtick.labelsize": 6, "ytick.labelsize": 6,
+             "axes.labelsize": 6, "axes.titlesize": 6, "legend.title_fontsize": 6}
+    with matplotlib.rc_context(small):
+        figures = {
+            "pr": pr_curves_figure(pr_curves(evaluation.coco_evals["segm"]), NAMES[1:]),
+            "confusion": confusion_matrix_figure(confusion_matrix(
+                coco, evaluation.results, [10, 20], CATEGORY_IDS), NAMES[1:], "score >= 0.5"),
+            "predictions": predictions_figure(prediction_panels(evaluation,
+                                                                score_threshold=0.5)),
+            "results": results_figure(read_results_csv(csv_path)),
+        }
+        for name, fig in figures.items():
+            png = figure_png(fig)  # drawn: tick labels and offsets exist now
+            texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+            assert len(texts) >= (4 if name == "predictions" else 10), name
+            small_ones = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 10]
+            assert small_ones == [], name
+            path = tmp_path / f"{name}.png"
+            path.write_bytes(png)
+            with Image.open(path) as image:
+                assert [round(v) for v in image.info["dpi"]] == [120, 120], name

@@ -93,6 +93,8 @@ def predictions_figure(panels: list[tuple[str, object, str, object]]):
     axes = np.asarray(fig.subplots(rows, 2)).reshape(rows, 2)
     for ax in axes.reshape(-1):
         ax.set_axis_off()
+        ax.set_xticks([])
+        ax.set_yticks([])
     for (left, right), (pred_title, pred, gt_title, gt) in zip(axes, panels, strict=False):
         for ax, title, image in ((left, pred_title, pred), (right, gt_title, gt)):
             ax.imshow(np.asarray(image))

@@ -59,17 +59,26 @@ def _area(boxes: np.ndarray) -> np.ndarray:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def _one_per_object(boxes: np.ndarray, order: np.ndarray, iou: float) -> np.ndarray:
-    """Indices of `order` (best first) whose box overlaps no earlier kept box by more than `iou`
-    (class-agnostic: one drawing per object when two classes claim it)."""
+def _one_per_object(boxes: np.ndarray, masks: np.ndarray | None, order: np.ndarray,
+                    overlap: float) -> np.ndarray:
+    """Indices of `order` (best first) that are not another drawing of an object already kept:
+    with masks, one whose mask lies more than `overlap` under the kept masks; without, one whose
+    box overlaps a kept box with IoU above `overlap`. Class-agnostic, so an object claimed by
+    two classes (or twice by one) is drawn once; occluded neighbours keep their visible masks."""
     kept: list[int] = []
+    covered = None if masks is None else np.zeros(masks.shape[1:], dtype=bool)
     for i in order:
-        if kept:
+        if masks is not None:
+            area = int(masks[i].sum())
+            if area and np.count_nonzero(masks[i] & covered) > overlap * area:
+                continue
+            covered |= masks[i]
+        elif kept:
             k, b = boxes[kept], boxes[i]
             ix = np.clip(np.minimum(k[:, 2], b[2]) - np.maximum(k[:, 0], b[0]), 0, None)
             iy = np.clip(np.minimum(k[:, 3], b[3]) - np.maximum(k[:, 1], b[1]), 0, None)
             inter = ix * iy
-            if np.any(inter > iou * (_area(k) + _area(b) - inter)):
+            if np.any(inter > overlap * (_area(k) + _area(b) - inter)):
                 continue
         kept.append(int(i))
     return np.asarray(kept, dtype=np.int64)
@@ -77,15 +86,16 @@ def _one_per_object(boxes: np.ndarray, order: np.ndarray, iou: float) -> np.ndar
 
 def draw_instances(image, boxes, scores, classes, class_names, masks=None,
                    score_threshold: float = 0.0, mask_alpha: float = 0.5,
-                   duplicate_iou: float | None = 0.8) -> Image.Image:
+                   duplicate_overlap: float | None = 0.6) -> Image.Image:
     """Return a new RGB PIL image with detections drawn on `image`.
 
     image: PIL image, uint8 [h, w, 3] array or uint8 [3, h, w] tensor; boxes: [N, 4]
     (x1, y1, x2, y2) in that image's pixels; scores: [N] or None (labels show the name only);
     classes: int [N] contiguous labels; class_names[label] names a label (index 0 = background;
     a label beyond the list is shown as its number); masks: bool [N, h, w] or None.
-    Instances scoring below score_threshold are skipped, and so is one whose box overlaps a
-    better-scored drawn one by more than duplicate_iou (None: draw every instance). Each mask is
+    Instances scoring below score_threshold are skipped, and so is a second drawing of an object
+    (a mask more than duplicate_overlap under better-scored drawn masks; without masks, a box of
+    IoU above it with a drawn box; None: draw every instance). Each mask is
     blended with its class color at mask_alpha; boxes are outlined in that color; labels sit on a
     filled background above the box (inside it at the top edge), kept inside the image, and show
     the score only where the box is wide enough for it.
@@ -97,16 +107,17 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
     n = boxes.shape[0]
     scores_np = None if scores is None else _to_numpy(scores).astype(np.float64).reshape(-1)
     keep = np.ones(n, dtype=bool) if scores_np is None else scores_np >= score_threshold
-    order = np.flatnonzero(keep)
-    if scores_np is not None:
-        order = order[np.argsort(-scores_np[order], kind="stable")]
-    if duplicate_iou is not None:
-        order = _one_per_object(boxes, order, duplicate_iou)
     if masks is not None:
         masks = _to_numpy(masks).astype(bool)
         if masks.shape != (n, height, width):
             raise ValueError(f"masks must be [N={n}, h={height}, w={width}] like the image, got "
                              f"{tuple(masks.shape)}")
+    order = np.flatnonzero(keep)
+    if scores_np is not None:
+        order = order[np.argsort(-scores_np[order], kind="stable")]
+    if duplicate_overlap is not None:
+        order = _one_per_object(boxes, masks, order, duplicate_overlap)
+    if masks is not None:
         out = canvas.astype(np.float32)
         for i in order[::-1]:  # the best on top
             m = masks[i]

@@ -31,7 +31,8 @@ LAYERS = {
 # not pay for at start-up.
 OPTIONAL = {"onnx", "onnxruntime", "tensorrt", "cv2", "matplotlib", "IPython", "ipywidgets",
             "cryptography", "tensorboard", "torch.utils.tensorboard", "importlib.metadata",
-            "google_crc32c", "papermill", "modelopt"}
+            "google_crc32c", "papermill", "modelopt",
+            "faster_coco_eval"}  # a dependency; evaluation falls back to pycocotools without it
 
 
 def _module_name(path: Path) -> str:

@@ -372,3 +372,72 @@ def test_infer_json_scored_by_pycocotools_gives_evaluate_ap(rect_data, tmp_path)
     assert 0.2 < metrics["AP"] < 0.95  # neither trivial nor perfect
     for name, value in scored.items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers(coco_gt, monkeypatch):
+    """The C++ COCOeval (faster-coco-eval) and the pycocotools reference agree on every metric
+    of noisy, partly wrong detections, boxes and masks, per class too."""
+    pytest.importorskip("faster_coco_eval")
+    from mrcnn_helpers.evaluate import cocoeval_class
+
+    rng = np.random.default_rng(0)
+    results = []
+    for ann in coco_gt.loadAnns(coco_gt.getAnnIds()):
+        x, y, w, h = ann["bbox"]
+        mask = coco_gt.annToMask(ann).astype(bool)
+        for k in range(4):
+            dx, dy = rng.integers(-6, 7, 2)
+            box = np.array([[x + dx, y + dy, x + w + dx, y + h + dy]], dtype=float)
+            shifted = np.roll(mask, (int(dy), int(dx)), axis=(0, 1))[None]
+            label = int(rng.integers(1, 4)) if k else CATEGORY_IDS.index(ann["category_id"]) + 1
+            results += detections_to_coco_results(ann["image_id"], box, [float(rng.random())],
+                                                  [label], shifted, CATEGORY_IDS)
+    assert cocoeval_class().__module__.startswith("faster_coco_eval")
+    fast = coco_evaluate(coco_gt, results)
+    monkeypatch.setenv("MRCNN_COCOEVAL", "pycocotools")
+    assert cocoeval_class().__module__.startswith("pycocotools")
+    reference = coco_evaluate(coco_gt, results)
+    assert 0.05 < reference["AP"] < 0.95 and 0.05 < reference["mask_AP"] < 0.95
+    for name, value in reference.items():
+        if name != "per_class":
+            assert fast[name] == pytest.approx(value, abs=1e-12), name
+    for name, values in reference["per_class"].items():
+        assert fast["per_class"][name] == pytest.approx(values), name
+
+
+def test_rle_from_the_occupied_region_equals_pycocotools_encode():
+    """encode_masks reads only the region each mask occupies; its RLE must be byte-identical to
+    pycocotools' encoding of the full mask: random, full, empty, edge-touching and full-height
+    masks (where runs continue from one column into the next), arrays and tensors."""
+    from mrcnn_helpers.inference.coco_results import encode_masks
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        masks = np.zeros((5, h, w), dtype=bool)
+        masks[0] = rng.random((h, w)) < 0.5
+        masks[1] = True
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        masks[2, y0:, x0:] = rng.random((h - y0, w - x0)) < 0.8
+        masks[3, :, x0:] = True                       # empty masks[4]
+        expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        for given in (masks, torch.from_numpy(masks)):
+            got = encode_masks(given)
+            assert [g["counts"] for g in got] == [e["counts"] for e in expected]
+            assert [list(g["size"]) for g in got] == [[h, w]] * 5
+
+
+def test_format_summary_is_short_and_says_n_a(coco_gt):
+    from mrcnn_helpers.evaluate import format_summary
+
+    m = coco_evaluate(coco_gt, perfect_results(coco_gt, drop=(2,)))
+    m.update(eval_images=2, eval_images_per_sec=12.345)
+    lines = format_summary(m).splitlines()
+    assert lines[0].split() == ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100"]
+    box, mask = lines[1].split(), lines[2].split()
+    assert box[0] == "box" and mask[0] == "mask" and len(box) == 8
+    assert box[1] == f"{m['AP']:.3f}" and mask[7] == f"{m['mask_ARmax100']:.3f}"
+    assert box[4] == "n/a" and box[6] == "n/a"    # no small or large ground truth: -1 in COCO
+    assert lines[3] == "2 images, 12.3 img/s" and "-1" not in format_summary(m)
+    box_only = {k: v for k, v in m.items() if not k.startswith("mask_")}
+    assert len(format_summary(box_only).splitlines()) == 3

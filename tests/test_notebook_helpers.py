@@ -109,11 +109,11 @@ def test_spec_changes_lists_exactly_the_changed_fields():
     spec = load_spec(DEMO_SPEC)
     changed = replace_spec(spec, total_steps=10, learning_rate_steps=(5,),
                            learning_rate_decay_levels=(0.1,),
-                           **{"data_config.image_size": (128, 128)})
+                           **{"data_config.image_size": (192, 192)})
     table = nb.spec_changes(spec, changed)
     assert table.column("field") == ["learning_rate_steps", "learning_rate_decay_levels",
                                      "total_steps", "data_config.image_size"]
-    assert table.rows[-1][1:] == [spec.data_config.image_size, (128, 128)]
+    assert table.rows[-1][1:] == [spec.data_config.image_size, (192, 192)]
     assert nb.spec_changes(spec, spec).rows == []
 
 

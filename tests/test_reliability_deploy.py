@@ -287,6 +287,13 @@ def test_video_sink_publishes_only_whole_runs(predictor, tmp_path):
     assert _frames_in(out) == 5 and temporaries(tmp_path) == []
 
 
+def _default_sigint():
+    """A shell without job control starts background jobs with SIGINT ignored, and children
+    inherit that (then Python installs no KeyboardInterrupt handler): give the child the
+    default disposition a terminal's Ctrl-C meets."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_through_the_command_line(files, tmp_path):
     """SIGINT to a real `mrcnn deploy` process: exit 130, `interrupted`, no traceback; every
     frame written is a whole image and no temporary file is left."""
@@ -297,7 +304,7 @@ def test_ctrl_c_through_the_command_line(files, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mrcnn_helpers", "deploy", "-m",
                              str(files["checkpoint"]), "-i", str(frames), "-o", str(out),
                              "--batch-size", "1"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]

@@ -180,6 +180,34 @@ def test_evaluate_json_over_inputs(files, tmp_path, capsys):
     assert temporaries(files["root"]) == []
 
 
+def test_outputs_beside_the_model_files_of_a_results_directory(files, capsys):
+    """-m RESULTS is read for its model files (and spec copy), not as an input folder: metrics
+    and annotated images may be written beside them, as demo.sh does, never over them."""
+    from mrcnn_helpers.cli import main
+
+    results = files["results"]
+    before = digest(files["root"])
+    metrics = results / "val_metrics.json"
+    assert main(["evaluate", "-m", str(results), "--json", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["eval_images"] >= 1
+    drawn = results / "infer"
+    assert main(["infer", "-m", str(results), "-i", str(files["images"]), "-o", str(drawn)]) == 0
+    assert sorted(p.name for p in drawn.iterdir()) == sorted(p.name for p in
+                                                             files["images"].iterdir())
+    capsys.readouterr()
+    after = digest(files["root"])
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing read changed
+    # evaluate's own files went to eval/ beside the model files, its default --save-dir.
+    assert sorted(p.name for p in (results / "eval").iterdir()) == [
+        "confusion_matrix.png", "metrics.json", "pr_curves.png", "predictions.png"]
+    metrics.unlink()
+    shutil.rmtree(drawn)
+    shutil.rmtree(results / "eval")
+    for model_file in sorted(results.glob("*.pth")):
+        _refused(capsys, ["evaluate", "-m", results, "--json", model_file], [files["root"]],
+                 f"--json {model_file} is the input {model_file}")
+
+
 def test_deploy_outputs_over_inputs(files, tmp_path, capsys):
     pytest.importorskip("cv2")
     video = _video(tmp_path / "clip.avi", 3)

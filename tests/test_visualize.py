@@ -96,5 +96,9 @@ def test_one_drawing_per_object_and_labels_inside_the_image():
     label_rows = (out[:10] == dog).all(axis=-1)
     assert label_rows.any() and label_rows[:, -1].any() and label_rows[:, :50].any()
     both = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES, masks=masks,
-                                     duplicate_iou=None))
+                                     duplicate_overlap=None))
     assert not np.array_equal(both[20, 65], half_dog)      # both drawn when asked
+    # Without masks, boxes decide: IoU 0.97 is one object, a box beside it another.
+    boxes_only = np.asarray(draw_instances(image, boxes, scores, classes, CLASS_NAMES))
+    assert (boxes_only[10:31, 50] == cat).all(axis=-1).sum() == 0   # the cat box of IoU 0.97
+    assert (boxes_only[40:59, 2] == cat).all(axis=-1).sum() >= 15   # the other cat's outline

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mrcnn_helpers.errors import MrcnnError
 from mrcnn_helpers.evaluate import (
-    format_metrics,
     format_per_class_table,
+    format_summary,
     run_evaluation,
     write_metrics_json,
 )
@@ -41,7 +41,7 @@ def _run(args) -> int:
     save_dir = _writable(save_dir, explicit)
     evaluation = run_evaluation(predictor, predictor.spec, max_images=args.max_images)
     metrics = evaluation.metrics
-    print(format_metrics(metrics))
+    print(format_summary(metrics))
     print(format_per_class_table(metrics))
     if args.json:
         write_metrics_json(metrics, args.json)

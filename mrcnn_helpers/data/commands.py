@@ -158,7 +158,8 @@ def cmd_to_tfrecord(args) -> int:
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Add the `data` command and its subcommands to an argparse subparsers object.
 
-    Each subcommand sets `func` (taking the parsed args, returning the exit status).
+    Each subcommand sets `func` (taking the parsed args, returning the exit status). One flat
+    list of declarations, long on purpose: it reads top to bottom like the help it produces.
     """
     p = subparsers.add_parser("data", help="prepare, convert and check datasets")
     sub = p.add_subparsers(dest="data_command", required=True)

@@ -211,7 +211,8 @@ def download_file(url: str, dest: str | os.PathLike, *, size: int | None = None,
     never retried: DownloadError says how much space is needed and free. The finished file
     must have `size` bytes (or the server's announced size) and the given MD5; on a mismatch
     the partial data is deleted and DownloadError says so. An existing `dest` is taken as
-    finished and only verified.
+    finished and only verified. One loop on purpose: the retry budget, the Range resume and
+    the disk-space check act on the state of one transfer.
     """
     dest = os.fspath(dest)
     part = dest + ".part"

@@ -1,7 +1,10 @@
 """COCO evaluation: box and mask AP/AR through pycocotools, per-class AP, metric reports.
 
 Metric names are TLT's (`AP`, `AP50`, ..., `ARl` for boxes, the same with a `mask_` prefix for
-masks). Every number comes from pycocotools' COCOeval; nothing here re-implements AP.
+masks). Every number comes from COCOeval; nothing here re-implements AP. The matching runs in
+faster-coco-eval's C++ COCOeval when it is installed (a dependency; the same numbers as
+pycocotools', which the tests check, several times faster on large sets), else in pycocotools';
+MRCNN_COCOEVAL=pycocotools forces the reference. Both take pycocotools' COCO objects.
 
 `run_evaluation` keeps the detections and COCOeval objects behind the numbers; the `artifacts`
 module beside this one turns them into metrics.json, precision/recall curves, a confusion matrix
@@ -15,6 +18,7 @@ the list can be written as JSON).
 import contextlib
 import io
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,14 +80,30 @@ def _per_class_ap(coco_eval: COCOeval) -> dict[int, float | None]:
     return out
 
 
+def cocoeval_class():
+    """The COCOeval used: faster-coco-eval's COCOeval_faster when importable and not overridden
+    by MRCNN_COCOEVAL=pycocotools, else pycocotools' COCOeval (same interface and numbers)."""
+    if os.environ.get("MRCNN_COCOEVAL", "").lower() != "pycocotools":
+        try:
+            from faster_coco_eval import COCOeval_faster
+        except ImportError:
+            pass
+        else:
+            return COCOeval_faster
+    return COCOeval
+
+
 def run_cocoeval(coco_gt, results: list[dict], iou_type: str, image_ids, *,
                  verbose: bool = False) -> COCOeval:
-    """pycocotools' COCOeval of non-empty `results` on `image_ids`, evaluated, accumulated and
-    summarized (its printing silenced unless verbose)."""
+    """COCOeval (cocoeval_class) of non-empty `results` on `image_ids`, evaluated, accumulated
+    and summarized (its printing silenced unless verbose)."""
     quiet = contextlib.redirect_stdout(io.StringIO())
     with contextlib.nullcontext() if verbose else quiet:
         coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
-        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        cls = cocoeval_class()
+        # faster-coco-eval logs its summary unless told to print it.
+        options = {"print_function": print} if verbose and cls is not COCOeval else {}
+        coco_eval = cls(coco_gt, coco_dt, iou_type, **options)
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -133,7 +153,7 @@ def _coco_evaluate(coco_gt, results: list[dict], iou_types, image_ids, *, verbos
             coco_eval = run_cocoeval(coco_gt, results, iou_type, image_ids, verbose=verbose)
             if keep:
                 evals[iou_type] = coco_eval
-            stats = [float(v) for v in coco_eval.stats]
+            stats = [float(v) for v in coco_eval.stats[:len(METRIC_NAMES)]]
             class_ap = _per_class_ap(coco_eval)
             del coco_eval
         for name, value in zip(METRIC_NAMES, stats, strict=True):
@@ -289,3 +309,27 @@ def write_metrics_json(metrics: dict, path) -> Path:
     path. Raises MrcnnError naming the path when it cannot be written (disk full, read-only): no
     file is then left half-written."""
     return atomic_write_json(path, metrics, what="metrics")
+
+
+SUMMARY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100")
+
+
+def format_summary(metrics: dict) -> str:
+    """The metrics as a short table: a row for boxes and one for masks (when evaluated), the
+    columns SUMMARY_COLUMNS at 3 decimals, "n/a" where COCOeval has no value (-1: no ground
+    truth of that size), then the images evaluated and their rate."""
+    rows = [(label, prefix) for label, prefix in (("box", ""), ("mask", "mask_"))
+            if prefix + "AP" in metrics]
+
+    def cell(value) -> str:
+        return "n/a" if value is None or value < 0 or math.isnan(value) else f"{value:.3f}"
+
+    lines = ["      " + " ".join(f"{c:>8}" for c in SUMMARY_COLUMNS)]
+    for label, prefix in rows:
+        lines.append(f"{label:<6}" + " ".join(f"{cell(metrics.get(prefix + c)):>8}"
+                                              for c in SUMMARY_COLUMNS))
+    if "eval_images" in metrics:
+        rate = metrics.get("eval_images_per_sec")
+        lines.append(f"{int(metrics['eval_images'])} images"
+                     + (f", {rate:.1f} img/s" if rate else ""))
+    return "\n".join(lines)

@@ -54,10 +54,11 @@ def _iou_type(evaluation: Evaluation) -> str:
 
 
 def _drawing(image, items: list[dict], scores, label_of: dict[int, int], names: list[str],
-             mask_of: Callable[[dict], np.ndarray] | None, duplicate_iou: float | None):
+             mask_of: Callable[[dict], np.ndarray] | None, every: bool):
     """`image` (uint8 [3, h, w]) with COCO annotations or result dicts (`items`) drawn by
-    draw_instances; an image narrower than DRAW_WIDTH is enlarged by a whole factor first
-    (pixels repeated), so that its labels are drawn large enough to read."""
+    draw_instances (every instance, or as `mrcnn infer` draws: second drawings of an object left
+    out); an image narrower than DRAW_WIDTH is enlarged by a whole factor first (pixels
+    repeated), so that its labels are drawn large enough to read."""
     factor = max(1, DRAW_WIDTH // int(image.shape[-1]))
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (i["bbox"] for i in items)],
                      dtype=np.float64).reshape(-1, 4) * factor
@@ -72,15 +73,15 @@ def _drawing(image, items: list[dict], scores, label_of: dict[int, int], names: 
     if factor > 1:
         image = image.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
     return draw_instances(image, boxes, scores, classes, names, masks=masks,
-                          duplicate_iou=duplicate_iou)
+                          **({"duplicate_overlap": None} if every else {}))
 
 
 def prediction_panels(evaluation: Evaluation, *, score_threshold: float,
                       num_images: int = PREDICTION_IMAGES) -> list[tuple]:
     """(prediction title, drawn prediction, ground-truth title, drawn ground truth) of the first
     `num_images` evaluated images (read from the dataset's image_dir). Detections scoring below
-    score_threshold are left out, and so is one overlapping a better one by IoU > 0.8 (as
-    `mrcnn infer` draws them); every ground truth instance is drawn."""
+    score_threshold are left out, and so are second drawings of an object (as `mrcnn infer`
+    draws them); every ground truth instance is drawn."""
     dataset = evaluation.dataset
     coco = dataset.coco
     names = ["background"] + class_names_of(dataset)
@@ -96,9 +97,9 @@ def prediction_panels(evaluation: Evaluation, *, score_threshold: float,
                if int(a["category_id"]) in label_of]
         predicted = _drawing(image, dets, [r["score"] for r in dets], label_of, names,
                              (lambda r: mask_utils.decode(r["segmentation"])) if with_masks
-                             else None, duplicate_iou=0.8)
+                             else None, every=False)
         truth = _drawing(image, gts, None, label_of, names,
-                         coco.annToMask if with_masks else None, duplicate_iou=None)
+                         coco.annToMask if with_masks else None, every=True)
         name = info.get("file_name", str(image_id))
         panels.append((f"prediction: {name}, {len(dets)} scoring >= {score_threshold:g}",
                        predicted, f"ground truth: {name}, {len(gts)} instances", truth))

@@ -1,7 +1,7 @@
 """What the summary numbers are made of: precision/recall curves and a confusion matrix.
 
-`pr_curves` reads pycocotools' accumulated `COCOeval.eval["precision"]` (nothing here computes
-AP). `confusion_matrix` counts the detections above a score threshold against the ground truth,
+`pr_curves` reads the accumulated `COCOeval.eval["precision"]` (faster-coco-eval's or
+pycocotools'; nothing here computes AP). `confusion_matrix` counts the detections above a score threshold against the ground truth,
 matched one to one by IoU whatever their classes, so a detection of the wrong class lands off the
 diagonal rather than as a miss plus a false positive.
 """
@@ -28,7 +28,7 @@ def pr_curves(coco_eval) -> dict:
     From `eval["precision"]` [T, R, K, A, M] at area "all" and 100 detections (as AP): returns
     {"recall": [R] COCO's recall thresholds (0, 0.01, ..., 1), "category_ids": [K],
     "precision50": [K, R] the precision at IoU 0.50, "precision": [K, R] the mean precision over
-    the IoU thresholds 0.50:0.95, "ap50" / "ap": [K] the means of those curves (pycocotools'
+    the IoU thresholds 0.50:0.95, "ap50" / "ap": [K] the means of those curves (COCOeval's
     per-class AP50 and AP)}. A category without ground truth (COCOeval's -1) has NaN curves and
     None APs.
     """

@@ -1,7 +1,7 @@
 """The files of `mrcnn evaluate --save-dir DIR`, from one run_evaluation:
 
 - `metrics.json`: the metrics evaluate_model returns (the scalars and the per-class AP);
-- `pr_curves.png`: precision/recall per class at IoU 0.50 and over 0.50:0.95, from pycocotools'
+- `pr_curves.png`: precision/recall per class at IoU 0.50 and over 0.50:0.95, from COCOeval's
   precision array (masks; boxes for a model without masks);
 - `confusion_matrix.png`: the detections scoring >= the threshold matched to the ground truth
   by IoU >= 0.5 (mask IoU, box IoU without masks), classes plus background, as counts;
@@ -151,7 +151,7 @@ def write_evaluation_artifacts(evaluation: Evaluation, save_dir: str | os.PathLi
 
 
 def _no_curves(category_ids) -> dict:
-    """pr_curves' shape without a curve (no detections: pycocotools evaluated nothing)."""
+    """pr_curves' shape without a curve (no detections: COCOeval ran on nothing)."""
     recall = np.linspace(0.0, 1.0, 101)
     empty = np.full((len(category_ids), recall.size), np.nan)
     none = [None] * len(category_ids)

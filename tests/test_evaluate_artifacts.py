@@ -305,3 +305,22 @@ def test_every_figure_writes_text_of_10_points_or_more_at_120_dpi(rect, tmp_path
             path.write_bytes(png)
             with Image.open(path) as image:
                 assert [round(v) for v in image.info["dpi"]] == [120, 120], name
+
+
+def test_confusion_matrix_ignores_detections_on_crowd_regions(tmp_path):
+    # A crowd of cats in image 10 (x 60..90, y 50..75): a detection on it is no false positive
+    # (COCOeval ignores it too); the crowd is nobody's missed instance.
+    path = write_gt(tmp_path / "gt.json", OBJECTS)
+    data = json.loads(path.read_text())
+    data["annotations"].append({"id": 9, "image_id": 10, "category_id": 1, "iscrowd": 1,
+                                "segmentation": [[60, 50, 90, 50, 90, 75, 60, 75]],
+                                "area": 750.0, "bbox": [60, 50, 30, 25]})
+    path.write_text(json.dumps(data))
+    coco = COCO(str(path))
+    on_crowd = _empty_spot(10, 0.9, 1)  # x 60..80, y 55..75: inside the crowd
+    counts = confusion_matrix(coco, [_result(coco, 1, 1, 0.9), on_crowd], [10], CATEGORY_IDS)
+    assert counts.tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    # The same detection without the crowd is a false positive.
+    plain = COCO(str(write_gt(tmp_path / "plain.json", OBJECTS)))
+    counts = confusion_matrix(plain, [_result(plain, 1, 1, 0.9), on_crowd], [10], CATEGORY_IDS)
+    assert counts[3].tolist() == [1, 0, 0, 0]

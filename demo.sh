@@ -27,4 +27,5 @@ if ! up_to_date "$results/infer/results.json" "$model" "$spec"; then
     $mrcnn infer -e $spec -m "$results" -i "$data/val" -o "$results/infer" -t 0.5 \
         --include-mask --json "$results/infer/results.json"
 fi
-echo "Metrics: $results/val_metrics.json; annotated validation images: $results/infer"
+echo "Metrics: $results/val_metrics.json; curves: $results/results.png; PR curves, confusion" \
+     "matrix and predictions: $results/eval; annotated validation images: $results/infer"

@@ -3,7 +3,7 @@
     mrcnn spec validate|show SPEC
     mrcnn data synthetic|download-coco|convert-*|coco-subset|coco-merge|check|to-tfrecord ...
     mrcnn train    -e SPEC -r RESULTS_DIR [--gpus N]     (re-run to resume)
-    mrcnn evaluate -e SPEC -m MODEL
+    mrcnn evaluate -e SPEC -m MODEL [--save-dir DIR]  (metrics.json, PR curves, confusion matrix)
     mrcnn infer    -i IMAGES -o OUT -m MODEL -t 0.5 [--include-mask] [--json RESULTS.json]
     mrcnn export   -m MODEL -o model.onnx [--data-type fp32|fp16|int8 ...] [--engine model.plan]
     mrcnn deploy   -m MODEL -i VIDEO|DIR|RTSP -o OUT.mp4|DIR
@@ -116,6 +116,12 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="COCO box and mask metrics on the validation set")
     _common(p, spec_required=False)
     p.add_argument("--json", default=None, help="also write the metrics here")
+    p.add_argument("--save-dir", default=None, metavar="DIR",
+                   help="write metrics.json, pr_curves.png, confusion_matrix.png and "
+                        "predictions.png here (default: eval/ in the results directory given "
+                        "as -m, or beside the model file)")
+    p.add_argument("-t", "--threshold", type=_probability, default=0.5,
+                   help="score threshold of the confusion matrix and predictions.png")
     p.add_argument("--max-images", type=_positive, default=None,
                    help="evaluate the first N validation images only")
     p.add_argument("--batch-size", type=_positive, default=None,

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from test_engine import (
@@ -176,3 +177,87 @@ def test_weights_keep_tensors_that_would_overflow_fp16_and_non_float_ones(tmp_pa
     future = save_checkpoint(tmp_path / "f.pth", {**load_checkpoint(path), "version": 2})
     with pytest.raises(CheckpointError, match="format version 2; this version reads up to 1"):
         load_checkpoint(future)
+
+
+# ---------------------------------------------------------------- results.png
+
+
+def _drawing_spy(monkeypatch):
+    """Record (last evaluated step, train rows) of results.csv at each drawing of results.png."""
+    from mrcnn_helpers.engine import results_plot
+
+    drawn, real = [], results_plot.write_results_png
+
+    def spy(csv_path, png_path):
+        table = results_plot.read_results_csv(csv_path)
+        drawn.append((table.get("eval", {}).get("step", [None])[-1], len(table["train"]["step"])))
+        return real(csv_path, png_path)
+
+    monkeypatch.setattr(results_plot, "write_results_png", spy)
+    return drawn
+
+
+def test_results_png_is_drawn_at_each_evaluation_from_results_csv(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from mrcnn_helpers.engine import results_plot
+
+    monkeypatch.setattr(results_plot, "MIN_INTERVAL", 0.0)
+    drawn = _drawing_spy(monkeypatch)
+    scores = {6: 0.2, 12: 0.5, 18: 0.4, 20: 0.45}
+    run(make_spec(), tmp_path, max_steps=12, evaluate_fn=scripted_evaluation(scores))
+    run(make_spec(), tmp_path, evaluate_fn=scripted_evaluation({18: 0.4, 20: 0.45}))
+    # Logs every 5 steps, evaluations at 6, 12, 18, 20: each drawing after an evaluation holds
+    # the rows written so far; the resumed run draws the whole run.
+    assert drawn == [(6, 1), (12, 2), (18, 3), (20, 4)]
+    table = results_plot.read_results_csv(tmp_path / "results.csv")
+    assert table["eval"]["step"] == [6, 12, 18, 20]
+    assert table["eval"]["mask_AP"] == [0.2, 0.5, 0.4, 0.45] and table["eval"]["AP"] == [0.1] * 4
+    assert table["eval"]["APs"] == [None] * 4  # pycocotools' -1: no value
+    assert table["train"]["step"] == [5, 10, 15, 20]
+    assert table["train"]["total_loss"] == [float(r["total_loss"]) for r in rows(tmp_path)
+                                            if r["event"] == "train"]
+    with Image.open(tmp_path / "results.png") as image:
+        assert image.format == "PNG" and image.size == (1800, 900)  # 15 x 7.5 in at 120 dpi
+        assert np.asarray(image.convert("L")).std() > 10  # drawn, not blank
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_results_png_waits_between_drawings_but_not_at_the_stop(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from mrcnn_helpers.engine import results_plot
+
+    monkeypatch.setattr(results_plot, "MIN_INTERVAL", 1e9)
+    drawn = _drawing_spy(monkeypatch)
+    run(make_spec(), tmp_path, evaluate_fn=scripted_evaluation({6: 0.2, 12: 0.5, 18: 0.4,
+                                                                20: 0.45}))
+    assert drawn == [(20, 4)]
+    run(make_spec(), tmp_path / "no-eval", max_steps=6, evaluate_fn=None)
+    assert drawn[1:] == [(None, 1)]  # no evaluation: drawn where training stops
+    assert (tmp_path / "no-eval" / "results.png").stat().st_size > 0
+
+
+def test_a_failing_results_png_is_one_note_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    from mrcnn_helpers.engine import results_plot
+
+    def broken(csv_path, png_path):
+        raise RuntimeError("no canvas\nmore details")
+
+    monkeypatch.setattr(results_plot, "MIN_INTERVAL", 0.0)
+    monkeypatch.setattr(results_plot, "write_results_png", broken)
+    result = run(make_spec(), tmp_path, evaluate_fn=scripted_evaluation({6: 0.2, 12: 0.5,
+                                                                         18: 0.4, 20: 0.45}))
+    assert result["step"] == 20 and result["metrics"]["mask_AP"] == 0.45
+    note = f"note: {tmp_path / 'results.png'} not updated: RuntimeError: no canvas"
+    out = capsys.readouterr().out.splitlines()
+    assert out.count(note) == 4 and "more details" not in "\n".join(out)  # one line each
+    assert (tmp_path / "train.log").read_text().count(note + "\n") == 4
+    assert not (tmp_path / "results.png").exists()
+    # Without matplotlib: one note for the whole run, no picture.
+    monkeypatch.setattr(results_plot, "matplotlib_missing", lambda: "matplotlib is not installed")
+    run(make_spec(), tmp_path / "bare", evaluate_fn=scripted_evaluation({6: 0.2, 12: 0.5,
+                                                                         18: 0.4, 20: 0.45}))
+    log = (tmp_path / "bare" / "train.log").read_text()
+    assert log.count("note: results.png not drawn: matplotlib is not installed\n") == 1
+    assert not (tmp_path / "bare" / "results.png").exists()

@@ -197,8 +197,12 @@ def test_outputs_beside_the_model_files_of_a_results_directory(files, capsys):
     capsys.readouterr()
     after = digest(files["root"])
     assert {k: v for k, v in after.items() if k in before} == before  # nothing read changed
+    # evaluate's own files went to eval/ beside the model files, its default --save-dir.
+    assert sorted(p.name for p in (results / "eval").iterdir()) == [
+        "confusion_matrix.png", "metrics.json", "pr_curves.png", "predictions.png"]
     metrics.unlink()
     shutil.rmtree(drawn)
+    shutil.rmtree(results / "eval")
     for model_file in sorted(results.glob("*.pth")):
         _refused(capsys, ["evaluate", "-m", results, "--json", model_file], [files["root"]],
                  f"--json {model_file} is the input {model_file}")

@@ -7,6 +7,8 @@
 - `model.best.pth`: after each evaluation whose mask_AP (AP for a model without masks) is the best
   so far, a second name (hard link, else an atomic copy) of that step's checkpoint; `best.json`
   names its step, the score and the metrics.
+- `results.png`: the curves of results.csv (losses, learning rate, img/s, AP), drawn by
+  engine.results_plot.ResultsPlot.
 - `model.weights.pth`: the fp16 inference weights (checkpoint.save_inference_weights) of the best
   checkpoint, or of the newest one while no evaluation has produced a score (or when the run does
   not evaluate at all).

@@ -46,6 +46,7 @@ from mrcnn_helpers.engine.logging import (
 )
 from mrcnn_helpers.engine.loop import LossMeter, Trainer
 from mrcnn_helpers.engine.optim import build_optimizer
+from mrcnn_helpers.engine.results_plot import RESULTS_PNG, ResultsPlot
 from mrcnn_helpers.engine.resume import (
     Resume,
     class_names_of,
@@ -165,7 +166,8 @@ def train(
     Writes to results_dir (see engine.checkpoint and engine.artifacts): `model.step-<N>.pth`
     every num_steps_per_eval steps, at total_steps and where max_steps stops (pruned to
     spec.num_checkpoints_to_keep); `metrics_step-<N>.json` per evaluation; `model.best.pth` +
-    `best.json`; `model.weights.pth`; `results.csv`; `train.log`; `spec.txt`; TensorBoard events
+    `best.json`; `model.weights.pth`; `results.csv` and `results.png` (its curves, redrawn
+    after each evaluation and at the stop; skipped without matplotlib); `train.log`; `spec.txt`; TensorBoard events
     in `tensorboard/`. Returns dict(step, checkpoint (path or None), metrics (the last
     evaluation's dict or None)); the final metrics are printed once.
 
@@ -309,7 +311,7 @@ def default_hooks(spec, results_dir: Path, ctx: DistContext, resume: Resume, tot
     checkpoint), so they are ready for records the others publish from before_train on; then the
     non-finite check, the logging window, the checkpointer and the evaluation, in that order
     after each step (a log or checkpoint never follows an unchecked step; an evaluation follows
-    its checkpoint).
+    its checkpoint); results.png last, drawn from the rows the others have written.
     """
     def due(step: int) -> bool:
         return is_eval_step(step, spec, total_steps)
@@ -333,4 +335,7 @@ def default_hooks(spec, results_dir: Path, ctx: DistContext, resume: Resume, tot
     ]
     if evaluate_fn is not None:
         work.append(EvalHook(evaluate_fn, results_dir, due))
-    return writers + work
+    # Last: it draws results.csv once the records of a step are all in it.
+    plots = [ResultsPlot(results_dir / RESULTS_CSV, results_dir / RESULTS_PNG)] if ctx.is_main \
+        else []
+    return writers + work + plots

@@ -6,6 +6,10 @@ faster-coco-eval's C++ COCOeval when it is installed (a dependency; the same num
 pycocotools', which the tests check, several times faster on large sets), else in pycocotools';
 MRCNN_COCOEVAL=pycocotools forces the reference. Both take pycocotools' COCO objects.
 
+`run_evaluation` keeps the detections and COCOeval objects behind the numbers; the `artifacts`
+module beside this one turns them into metrics.json, precision/recall curves, a confusion matrix
+and a grid of predictions (`mrcnn evaluate --save-dir`).
+
 Detections reach COCO as result dicts: `bbox` [x, y, w, h] in original-image pixels, `score`,
 `category_id` (the dataset's COCO id) and `segmentation` (compressed RLE with `counts` as str, so
 the list can be written as JSON).
@@ -17,6 +21,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +123,14 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), imag
     An empty results list gives 0.0 everywhere (pycocotools cannot load an empty result set).
     verbose prints pycocotools' own summary; otherwise its output is swallowed.
     """
+    return _coco_evaluate(coco_gt, results, iou_types, image_ids, verbose=verbose)[0]
+
+
+def _coco_evaluate(coco_gt, results: list[dict], iou_types, image_ids, *, verbose: bool,
+                   keep: bool = False) -> tuple[dict, dict[str, COCOeval]]:
+    """coco_evaluate's metrics and, when `keep`, the COCOeval of each iou type (none where
+    nothing was evaluated: no results or no images). Without `keep` each COCOeval (its per-image
+    tables are large on a large set) is dropped before the next one is made."""
     for iou_type in iou_types:
         if iou_type not in IOU_TYPE_PREFIX:
             raise ValueError(f"unknown iou type {iou_type!r}; valid: {sorted(IOU_TYPE_PREFIX)}")
@@ -129,6 +142,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), imag
     cats = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
     per_class = {c["name"]: {} for c in cats}
     metrics: dict = {}
+    evals: dict[str, COCOeval] = {}
     for iou_type in iou_types:
         prefix = IOU_TYPE_PREFIX[iou_type]
         if not results or not image_ids:
@@ -137,14 +151,17 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=("bbox", "segm"), imag
                         for c in cats}
         else:
             coco_eval = run_cocoeval(coco_gt, results, iou_type, image_ids, verbose=verbose)
+            if keep:
+                evals[iou_type] = coco_eval
             stats = [float(v) for v in coco_eval.stats[:len(METRIC_NAMES)]]
             class_ap = _per_class_ap(coco_eval)
+            del coco_eval
         for name, value in zip(METRIC_NAMES, stats, strict=True):
             metrics[prefix + name] = value
         for c in cats:
             per_class[c["name"]][prefix + "AP"] = class_ap[c["id"]]
     metrics["per_class"] = per_class
-    return metrics
+    return metrics, evals
 
 
 def _find_coco_dataset(dataset):
@@ -205,6 +222,38 @@ def predict_coco_results(model, spec, *, device=None, max_images=None, progress:
     return results, image_ids, gt_dataset, elapsed
 
 
+@dataclass
+class Evaluation:
+    """What run_evaluation measured, and what it was measured on.
+
+    metrics: evaluate_model's dict. results: the COCO result dicts (original-image pixels).
+    image_ids: the images evaluated, in loader order. dataset: the dataset holding the ground
+    truth (`.coco`, `.category_ids`, and for image folders `.image_dir`). coco_evals: the
+    evaluated, accumulated COCOeval of each iou type ("bbox", "segm"); empty when there were no
+    detections (pycocotools cannot load an empty result set).
+    """
+
+    metrics: dict
+    results: list[dict]
+    image_ids: list[int]
+    dataset: object
+    coco_evals: dict[str, COCOeval] = field(default_factory=dict)
+
+
+def run_evaluation(model, spec, *, device=None, max_images=None, progress: bool = True,
+                   dataset=None, verbose: bool = False, keep_cocoeval: bool = True) -> Evaluation:
+    """evaluate_model (same arguments), keeping the detections and, unless keep_cocoeval is
+    False, pycocotools' COCOeval objects."""
+    results, image_ids, gt_dataset, elapsed = predict_coco_results(
+        model, spec, device=device, max_images=max_images, progress=progress, dataset=dataset)
+    iou_types = ("bbox", "segm") if spec.maskrcnn_config.include_mask else ("bbox",)
+    metrics, evals = _coco_evaluate(gt_dataset.coco, results, iou_types, image_ids,
+                                    verbose=verbose, keep=keep_cocoeval)
+    metrics["eval_images"] = len(image_ids)
+    metrics["eval_images_per_sec"] = len(image_ids) / elapsed if elapsed > 0 else 0.0
+    return Evaluation(metrics, results, image_ids, gt_dataset, evals)
+
+
 def evaluate_model(model, spec, *, device=None, max_images=None, progress: bool = True,
                    dataset=None, verbose: bool = False) -> dict:
     """COCO box (and mask) metrics of `model` on the spec's validation split.
@@ -212,16 +261,10 @@ def evaluate_model(model, spec, *, device=None, max_images=None, progress: bool 
     The detections of predict_coco_results (same arguments) scored with coco_evaluate on the
     evaluated image ids only. Returns coco_evaluate's dict plus "eval_images" and
     "eval_images_per_sec" (the inference loop: loading, forward, pasting and RLE encoding;
-    COCOeval excluded).
+    COCOeval excluded). run_evaluation also keeps the detections and COCOeval objects.
     """
-    results, image_ids, gt_dataset, elapsed = predict_coco_results(
-        model, spec, device=device, max_images=max_images, progress=progress, dataset=dataset)
-    iou_types = ("bbox", "segm") if spec.maskrcnn_config.include_mask else ("bbox",)
-    metrics = coco_evaluate(gt_dataset.coco, results, iou_types, image_ids=image_ids,
-                            verbose=verbose)
-    metrics["eval_images"] = len(image_ids)
-    metrics["eval_images_per_sec"] = len(image_ids) / elapsed if elapsed > 0 else 0.0
-    return metrics
+    return run_evaluation(model, spec, device=device, max_images=max_images, progress=progress,
+                          dataset=dataset, verbose=verbose, keep_cocoeval=False).metrics
 
 
 def _format_value(value) -> str:

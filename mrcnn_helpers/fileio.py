@@ -37,6 +37,18 @@ from mrcnn_helpers.errors import MrcnnError
 TEMP_SUFFIX = ".tmp"
 
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; what we write is published with the mode
+# open() would give it (0666 less the umask), so other users and containers can read results.
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def temporary_pattern(name: str = "*") -> str:
     """Glob pattern of the temporary files that atomic writes of `name` create."""
     return f".{name}.*{TEMP_SUFFIX}"
@@ -101,6 +113,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *, error: type = Mr
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, _NEW_FILE_MODE)
         kwargs = {} if "b" in mode else {"encoding": encoding or "utf-8", "newline": ""}
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
@@ -136,6 +149,7 @@ class PendingFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.",
                                        suffix=TEMP_SUFFIX + self.path.suffix, dir=self.path.parent)
+            os.fchmod(fd, _NEW_FILE_MODE)
             os.close(fd)
         except OSError as exc:
             raise error(f"could not write {self.path}: {describe_os_error(exc)}") from None

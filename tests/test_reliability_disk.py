@@ -257,3 +257,20 @@ def test_checkpoint_error_names_the_path_for_any_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(4))
     assert _leftovers(tmp_path) == []
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """Temporary files are private (mkstemp: 0600); the published file has open()'s mode (0666
+    less the process's umask), so results can be read by other users and containers."""
+    from mrcnn_helpers.fileio import PendingFile, atomic_write
+
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert expected != 0o600  # the check below tells the two apart
+    written = atomic_write(tmp_path / "a.json", "{}")
+    pending = PendingFile(tmp_path / "clip.avi")
+    pending.tmp.write_bytes(b"x")
+    video = pending.commit()
+    assert oct(written.stat().st_mode & 0o777) == oct(expected)
+    assert oct(video.stat().st_mode & 0o777) == oct(expected)

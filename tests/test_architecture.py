@@ -220,6 +220,28 @@ def test_tlt_post_command_lines_parse_with_only_the_program_changed():
     assert export.cal_cache_file == "$calibration_table" and export.key == "$KEY"
 
 
+def test_every_argument_of_every_command_has_help():
+    import argparse
+
+    from mrcnn_helpers.cli import build_parser
+
+    missing, seen = [], 0
+
+    def walk(parser, path):
+        nonlocal seen
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not isinstance(action, argparse._HelpAction):
+                seen += 1
+                if not action.help:
+                    missing.append(" ".join(path + [action.dest]))
+
+    walk(build_parser(), ["mrcnn"])
+    assert seen > 100 and missing == []
+
+
 def test_unknown_option_names_the_subcommand(capsys):
     from mrcnn_helpers.cli import main
 

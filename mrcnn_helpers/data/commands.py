@@ -165,40 +165,41 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="data_command", required=True)
 
     s = sub.add_parser("synthetic", help="write the embedded synthetic COCO dataset")
-    s.add_argument("out_dir")
-    s.add_argument("--num-train", type=int, default=400)
-    s.add_argument("--num-val", type=int, default=50)
-    s.add_argument("--image-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("out_dir", help="folder for train/, val/ and annotations/")
+    s.add_argument("--num-train", type=int, default=400, help="training images")
+    s.add_argument("--num-val", type=int, default=50, help="validation images")
+    s.add_argument("--image-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"),
+                   help="height and width of every image")
+    s.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
     s.add_argument("--style", choices=("textured", "simple"), default="textured",
                    help="textured backgrounds and objects, or the CPU demo's simpler task")
     s.set_defaults(func=cmd_synthetic)
 
     s = sub.add_parser("download-coco", help="download and extract COCO 2017 (resumable)")
-    s.add_argument("out_dir")
+    s.add_argument("out_dir", help="folder for the archives and the extracted dataset")
     s.add_argument("--parts", nargs="+", default=["annotations", "val", "train"],
                    help="manifest parts to fetch (default: annotations val train)")
     s.add_argument("--base-url", default=None, help="mirror holding zips/ and annotations/")
     s.add_argument("--manifest", default=None,
                    help='JSON {part: {"path", "size", "md5"}} replacing the built-in COCO 2017 one')
     s.add_argument("--delete-archives", action="store_true", help="delete zips once extracted")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_download_coco)
 
     tolerance = {"type": float, "default": 0.0,
                  "help": "simplify polygons by this many px (0 = exact pixel outlines)"}
     quiet = {"action": "store_true", "help": "no progress bar (none is drawn off a terminal)"}
     s = sub.add_parser("convert-labelme", help="LabelMe JSON folder -> COCO instances JSON")
-    s.add_argument("labelme_dir")
-    s.add_argument("out_json")
+    s.add_argument("labelme_dir", help="folder of LabelMe .json files and their images")
+    s.add_argument("out_json", help="COCO instances JSON to write")
     s.add_argument("--labels", default=None, help="class names file, one per line, in id order")
     s.add_argument("--polygon-tolerance", **tolerance)
     s.add_argument("--no-progress", **quiet)
     s.set_defaults(func=cmd_convert_labelme)
 
     s = sub.add_parser("convert-voc", help="VOC SegmentationObject/Class PNGs -> COCO")
-    s.add_argument("voc_root")
-    s.add_argument("out_json")
+    s.add_argument("voc_root", help="the VOC folder (JPEGImages/, SegmentationObject/, ...)")
+    s.add_argument("out_json", help="COCO instances JSON to write")
     s.add_argument("--split", default=None, help="ImageSets/Segmentation/<split>.txt to use")
     s.add_argument("--class-names", default=None,
                    help="file of class names by index, background first (default: VOC's 20)")
@@ -208,27 +209,28 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert-masks", help="ROOT/images + ROOT/masks/<image>/<class>_<k>.png "
                                              "-> COCO")
-    s.add_argument("root")
-    s.add_argument("out_json")
+    s.add_argument("root", help="folder holding the images and masks subfolders")
+    s.add_argument("out_json", help="COCO instances JSON to write")
     s.add_argument("--categories", default=None, help="comma-separated names in id order")
-    s.add_argument("--images-subdir", default="images")
-    s.add_argument("--masks-subdir", default="masks")
+    s.add_argument("--images-subdir", default="images", help="images folder under ROOT")
+    s.add_argument("--masks-subdir", default="masks", help="masks folder under ROOT")
     s.add_argument("--polygon-tolerance", **tolerance)
     s.add_argument("--no-progress", **quiet)
     s.set_defaults(func=cmd_convert_masks)
 
     s = sub.add_parser("coco-subset", help="keep some categories, renumbered 1..K")
-    s.add_argument("in_json")
-    s.add_argument("out_json")
+    s.add_argument("in_json", help="COCO instances JSON to read")
+    s.add_argument("out_json", help="COCO instances JSON to write")
     s.add_argument("-c", "--categories", required=True,
                    help="comma-separated names or ids, in the new id order")
-    s.add_argument("--keep-empty-images", action="store_true")
+    s.add_argument("--keep-empty-images", action="store_true",
+                   help="keep images left without annotations")
     s.add_argument("--keep-ids", action="store_true", help="keep the original category ids")
     s.set_defaults(func=cmd_coco_subset)
 
     s = sub.add_parser("coco-merge", help="merge COCO datasets, remapping image / annotation / "
                                           "category ids")
-    s.add_argument("out_json")
+    s.add_argument("out_json", help="merged COCO instances JSON to write")
     s.add_argument("-i", "--input", dest="inputs", nargs=2, action="append", required=True,
                    metavar=("JSON", "IMAGES"), help="a dataset to merge (repeat)")
     s.add_argument("--image-root", default=None,
@@ -236,7 +238,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_coco_merge)
 
     s = sub.add_parser("check", help="the dataset doctor: report problems, optionally fix a copy")
-    s.add_argument("json_file")
+    s.add_argument("json_file", help="COCO instances JSON to check")
     s.add_argument("--images", default=None, help="image folder (omit to check the JSON only)")
     s.add_argument("--report", default=None,
                    help="warnings JSON path (default: <json stem>_warnings.json beside the "
@@ -252,11 +254,11 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("to-tfrecord", help="COCO -> sharded TFRecords in TLT's schema")
-    s.add_argument("json_file")
-    s.add_argument("images")
+    s.add_argument("json_file", help="COCO instances JSON")
+    s.add_argument("images", help="its image folder")
     s.add_argument("out_prefix", help="files are OUT_PREFIX-00000-of-0000N.tfrecord")
-    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--shards", type=int, default=1, help="number of output files")
     s.add_argument("--no-masks", action="store_true", help="leave out image/object/mask")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_to_tfrecord)
     return p

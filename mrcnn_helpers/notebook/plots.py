@@ -21,18 +21,10 @@ from matplotlib.figure import Figure
 from mrcnn_helpers.data.coco import load_coco
 from mrcnn_helpers.data.images import load_image
 from mrcnn_helpers.inference.predictor import to_image_tensor
+from mrcnn_helpers.plotting import FIGURE_DPI, FONT_SIZE, new_figure, style_axes
 from mrcnn_helpers.visualize import class_color, draw_instances
 
-FIGURE_DPI = 120  # dots per inch of every figure, shown inline or saved
-FONT_SIZE = 10    # points: legends, axis labels, ticks, annotations, image titles
-TITLE_SIZE = 12   # points: axes titles
 BLUE, ORANGE = "#4c72b0", "#b05000"  # two series that are not classes (contrast >= 4.5 on white)
-
-
-def new_figure(figsize, **kwargs) -> Figure:
-    """A Figure of `figsize` inches at FIGURE_DPI, constrained layout unless told otherwise."""
-    kwargs.setdefault("layout", "constrained")
-    return Figure(figsize=figsize, dpi=FIGURE_DPI, **kwargs)
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -41,18 +33,6 @@ def figure_png(fig: Figure) -> bytes:
     fig.savefig(buffer, format="png", dpi=max(float(fig.dpi), FIGURE_DPI), bbox_inches="tight",
                 facecolor=fig.get_facecolor(), edgecolor=fig.get_edgecolor())
     return buffer.getvalue()
-
-
-def style_axes(ax, xlabel: str | None = None, ylabel: str | None = None,
-               title: str | None = None) -> None:
-    """Axis labels and tick labels at FONT_SIZE, the title at TITLE_SIZE."""
-    if xlabel is not None:
-        ax.set_xlabel(xlabel, fontsize=FONT_SIZE)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
-    if title is not None:
-        ax.set_title(title, fontsize=TITLE_SIZE)
-    ax.tick_params(labelsize=FONT_SIZE)
 
 
 def series_color(k: int) -> tuple[float, float, float]:

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_maskrcnn import synthetic_batch  # noqa: E402
+from bench_maskrcnn import synthetic_batch
 
-from mrcnn_helpers.engine import train, trainer  # noqa: E402
-from mrcnn_helpers.model import build_model  # noqa: E402
-from mrcnn_helpers.spec import load_spec, replace_spec  # noqa: E402
+from mrcnn_helpers.engine import train, trainer
+from mrcnn_helpers.model import build_model
+from mrcnn_helpers.spec import load_spec, replace_spec
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "synthetic_gpu_r50.txt")
 LOG_EVERY = 50

@@ -3,7 +3,6 @@ ONNX Runtime backends, statistics, the `deploy` command and its errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 

@@ -3,10 +3,7 @@ global batch, and a run resumes with a different number of processes."""
 
 import os
 import socket
-import subprocess
-import sys
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from test_pipeline import TINY_SPEC, mrcnn  # the tiny spec and CLI runner of the pipeline test

@@ -346,7 +346,7 @@ def test_weight_decay_only_on_weights_and_l2_value():
     model.mask_head.weight.requires_grad_(False)  # frozen: not optimized at all
     optimizer, decayed = build_optimizer(model, make_spec())
     groups = {g["weight_decay"]: g["params"] for g in optimizer.param_groups}
-    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    ids = lambda params: {id(p) for p in params}
     assert ids(groups[1e-3]) == ids([model.backbone.weight, model.rpn.weight,
                                      model.box_head.weight])
     assert ids(groups[0.0]) == ids([model.backbone.bias, model.norm.weight, model.norm.bias,

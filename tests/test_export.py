@@ -8,7 +8,6 @@ scores and masks so that differences would show.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from types import SimpleNamespace

@@ -184,9 +184,9 @@ def test_load_model_file_rebuilds_the_checkpoint_network(tmp_path, monkeypatch):
     from torch import nn
 
     import mrcnn_helpers.engine.trainer as trainer_module
-    import mrcnn_helpers.inference.loading as loading
     from mrcnn_helpers.engine import load_checkpoint
     from mrcnn_helpers.errors import CheckpointError
+    from mrcnn_helpers.inference import loading
 
     monkeypatch.setattr(trainer_module, "spec_text",
                         lambda spec: f"total_steps: {spec.total_steps}\nseed: {spec.seed}\n")
@@ -220,8 +220,8 @@ def test_weights_file_loads_for_inference(tmp_path, monkeypatch):
     from test_engine import make_spec, new_model, run
 
     import mrcnn_helpers.engine.trainer as trainer_module
-    import mrcnn_helpers.inference.loading as loading
     from mrcnn_helpers.engine import load_checkpoint
+    from mrcnn_helpers.inference import loading
 
     monkeypatch.setattr(trainer_module, "spec_text",
                         lambda spec: f"total_steps: {spec.total_steps}\nseed: {spec.seed}\n")

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from mrcnn_helpers.errors import MrcnnError
-from mrcnn_helpers.inference import ExportError, OnnxRuntimeModel
 from mrcnn_helpers.export import (
     export_onnx,
     read_config,
@@ -50,6 +49,7 @@ from mrcnn_helpers.export.precision import (
 )
 from mrcnn_helpers.export.quantize import plan_quantization, quantize_int8
 from mrcnn_helpers.export.verify import AccuracyWarning, compare_detections
+from mrcnn_helpers.inference import ExportError, OnnxRuntimeModel
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -105,8 +105,8 @@ def trained(tmp_path_factory, one_thread):
     export (batch 2) and calibration batches from the validation images."""
     from mrcnn_helpers.data import generate_synthetic_dataset
     from mrcnn_helpers.engine import train
-    from mrcnn_helpers.inference import load_model_file
     from mrcnn_helpers.export.verify import load_validation_images
+    from mrcnn_helpers.inference import load_model_file
     from mrcnn_helpers.spec import parse_spec
 
     root = tmp_path_factory.mktemp("trained")

@@ -19,9 +19,9 @@ from mrcnn_helpers.export import (
     CalibrationError,
     check_ap_drop,
 )
-from mrcnn_helpers.inference import ExportedModel, ExportError
 from mrcnn_helpers.export.graph import NET_SCALE_FACTOR
 from mrcnn_helpers.export.tensorrt import build_engine, check_precision, network_mode
+from mrcnn_helpers.inference import ExportedModel, ExportError
 from mrcnn_helpers.inference.metadata import ExportMetadata
 from mrcnn_helpers.inference.tensorrt import TensorRTUnavailable, torch_dtype, torch_dtype_of
 
@@ -175,7 +175,6 @@ def test_missing_tensorrt_says_how_to_get_it(tmp_path):
 
 @pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
 def test_export_command_with_engine_fails_fast_without_tensorrt(val_setup, tmp_path):
-    import argparse
 
     from test_export import _write_checkpoint
 
@@ -296,8 +295,8 @@ def onnx_file(val_setup):
 
 def _engine_matches_onnxruntime(path, val_setup, **tolerances):
     from mrcnn_helpers.export import compare_detections
-    from mrcnn_helpers.inference import OnnxRuntimeModel, TensorRTModel
     from mrcnn_helpers.export.verify import load_validation_images
+    from mrcnn_helpers.inference import OnnxRuntimeModel, TensorRTModel
 
     engine_path = build_engine(path, path.with_suffix(".plan"))
     images = load_validation_images(val_setup.spec, 4)

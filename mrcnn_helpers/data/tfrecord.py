@@ -27,7 +27,6 @@ from ..errors import DataError
 from ..fileio import atomic_output, describe_os_error
 
 
-
 class RecordCorruptError(DataError):
     """A TFRecord file is truncated or fails a CRC check (names the file and byte offset)."""
 

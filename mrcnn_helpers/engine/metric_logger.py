@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mrcnn_helpers.engine.hooks import eval_record
 from mrcnn_helpers.engine.logging import (

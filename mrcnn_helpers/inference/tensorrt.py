@@ -21,7 +21,6 @@ import torch
 from .backends import ExportedModel
 from .metadata import ExportError, read_sidecar
 
-
 # Engines are read whole into memory; a Mask R-CNN engine is a few hundred MB at most.
 MAX_ENGINE_BYTES = 8 << 30
 

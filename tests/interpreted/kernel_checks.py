@@ -13,15 +13,18 @@ from torchvision.ops import batched_nms, roi_align
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
 
-from mrcnn_helpers.model import kernels, nms  # noqa: E402
-from mrcnn_helpers.model.kernels.nms import greedy_nms_rows  # noqa: E402
-from mrcnn_helpers.model import box_ops  # noqa: E402
-from mrcnn_helpers.model.kernels.matching import match_rpn_anchors  # noqa: E402
-from mrcnn_helpers.model.kernels.paste import paste_binary_masks  # noqa: E402
-from mrcnn_helpers.model.sampling import label_rpn_anchors  # noqa: E402
-from mrcnn_helpers.model.masks import paste_masks_in_image  # noqa: E402
-from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton  # noqa: E402
-from mrcnn_helpers.model.roi_heads import multilevel_roi_align  # noqa: E402
+from mrcnn_helpers.model import (
+    box_ops,
+    kernels,
+    nms,
+)
+from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
+from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
+from mrcnn_helpers.model.kernels.paste import paste_binary_masks
+from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
+from mrcnn_helpers.model.masks import paste_masks_in_image
+from mrcnn_helpers.model.roi_heads import multilevel_roi_align
+from mrcnn_helpers.model.sampling import label_rpn_anchors
 
 
 def _random_rois(n, batch, generator):

@@ -51,7 +51,7 @@ def _best_gt_pass(anchors_ptr, gt_ptr, valid_ptr, max_iou_ptr, argmax_ptr, best_
     ax1, ay1, ax2, ay2, area = _load_anchors(anchors_ptr, offs, inside)
     best = tl.full((BLOCK,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK,), dtype=tl.int64)
-    for m in range(0, num_gt):
+    for m in range(num_gt):
         valid = tl.load(valid_ptr + b * num_gt + m) != 0
         iou = _iou(ax1, ay1, ax2, ay2, area, gt_ptr + (b * num_gt + m) * 4)
         masked = tl.where(valid, iou, -1.0)
@@ -77,7 +77,7 @@ def _label_pass(anchors_ptr, gt_ptr, valid_ptr, max_iou_ptr, argmax_ptr, best_pe
     low_quality = offs < 0
     best_value = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_gt = tl.zeros((BLOCK,), dtype=tl.int64)
-    for m in range(0, num_gt):
+    for m in range(num_gt):
         valid = tl.load(valid_ptr + b * num_gt + m).to(tl.int32)
         top = tl.load(best_per_gt_ptr + b * num_gt + m)
         iou = _iou(ax1, ay1, ax2, ay2, area, gt_ptr + (b * num_gt + m) * 4)

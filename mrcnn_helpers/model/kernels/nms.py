@@ -35,7 +35,7 @@ def _greedy_nms_rows(boxes_ptr, groups_ptr, candidate_ptr, keep_ptr, size, iou_t
     group = tl.load(groups_ptr + row.to(tl.int64) * size + offs, mask=inside, other=0)
     candidate = tl.load(candidate_ptr + row.to(tl.int64) * size + offs, mask=inside, other=0) != 0
     suppressed = offs < 0
-    for i in range(0, size):
+    for i in range(size):
         alive = tl.sum(((offs == i) & candidate & ~suppressed).to(tl.int32), axis=0)
         if alive > 0:
             bx1 = tl.load(base + i * 4 + 0)

@@ -100,8 +100,9 @@ def _fp32_path(args) -> Path:
     return out if args.data_type == "fp32" else out.with_name(f"{out.stem}.fp32{out.suffix}")
 
 
-def _write_variant(args, fp32: Path, meta) -> None:
-    """The asked precision's file at -o, made from the fp32 graph."""
+def _write_variant(args, fp32: Path, meta) -> int:
+    """The asked precision's file at -o, made from the fp32 graph; returns the number of images
+    INT8 was calibrated on (0 otherwise, or when a cache gave the ranges)."""
     if args.data_type == "fp16":
         convert_to_fp16(fp32, args.output, exclude=args.fp16_exclude, key=args.key)
     elif args.data_type == "int8":
@@ -116,9 +117,10 @@ def _write_variant(args, fp32: Path, meta) -> None:
         print(f"int8: {report.summary()}")
     if args.data_type != "fp32":
         print(f"{args.data_type} ONNX written to {args.output} (from {fp32})")
+    return report.images if args.data_type == "int8" else 0
 
 
-def _check(args, model, spec, fp32: Path, meta) -> None:
+def _check(args, model, spec, fp32: Path, meta, calibrated_images: int = 0) -> None:
     """Parity of the fp32 graph with PyTorch, then the accuracy table of every precision."""
     try:
         images = load_validation_images(spec, min(args.verify_images, 16))
@@ -141,7 +143,8 @@ def _check(args, model, spec, fp32: Path, meta) -> None:
             max_images=args.verify_images, cal_image_dir=args.cal_image_dir,
             batches=args.batches, cal_method=args.cal_method, percentile=args.cal_percentile,
             int8_exclude=args.int8_exclude, fp16_exclude=args.fp16_exclude, variants=variants,
-            device=resolve_device(args.device), tolerance=args.ap_tolerance, prebuilt=prebuilt)
+            device=resolve_device(args.device), tolerance=args.ap_tolerance, prebuilt=prebuilt,
+            calibrated_images=calibrated_images)
     print(f"COCO metrics on {table.eval_images} validation images, every precision:")
     print(table.format())
 
@@ -168,14 +171,14 @@ def _run(args) -> int:
     print(f"ONNX written to {fp32}: input {meta.input_name} "
           f"[{meta.batch_size}, 3, {meta.image_size[0]}, {meta.image_size[1]}], outputs "
           f"{', '.join(meta.output_names)}" + (" (encrypted)" if args.key else ""))
-    _write_variant(args, fp32, meta)
+    calibrated = _write_variant(args, fp32, meta)
     if args.engine:
         with _os_errors_named(args.engine):
             path = build_engine(args.output, args.engine, workspace=args.workspace << 20,
                                 key=args.key)
         print(f"engine written to {path} ({args.data_type}, strongly typed)")
     if args.verify_images > 0:
-        _check(args, model, spec, fp32, meta)
+        _check(args, model, spec, fp32, meta, calibrated)
     if args.deepstream:
         with _os_errors_named(args.deepstream):
             paths = write_deepstream_configs(

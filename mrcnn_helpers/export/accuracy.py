@@ -187,7 +187,8 @@ def measure_accuracy(model, spec, workdir, *, onnx_path=None, batch_size: int = 
                      cal_method: str = "entropy", percentile: float = DEFAULT_PERCENTILE,
                      cal_cache_file=None, int8_exclude=(), fp16_exclude=(),
                      variants=VARIANTS, device=None, tolerance: float = DEFAULT_TOLERANCE,
-                     threads: int | None = None, prebuilt: dict | None = None) -> AccuracyTable:
+                     threads: int | None = None, prebuilt: dict | None = None,
+                     calibrated_images: int = 0) -> AccuracyTable:
     """The accuracy table of `model` (a trained MaskRCNN) at every deployment precision.
 
     workdir: where the ONNX variants are written (model.onnx, model.fp16.onnx,
@@ -197,7 +198,8 @@ def measure_accuracy(model, spec, workdir, *, onnx_path=None, batch_size: int = 
     cal_cache_file / int8_exclude as quantize_int8; fp16_exclude as convert_to_fp16. variants:
     a subset of VARIANTS. device: of the PyTorch rows (default CUDA when available; the model is
     moved there and left in eval mode); bf16 is added there on CUDA. prebuilt: {variant: path}
-    of variants already written (`mrcnn export` passes the file it made), used as they are.
+    of variants already written (`mrcnn export` passes the file it made), used as they are;
+    calibrated_images: how many images a prebuilt int8 file was calibrated on (for the warning).
     Warnings (also issued as AccuracyWarning) for fp16/int8 rows that lose more than `tolerance`
     mask AP.
     """
@@ -236,18 +238,14 @@ def measure_accuracy(model, spec, workdir, *, onnx_path=None, batch_size: int = 
                                    threads=threads)
             files["onnx_int8"] = Path(report.output)
             table.notes.append(f"int8: {report.summary()}")
+            calibrated_images = report.images
         for variant in onnx_variants:
             name = variant.replace("_", " ")
             table.rows.append(_row(name, OnnxRuntimeModel(files[variant], threads=threads), spec,
                                    reference, images, max_images=max_images))
     _add_warnings(table, base, tolerance, method=cal_method, batches=batches,
-                  images=_calibration_images(calibration))
+                  images=calibrated_images)
     return table
-
-
-def _calibration_images(calibration) -> int:
-    files = getattr(calibration, "files", None)
-    return len(files) if files is not None else 0
 
 
 def _add_warnings(table: AccuracyTable, base: AccuracyRow, tolerance: float, **details) -> None:

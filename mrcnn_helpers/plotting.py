@@ -1,6 +1,6 @@
 """Figures written as PNG files (results.png of training, the plots of `mrcnn evaluate`).
 
-matplotlib is optional (the `notebooks` extra): `matplotlib_missing()` says in one line why plots
+matplotlib is a dependency, and still optional at run time: `matplotlib_missing()` says in one line why plots
 are skipped, and nothing here imports it before a figure is made. Figures use matplotlib's object
 API (`matplotlib.figure.Figure`, never pyplot's global state), are rendered by Agg at FIGURE_DPI,
 with legends, labels and ticks at FONT_SIZE points or more. `save_png` writes atomically
@@ -19,7 +19,7 @@ from mrcnn_helpers.fileio import atomic_write
 FIGURE_DPI = 120  # dots per inch of every figure written
 FONT_SIZE = 10    # points: legends, axis labels, ticks, annotations
 TITLE_SIZE = 12   # points: axes titles
-MISSING_NOTE = "matplotlib is not installed (pip install 'mrcnn-helpers[notebooks]')"
+MISSING_NOTE = "matplotlib is not installed (pip install matplotlib)"
 
 
 def matplotlib_missing() -> str | None:

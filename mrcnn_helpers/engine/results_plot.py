@@ -4,8 +4,9 @@ Six panels drawn from results.csv (engine.artifacts.ResultsCsv), so a resumed ru
 covers the whole run: the loss totals, the loss terms, the learning rate and the throughput
 (img/s) of every log, then box and mask AP (AP, AP50, AP75) of every evaluation, over the global
 step. `ResultsPlot` redraws it after each evaluation (at most every MIN_INTERVAL seconds) and
-where training stops. matplotlib is optional: without it the picture is skipped with one note; a
-picture that cannot be drawn or written is one note too, never the end of training.
+where training stops. Without matplotlib (a dependency, still optional at run time) the
+picture is skipped with one note; a picture that cannot be drawn or written is one note too,
+never the end of training.
 """
 
 from __future__ import annotations

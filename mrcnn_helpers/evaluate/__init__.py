@@ -65,16 +65,23 @@ def _category_has_gt(coco_gt, cat_id: int, image_ids: list[int]) -> bool:
     return any(not a.get("iscrowd", 0) and not a.get("ignore", 0) for a in anns)
 
 
+def precision_array(coco_eval) -> np.ndarray:
+    """An accumulated COCOeval's precision [T, R, K] (IoU thresholds x recall points x
+    categories) at area "all" and 100 detections, as AP reads it; -1 where a category has no
+    ground truth."""
+    params = coco_eval.params
+    area = params.areaRngLbl.index("all")
+    max_det = params.maxDets.index(100) if 100 in params.maxDets else len(params.maxDets) - 1
+    return np.array(coco_eval.eval["precision"][:, :, :, area, max_det])
+
+
 def _per_class_ap(coco_eval: COCOeval) -> dict[int, float | None]:
     """AP per category id: precision at IoU .5:.95, area 'all', maxDets 100, mean over recall
     points; None where COCOeval marks the class absent (-1: no ground truth)."""
-    params = coco_eval.params
-    precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
-    area = params.areaRngLbl.index("all")
-    max_det = params.maxDets.index(100) if 100 in params.maxDets else len(params.maxDets) - 1
+    precision = precision_array(coco_eval)
     out = {}
-    for k, cat_id in enumerate(params.catIds):
-        p = precision[:, :, k, area, max_det]
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k]
         p = p[(p > -1) & ~np.isnan(p)]
         out[int(cat_id)] = float(p.mean()) if p.size else None
     return out

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from mrcnn_helpers.evaluate import precision_array
+
 
 def _index(values, wanted) -> int:
     values = np.asarray(values, dtype=np.float64)
@@ -33,10 +35,7 @@ def pr_curves(coco_eval) -> dict:
     None APs.
     """
     params = coco_eval.params
-    precision = np.asarray(coco_eval.eval["precision"], dtype=np.float64)
-    area = params.areaRngLbl.index("all")
-    max_det = params.maxDets.index(100) if 100 in params.maxDets else len(params.maxDets) - 1
-    p = precision[:, :, :, area, max_det]  # [T, R, K]
+    p = precision_array(coco_eval).astype(np.float64)  # [T, R, K]
     p = np.where(p > -1, p, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # the mean of an all-NaN slice

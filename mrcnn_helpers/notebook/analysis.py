@@ -1,9 +1,8 @@
 """Evaluation details for notebooks: COCOeval's precision arrays and per-image error matching.
 
-`evaluate_detailed` runs the same inference path as `mrcnn_helpers.evaluate.evaluate_model`
-(`infer_batch` -> `postprocess_detections` -> `detections_to_coco_results`) and the same
-pycocotools COCOeval, but keeps what the summary numbers are made of: the detections and the
-precision array [T, R, K] behind precision/recall curves. `match_instances` pairs one image's
+`evaluate_detailed` runs what `mrcnn_helpers.evaluate.evaluate_model` runs (`run_evaluation`)
+but keeps what the summary numbers are made of: the detections and the precision array
+[T, R, K] behind precision/recall curves. `match_instances` pairs one image's
 predictions with its ground truth, to find missed instances and false positives.
 """
 
@@ -16,14 +15,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_helpers.evaluate import (
-    IOU_TYPE_PREFIX,
-    METRIC_NAMES,
-    _per_class_ap,
-    coco_evaluate,
-    predict_coco_results,
-    run_cocoeval,
-)
+from mrcnn_helpers.evaluate import _coco_evaluate, precision_array, run_evaluation
 
 
 @dataclass
@@ -51,30 +43,14 @@ class EvalResult:
 def coco_precision(coco_gt, results: list[dict], image_ids, iou_types=("bbox", "segm")):
     """(metrics, precision by iou type, iou thresholds [T], recall thresholds [R]).
 
-    One COCOeval run per iou type gives both the summary metrics (the same numbers as
-    `coco_evaluate`, which handles the no-detection case) and the precision array.
+    One COCOeval run per iou type (the evaluation's own, kept) gives both the summary metrics
+    (coco_evaluate's numbers, the no-detection case included) and the precision array at area
+    "all" and 100 detections; no array for an iou type where nothing was evaluated.
     """
     defaults = COCOeval(iouType="bbox").params
-    image_ids = sorted(int(i) for i in image_ids)
-    if not results or not image_ids:
-        return (coco_evaluate(coco_gt, results, iou_types, image_ids=image_ids), {},
-                np.asarray(defaults.iouThrs), np.asarray(defaults.recThrs))
-    names = {c["id"]: c["name"] for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))}
-    metrics: dict = {}
-    per_class = {name: {} for name in names.values()}
-    precision = {}
-    for iou_type in iou_types:
-        prefix = IOU_TYPE_PREFIX[iou_type]
-        coco_eval = run_cocoeval(coco_gt, results, iou_type, image_ids)
-        for name, value in zip(METRIC_NAMES, coco_eval.stats, strict=True):
-            metrics[prefix + name] = float(value)
-        for cat_id, ap in _per_class_ap(coco_eval).items():
-            per_class[names[cat_id]][prefix + "AP"] = ap
-        params = coco_eval.params
-        area = params.areaRngLbl.index("all")
-        max_det = params.maxDets.index(100) if 100 in params.maxDets else len(params.maxDets) - 1
-        precision[iou_type] = np.array(coco_eval.eval["precision"][:, :, :, area, max_det])
-    metrics["per_class"] = per_class
+    metrics, evals = _coco_evaluate(coco_gt, results, iou_types, image_ids, verbose=False,
+                                    keep=True)
+    precision = {iou_type: precision_array(coco_eval) for iou_type, coco_eval in evals.items()}
     return metrics, precision, np.asarray(defaults.iouThrs), np.asarray(defaults.recThrs)
 
 
@@ -86,19 +62,17 @@ def evaluate_detailed(model, spec, *, device=None, max_images=None,
     device=..., max_images=...)`; additionally returns the detections and precision arrays (see
     EvalResult). The model's train/eval mode is restored afterwards.
     """
-    results, image_ids, gt_dataset, elapsed = predict_coco_results(
-        model, spec, device=device, max_images=max_images, progress=progress)
-    include_mask = bool(spec.maskrcnn_config.include_mask)
-    iou_types = ("bbox", "segm") if include_mask else ("bbox",)
-    metrics, precision, iou_thrs, rec_thrs = coco_precision(gt_dataset.coco, results, image_ids,
-                                                            iou_types)
-    metrics["eval_images"] = len(image_ids)
-    metrics["eval_images_per_sec"] = len(image_ids) / elapsed if elapsed > 0 else 0.0
-    coco = gt_dataset.coco
+    evaluation = run_evaluation(model, spec, device=device, max_images=max_images,
+                                progress=progress)
+    coco = evaluation.dataset.coco
+    defaults = COCOeval(iouType="bbox").params
     class_names = [c["name"] for c in coco.loadCats(sorted(coco.getCatIds()))]
-    return EvalResult(metrics=metrics, results=results, image_ids=image_ids,
-                      class_names=class_names, iou_thresholds=iou_thrs,
-                      recall_thresholds=rec_thrs, precision=precision)
+    return EvalResult(metrics=evaluation.metrics, results=evaluation.results,
+                      image_ids=evaluation.image_ids, class_names=class_names,
+                      iou_thresholds=np.asarray(defaults.iouThrs),
+                      recall_thresholds=np.asarray(defaults.recThrs),
+                      precision={iou_type: precision_array(coco_eval)
+                                 for iou_type, coco_eval in evaluation.coco_evals.items()})
 
 
 def masks_to_rles(masks) -> list[dict]:

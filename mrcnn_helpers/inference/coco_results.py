@@ -71,15 +71,14 @@ def encode_masks(masks) -> list[dict]:
     rows, cols = _occupied_ranges(masks)
     if isinstance(masks, torch.Tensor):
         masks = masks.detach()
-    encoded = []
+    uncompressed = []
     for i in range(n):
         (y0, y1), (x0, x1) = rows[i], cols[i]
         crop = masks[i, y0:y1, x0:x1]
         crop = crop.cpu().numpy() if isinstance(crop, torch.Tensor) else np.asarray(crop)
         counts = rle_counts(crop.astype(bool, copy=False), int(y0), int(x0), height, width)
-        encoded.append(mask_utils.frPyObjects({"counts": counts.tolist(),
-                                               "size": [height, width]}, height, width))
-    return encoded
+        uncompressed.append({"counts": counts.tolist(), "size": [height, width]})
+    return mask_utils.frPyObjects(uncompressed, height, width) if uncompressed else []
 
 
 def detections_to_coco_results(image_id: int, boxes, scores, classes, masks=None,

@@ -167,8 +167,8 @@ def train(
     every num_steps_per_eval steps, at total_steps and where max_steps stops (pruned to
     spec.num_checkpoints_to_keep); `metrics_step-<N>.json` per evaluation; `model.best.pth` +
     `best.json`; `model.weights.pth`; `results.csv` and `results.png` (its curves, redrawn
-    after each evaluation and at the stop; skipped without matplotlib); `train.log`; `spec.txt`; TensorBoard events
-    in `tensorboard/`. Returns dict(step, checkpoint (path or None), metrics (the last
+    after each evaluation and at the stop; skipped without matplotlib); `train.log`; `spec.txt`;
+    TensorBoard events in `tensorboard/`. Returns dict(step, checkpoint (path or None), metrics (the last
     evaluation's dict or None)); the final metrics are printed once.
 
     Raises TrainingError on a non-finite loss (naming the first bad step, its loss terms and the

@@ -5,6 +5,8 @@ plotting library. Colors are fixed per class (PALETTE[label % len(PALETTE)]), so
 color across images and runs.
 """
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -45,7 +47,9 @@ def _image_array(image) -> np.ndarray:
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array.copy()
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int):
+    """The default font at `size` px, loaded once per size (a video draws every frame with it)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: fixed-size bitmap font
@@ -126,7 +130,17 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
             color = np.array(class_color(classes[i]), dtype=np.float32)
             out[m] = out[m] * (1.0 - mask_alpha) + color * mask_alpha
         canvas = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return draw_boxes_and_labels(canvas, boxes, scores_np, classes, class_names, order)
 
+
+def draw_boxes_and_labels(canvas: np.ndarray, boxes, scores, classes, class_names,
+                          order) -> Image.Image:
+    """The box outlines and labels of draw_instances on uint8 [h, w, 3] `canvas` (masks already
+    blended there), for the instances `order` lists, best first (drawn last, so on top)."""
+    height, width = canvas.shape[:2]
+    boxes = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    classes = _to_numpy(classes).astype(np.int64).reshape(-1)
+    scores_np = None if scores is None else _to_numpy(scores).astype(np.float64).reshape(-1)
     result = Image.fromarray(canvas)
     draw = ImageDraw.Draw(result)
     line_width = max(1, round(min(height, width) / 200))

@@ -3,7 +3,9 @@
 Three stages overlap: a decoder thread reads frames, the calling thread batches, preprocesses
 (resize_and_pad, exactly as training) and runs the model, and a writer thread maps detections back
 to frame pixels (postprocess_detections: the same code evaluation scores), draws them
-(visualize.draw_instances) and encodes. The model is an inference.Predictor: the PyTorch model
+(visualize.draw_instances) and encodes. With a PyTorch model on a GPU the masks never leave it:
+the inference thread composites them into the frame there (deploy.overlay) and the writer draws
+only the box outlines and labels. The model is an inference.Predictor: the PyTorch model
 (fp32, or fp16 / bf16 autocast on a GPU), an ONNX Runtime or a TensorRT backend.
 
 Three times are reported per frame or batch, in milliseconds:
@@ -26,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mrcnn_helpers.deploy.overlay import composite_masks
 from mrcnn_helpers.inference.predictor import Predictor
-from mrcnn_helpers.visualize import draw_instances
+from mrcnn_helpers.visualize import draw_boxes_and_labels, draw_instances
 
 _END = object()
 
@@ -104,11 +107,13 @@ def _put_while_alive(q: queue.Queue, item, worker: threading.Thread) -> None:
 
 def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = None,
                threshold: float = 0.5, include_mask: bool = True, max_frames: int | None = None,
-               progress: bool = True, queue_size: int = 16) -> DeployStats:
+               progress: bool = True, queue_size: int = 16,
+               draw_on_device: bool | None = None) -> DeployStats:
     """Annotate every frame of `source` (deploy.io.open_source) into `sink` (open_sink).
 
     batch_size: frames per model call (default: an exported model's fixed batch, else
-    spec.eval_batch_size). Returns DeployStats (FPS, latency percentiles).
+    spec.eval_batch_size). draw_on_device: composite the masks where the model runs (None: for
+    a PyTorch model on a GPU). Returns DeployStats (FPS, latency percentiles).
     """
     meta = getattr(predictor.model, "meta", None)
     if batch_size is None:
@@ -116,6 +121,8 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
     pipeline = _Pipeline(predictor, source, sink, batch_size=max(1, int(batch_size)),
                          threshold=threshold, include_mask=include_mask, max_frames=max_frames,
                          progress=progress, queue_size=queue_size)
+    if draw_on_device is not None:
+        pipeline.draw_on_device = bool(draw_on_device) and predictor.backend == "pytorch"
     return pipeline.run()
 
 
@@ -133,6 +140,7 @@ class _Pipeline:
         self.frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
         self.frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
         self.stop = threading.Event()
+        self.draw_on_device = predictor.device.type == "cuda" and predictor.backend == "pytorch"
 
     def decode(self) -> None:
         """Reader thread: frames with the time they were read, then _END."""
@@ -155,8 +163,13 @@ class _Pipeline:
             if item is _END:
                 return
             name, frame, out, t_read, t_batch = item
-            drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"],
-                                   self.predictor.class_names, masks=out["masks"])
+            if "drawn" in out:  # masks composited on the device already
+                drawn = draw_boxes_and_labels(frame, out["boxes"], out["scores"],
+                                              out["classes"], self.predictor.class_names,
+                                              out["drawn"])
+            else:
+                drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"],
+                                       self.predictor.class_names, masks=out["masks"])
             self.sink.write(name, np.asarray(drawn))
             now = time.perf_counter()
             stats.detections += len(out["scores"])
@@ -186,11 +199,31 @@ class _Pipeline:
         if predictor.device.type == "cuda":
             torch.cuda.synchronize(predictor.device)
         stats.infer_latency_ms.append((time.perf_counter() - t_batch) * 1000.0)
-        outputs = predictor.postprocess(dets, scales, sizes, self.threshold, self.include_mask)
+        on_device = self.draw_on_device and self.include_mask
+        outputs = predictor.postprocess(dets, scales, sizes, self.threshold, self.include_mask,
+                                        masks_on_device=on_device)
+        if on_device:
+            batch = [(name, self.composite(frame, out), t_read)
+                     for (name, frame, t_read), out in zip(batch, outputs, strict=True)]
         for (name, frame, t_read), out in zip(batch, outputs, strict=True):
             _put_while_alive(self.frames_out, (name, frame, out, t_read, t_batch), writer)
             if writer.error is not None:
                 raise writer.error
+
+    def composite(self, frame: np.ndarray, out: dict) -> np.ndarray:
+        """`frame` with out's masks blended in on the model's device; out["drawn"] set to the
+        instances drawn (best first) and its masks dropped (the writer needs the boxes only)."""
+        masks = out.pop("masks")
+        out["masks"] = None
+        if masks is None:
+            out["drawn"] = np.argsort(-out["scores"].numpy(), kind="stable")
+            return frame
+        order = torch.argsort(-out["scores"], stable=True)
+        on_gpu = torch.from_numpy(frame).to(masks.device, non_blocking=True)
+        blended, drawn = composite_masks(on_gpu, masks[order.to(masks.device)],
+                                         out["classes"][order])
+        out["drawn"] = order[drawn].numpy()
+        return blended.cpu().numpy()
 
     def run(self) -> DeployStats:
         reader, writer = _Worker(self.decode, "mrcnn-decode"), _Worker(self.encode, "mrcnn-encode")

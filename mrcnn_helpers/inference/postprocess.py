@@ -15,7 +15,8 @@ MASK_THRESHOLD = 0.5
 
 
 def postprocess_detections(dets: dict, index: int, scale: float, orig_size, score_threshold: float,
-                           include_mask: bool, *, mask_threshold: float = MASK_THRESHOLD) -> dict:
+                           include_mask: bool, *, mask_threshold: float = MASK_THRESHOLD,
+                           masks_on_device: bool = False) -> dict:
     """One image's detections in original-image pixels.
 
     dets: the model's eval output for a batch (boxes [B, D, 4] in padded-input pixels, scores
@@ -25,7 +26,9 @@ def postprocess_detections(dets: dict, index: int, scale: float, orig_size, scor
     scale and clipped to the image; masks are pasted into the unclipped box (the mask covers the
     whole predicted box) at (h, w) and thresholded at mask_threshold.
     Returns CPU tensors: boxes float32 [N, 4] (x1, y1, x2, y2), scores float32 [N], classes int64
-    [N], masks bool [N, h, w] or None (include_mask False or the model has no mask output).
+    [N], masks bool [N, h, w] or None (include_mask False or the model has no mask output);
+    masks_on_device: the masks stay where the model computed them (the deploy pipeline draws
+    them there).
     """
     h, w = int(orig_size[0]), int(orig_size[1])
     n = int(dets["num_detections"][index])
@@ -40,6 +43,8 @@ def postprocess_detections(dets: dict, index: int, scale: float, orig_size, scor
     masks = None
     if include_mask and dets.get("masks") is not None:
         masks = paste_binary_masks(dets["masks"][index, :n][keep].float(), boxes[keep], h, w,
-                                   mask_threshold).cpu()
+                                   mask_threshold)
+        if not masks_on_device:
+            masks = masks.cpu()
     return {"boxes": clipped[keep].cpu(), "scores": scores[keep].cpu(),
             "classes": classes[keep].cpu(), "masks": masks}

@@ -158,12 +158,13 @@ class Predictor:
         return torch.stack(padded), scales, sizes
 
     def postprocess(self, dets: dict, scales, sizes, score_threshold: float,
-                    include_mask: bool) -> list[dict]:
+                    include_mask: bool, masks_on_device: bool = False) -> list[dict]:
         """Per-image detections in original pixels (see postprocess_detections) with labels."""
         outputs = []
         for i, (scale, size) in enumerate(zip(scales, sizes, strict=True)):
             out = postprocess_detections(dets, i, scale, size, score_threshold,
-                                         include_mask and self.include_mask)
+                                         include_mask and self.include_mask,
+                                         masks_on_device=masks_on_device)
             out["labels"] = [self.label(int(c)) for c in out["classes"]]
             outputs.append(out)
         return outputs

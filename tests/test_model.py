@@ -336,3 +336,30 @@ def test_losses_are_free_functions_with_hand_computed_values():
     assert maskrcnn_loss(masks, torch.ones(2, 4, 4), torch.tensor([True, False])).item() == \
         pytest.approx(math.log(2))
     assert maskrcnn_loss(masks, torch.ones(2, 4, 4), torch.tensor([False, False])).item() == 0.0
+
+
+@pytest.mark.parametrize("nlayers", [18, 50])
+def test_fused_inference_blocks_compute_the_unfused_forward(nlayers, monkeypatch):
+    """The inference path of FoldedBottleneck / FoldedBasicBlock (one cuDNN conv + bias + ReLU
+    (+ residual) kernel per convolution on CUDA; here its fallback on the CPU) gives the
+    features of torchvision's block forward."""
+    from mrcnn_helpers.model import backbone as bb
+
+    torch.manual_seed(0)
+    net = bb.ResNetFPN(nlayers, 2, 6, freeze_bn=True, freeze_blocks=(0, 1)).eval()
+    for m in net.modules():  # non-trivial frozen statistics
+        if isinstance(m, bb.FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.3, 0.3)
+    blocks = [m for m in net.modules() if isinstance(m, (bb.FoldedBottleneck, bb.FoldedBasicBlock))]
+    assert len(blocks) == {18: 8, 50: 16}[nlayers]
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        monkeypatch.setattr(bb, "_use_fused", lambda x: False)
+        expected = net(x)
+        monkeypatch.setattr(bb, "_use_fused", lambda x: True)
+        got = net(x)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

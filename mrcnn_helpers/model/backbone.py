@@ -9,6 +9,7 @@ freeze_bn replaces every BatchNorm with FrozenBatchNorm2d (fixed affine transfor
 right choice for fine-tuning at small per-GPU batches, and the wrong one from random weights.
 """
 
+import os
 from collections import OrderedDict
 
 import torch
@@ -29,6 +30,10 @@ RESNET_LAYOUTS = {
 FPN_CHANNELS = 256
 # Levels of the FPN that come from ResNet stages: level l is layer(l - 1), stride 2**l.
 STAGE_LEVELS = (2, 3, 4, 5)
+# Inference on CUDA through cuDNN's fused convolution + bias + ReLU (+ residual add) kernels:
+# the folded BN's bias, the ReLU and the residual add stop being passes of their own over every
+# activation. MRCNN_FUSED_CONV=0 turns it off (benchmarks/bench_conv_fusion.py compares).
+FUSED_CONV = os.environ.get("MRCNN_FUSED_CONV", "1") != "0"
 
 
 def frozen_bn_scale_shift(bn: TorchvisionFrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -90,6 +95,49 @@ class ConvWithFrozenBN(nn.Conv2d):
         return cache[1], cache[2]
 
 
+    def fused(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """relu(conv(x) + bias [+ residual]) at inference, one cuDNN kernel where cuDNN has a
+        fused engine for this convolution (learned at its first, eager call: a capture replays
+        whichever path that call took), else the convolution and separate passes."""
+        weight, bias = self._inference_weights(x)
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        if not self.__dict__.get("_no_fused_engine", False):
+            try:
+                if residual is not None:
+                    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *args)
+                return torch.cudnn_convolution_relu(x, weight, bias, *args)
+            except RuntimeError:  # "unable to find an engine": e.g. the 3-channel stem
+                self.__dict__["_no_fused_engine"] = True
+        out = F.conv2d(x, weight, bias, *args)
+        return torch.relu(out if residual is None else out + residual)
+
+
+def _use_fused(x: Tensor) -> bool:
+    return FUSED_CONV and x.is_cuda and not torch.is_grad_enabled()
+
+
+class FoldedBottleneck(Bottleneck):
+    """torchvision's Bottleneck whose convolutions apply their frozen BN (fold_frozen_bn); at
+    inference on CUDA each conv + bias + ReLU, and the last one's residual add, is one kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _use_fused(x):
+            return super().forward(x)
+        out = self.conv2.fused(self.conv1.fused(x))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3.fused(out, residual=identity)
+
+
+class FoldedBasicBlock(BasicBlock):
+    """BasicBlock counterpart of FoldedBottleneck."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _use_fused(x):
+            return super().forward(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv2.fused(self.conv1.fused(x), residual=identity)
+
+
 def fold_frozen_bn(resnet: ResNet) -> None:
     """Make every convolution that feeds a FrozenBatchNorm2d apply it (in place).
 
@@ -113,6 +161,12 @@ def fold_frozen_bn(resnet: ResNet) -> None:
         # A plain list, not a submodule: the BN stays registered (and saved) where it is.
         conv.folded_bn = [bn]
         bn.__class__ = FoldedFrozenBatchNorm2d
+    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in layer:
+            convs = [getattr(block, f"conv{k}") for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
+            if all(type(c) is ConvWithFrozenBN for c in convs):
+                block.__class__ = {Bottleneck: FoldedBottleneck, BasicBlock: FoldedBasicBlock}[
+                    type(block)]
 
 
 class ResNetFPN(nn.Module):

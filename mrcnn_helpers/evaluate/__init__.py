@@ -15,12 +15,14 @@ Detections reach COCO as result dicts: `bbox` [x, y, w, h] in original-image pix
 the list can be written as JSON).
 """
 
+import collections
 import contextlib
 import io
 import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,8 @@ from mrcnn_helpers.inference.predictor import as_predictor
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl")
 IOU_TYPE_PREFIX = {"bbox": "", "segm": "mask_"}
+# Batches whose detections may wait for the RLE encoder thread of predict_coco_results.
+PENDING_BATCHES = 2
 METRICS_HEADER = "=========== Metrics ==========="
 
 
@@ -205,24 +209,39 @@ def predict_coco_results(model, spec, *, device=None, max_images=None, progress:
 
     results, image_ids = [], []
     start = time.perf_counter()
+    # RLE encoding (CPU) of one batch overlaps the next batch's forward (GPU): a worker thread
+    # encodes while this thread waits on the device. At most PENDING_BATCHES batches of pasted
+    # masks wait for it, so host memory stays bounded when encoding is the slower side.
+    pending: collections.deque = collections.deque()
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            for future in pending.popleft():
+                results.extend(future.result())
+
     with tqdm(total=total, desc="evaluate", unit="img", disable=not progress,
-              file=sys.stdout) as bar:
+              file=sys.stdout) as bar, ThreadPoolExecutor(1, "mrcnn-rle") as encoder:
         for batch in loader:
             remaining = total - len(image_ids)
             if remaining <= 0:
                 break
             images = batch["image"][:remaining]
             dets = predictor.forward(images)
+            futures = []
             for i in range(images.shape[0]):
                 image_id = int(batch["image_id"][i])
+                # CPU copies: the next forward may overwrite the model's (graph) outputs.
                 out = postprocess_detections(dets, i, float(batch["scale"][i]),
                                              tuple(batch["orig_size"][i]),
                                              score_threshold=0.0, include_mask=include_mask)
-                results.extend(detections_to_coco_results(
-                    image_id, out["boxes"], out["scores"], out["classes"], out["masks"],
-                    gt_dataset.category_ids))
+                futures.append(encoder.submit(
+                    detections_to_coco_results, image_id, out["boxes"], out["scores"],
+                    out["classes"], out["masks"], gt_dataset.category_ids))
                 image_ids.append(image_id)
+            pending.append(futures)
+            collect(PENDING_BATCHES)
             bar.update(images.shape[0])
+        collect(0)
     if predictor.device.type == "cuda":
         torch.cuda.synchronize(predictor.device)
     elapsed = time.perf_counter() - start

@@ -194,33 +194,45 @@ class _Pipeline:
         """Preprocess, run and postprocess one batch; hand its frames to the writer."""
         predictor, stats = self.predictor, self.stats
         t_batch = time.perf_counter()
-        images, scales, sizes = predictor.preprocess([frame for _, frame, _ in batch])
+        on_device = self.draw_on_device and self.include_mask
+        frames = [frame for _, frame, _ in batch]
+        uploaded = None
+        if on_device:
+            # Frames go to the GPU once, as bytes: resized, padded and later drawn on there.
+            uploaded = [torch.from_numpy(np.ascontiguousarray(f)).to(predictor.device)
+                        for f in frames]
+            try:
+                images, scales, sizes = predictor.preprocess([u.permute(2, 0, 1)
+                                                              for u in uploaded])
+            except (RuntimeError, NotImplementedError):  # a resize the device lacks for uint8
+                images, scales, sizes = predictor.preprocess(frames)
+        else:
+            images, scales, sizes = predictor.preprocess(frames)
         dets = predictor.forward(images)
         if predictor.device.type == "cuda":
             torch.cuda.synchronize(predictor.device)
         stats.infer_latency_ms.append((time.perf_counter() - t_batch) * 1000.0)
-        on_device = self.draw_on_device and self.include_mask
         outputs = predictor.postprocess(dets, scales, sizes, self.threshold, self.include_mask,
                                         masks_on_device=on_device)
         if on_device:
-            batch = [(name, self.composite(frame, out), t_read)
-                     for (name, frame, t_read), out in zip(batch, outputs, strict=True)]
+            batch = [(name, self.composite(frame, up, out), t_read) for (name, frame, t_read), up, out
+                     in zip(batch, uploaded, outputs, strict=True)]
         for (name, frame, t_read), out in zip(batch, outputs, strict=True):
             _put_while_alive(self.frames_out, (name, frame, out, t_read, t_batch), writer)
             if writer.error is not None:
                 raise writer.error
 
-    def composite(self, frame: np.ndarray, out: dict) -> np.ndarray:
-        """`frame` with out's masks blended in on the model's device; out["drawn"] set to the
-        instances drawn (best first) and its masks dropped (the writer needs the boxes only)."""
+    def composite(self, frame: np.ndarray, uploaded: torch.Tensor, out: dict) -> np.ndarray:
+        """`frame` (and its copy on the device, `uploaded`) with out's masks blended in there;
+        out["drawn"] set to the instances drawn (best first) and its masks dropped (the writer
+        needs the boxes only)."""
         masks = out.pop("masks")
         out["masks"] = None
         if masks is None:
             out["drawn"] = np.argsort(-out["scores"].numpy(), kind="stable")
             return frame
         order = torch.argsort(-out["scores"], stable=True)
-        on_gpu = torch.from_numpy(frame).to(masks.device, non_blocking=True)
-        blended, drawn = composite_masks(on_gpu, masks[order.to(masks.device)],
+        blended, drawn = composite_masks(uploaded, masks[order.to(masks.device)],
                                          out["classes"][order])
         out["drawn"] = order[drawn].numpy()
         return blended.cpu().numpy()

@@ -120,9 +120,8 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
         batch_size = meta.batch_size if meta is not None else predictor.batch_size
     pipeline = _Pipeline(predictor, source, sink, batch_size=max(1, int(batch_size)),
                          threshold=threshold, include_mask=include_mask, max_frames=max_frames,
-                         progress=progress, queue_size=queue_size)
-    if draw_on_device is not None:
-        pipeline.draw_on_device = bool(draw_on_device) and predictor.backend == "pytorch"
+                         progress=progress, queue_size=queue_size,
+                         draw_on_device=draw_on_device)
     return pipeline.run()
 
 
@@ -130,7 +129,7 @@ class _Pipeline:
     """The three stages of run_deploy and the queues between them."""
 
     def __init__(self, predictor, source, sink, *, batch_size, threshold, include_mask,
-                 max_frames, progress, queue_size):
+                 max_frames, progress, queue_size, draw_on_device=None):
         self.predictor, self.source, self.sink = predictor, source, sink
         self.batch_size, self.threshold, self.include_mask = batch_size, threshold, include_mask
         self.max_frames, self.progress = max_frames, progress
@@ -140,7 +139,9 @@ class _Pipeline:
         self.frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
         self.frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
         self.stop = threading.Event()
-        self.draw_on_device = predictor.device.type == "cuda" and predictor.backend == "pytorch"
+        if draw_on_device is None:
+            draw_on_device = predictor.device.type == "cuda"
+        self.draw_on_device = bool(draw_on_device) and predictor.backend == "pytorch"
 
     def decode(self) -> None:
         """Reader thread: frames with the time they were read, then _END."""
@@ -215,22 +216,19 @@ class _Pipeline:
         outputs = predictor.postprocess(dets, scales, sizes, self.threshold, self.include_mask,
                                         masks_on_device=on_device)
         if on_device:
-            batch = [(name, self.composite(frame, up, out), t_read) for (name, frame, t_read), up, out
-                     in zip(batch, uploaded, outputs, strict=True)]
+            batch = [(name, frame if out["masks"] is None else self.composite(up, out), t_read)
+                     for (name, frame, t_read), up, out in zip(batch, uploaded, outputs,
+                                                                 strict=True)]
         for (name, frame, t_read), out in zip(batch, outputs, strict=True):
             _put_while_alive(self.frames_out, (name, frame, out, t_read, t_batch), writer)
             if writer.error is not None:
                 raise writer.error
 
-    def composite(self, frame: np.ndarray, uploaded: torch.Tensor, out: dict) -> np.ndarray:
-        """`frame` (and its copy on the device, `uploaded`) with out's masks blended in there;
-        out["drawn"] set to the instances drawn (best first) and its masks dropped (the writer
-        needs the boxes only)."""
-        masks = out.pop("masks")
-        out["masks"] = None
-        if masks is None:
-            out["drawn"] = np.argsort(-out["scores"].numpy(), kind="stable")
-            return frame
+    def composite(self, uploaded: torch.Tensor, out: dict) -> np.ndarray:
+        """The frame (its copy on the device, `uploaded`) with out's masks blended in there;
+        out["drawn"] set to the instances drawn (best first) and out["masks"] dropped (the writer
+        draws the boxes and labels only). Frames without masks are left to draw_instances."""
+        masks, out["masks"] = out["masks"], None
         order = torch.argsort(-out["scores"], stable=True)
         blended, drawn = composite_masks(uploaded, masks[order.to(masks.device)],
                                          out["classes"][order])

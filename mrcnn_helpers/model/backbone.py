@@ -94,7 +94,6 @@ class ConvWithFrozenBN(nn.Conv2d):
             cache = self.__dict__["_inference_cache"] = (key, weight.to(dtype), bias.to(dtype))
         return cache[1], cache[2]
 
-
     def fused(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """relu(conv(x) + bias [+ residual]) at inference, one cuDNN kernel where cuDNN has a
         fused engine for this convolution (learned at its first, eager call: a capture replays

@@ -8,19 +8,25 @@ as `mrcnn deploy -m model.pth` runs it; its score threshold is 0, so every frame
 `--detections` detections (the model's fixed output) and all of them are drawn except second
 drawings of an object. Rows: masks composited on the GPU (the default on a GPU) with 100 and 20
 detections per frame, and the host drawing path for comparison (fewer frames: it is slow).
-Prints FPS, frame latency and inference time per batch, with device, date and versions.
+Prints FPS, frame latency and inference time per batch, and where each frame's time goes by
+stage (decode, preprocess, model, masks postprocessed and composited, copy to the host,
+drawing boxes and labels, encoding; deploy.pipeline.STAGES names the thread of each), with
+device, date and versions. cuDNN's autotuner stays off unless --cudnn-benchmark (the toolkit
+does not turn it on).
 """
 
 import argparse
 import datetime
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
+from mrcnn_helpers.deploy.pipeline import STAGES
 from mrcnn_helpers.inference import Predictor
 from mrcnn_helpers.model import build_model
 from mrcnn_helpers.spec import load_spec, replace_spec
@@ -51,14 +57,29 @@ def make_video(path: Path, frames: int, width: int, height: int, fps: float = 30
     writer.release()
 
 
-def run_row(model, spec, video, out_dir, batch, frames, on_device, device):
+def run_row(model, spec, video, out_dir, batch, frames, on_device, device, threads=None):
     precision = "bf16" if device.type == "cuda" else "fp32"
     predictor = Predictor(model, spec, device=device, precision=precision)
     source = open_source(str(video))
     sink = open_sink(out_dir / f"out_{on_device}_{spec.maskrcnn_config.test_detections_per_image}"
                      ".mp4", fps=source.fps)
     return run_deploy(predictor, source, sink, batch_size=batch, threshold=0.0,
-                      max_frames=frames, progress=False, draw_on_device=on_device)
+                      max_frames=frames, progress=False, draw_on_device=on_device,
+                      draw_threads=threads)
+
+
+def encode_only(video: Path, work: Path, frames: int) -> float:
+    """Milliseconds per frame the video sink needs for `frames` decoded frames, alone."""
+    source = open_source(str(video))
+    decoded = [frame for _, (_, frame) in zip(range(frames), source, strict=False)]
+    source.close()
+    sink = open_sink(work / "encode_only.mp4", fps=30.0)
+    t0 = time.perf_counter()
+    for i, frame in enumerate(decoded):
+        sink.write(f"frame_{i:06d}", frame)
+    seconds = time.perf_counter() - t0
+    sink.close()
+    return seconds / max(len(decoded), 1) * 1000.0
 
 
 def main():
@@ -69,31 +90,50 @@ def main():
     ap.add_argument("--width", type=int, default=1344)
     ap.add_argument("--height", type=int, default=832)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script")
+    ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--detections", default="100,20", help="GPU-drawing rows")
+    ap.add_argument("--draw-threads", default="auto",
+                    help="comma list: one GPU-drawing row per detections and thread count")
+    ap.add_argument("--encode-only", type=int, default=100,
+                    help="frames for the encoder-alone row (0: none)")
     args = ap.parse_args()
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_deploy_"))
     video = work / "test.mp4"
     make_video(video, args.frames + 16, args.width, args.height)
     rows = []
-    for detections, on_device, frames in ((100, True, args.frames), (20, True, args.frames),
-                                          (20, False, args.host_frames)):
+    threads = [None if t == "auto" else int(t) for t in args.draw_threads.split(",")]
+    cases = [(int(d), True, args.frames, t) for d in args.detections.split(",") for t in threads]
+    if args.host_frames:
+        cases.append((20, False, args.host_frames, None))
+    models = {}
+    for detections, on_device, frames, n_threads in cases:
         spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
             "data_config.image_size": (args.height, args.width),
             "maskrcnn_config.test_score_thresh": 0.0,
             "maskrcnn_config.test_detections_per_image": detections})
         torch.manual_seed(0)
-        model = build_model(spec)
+        model = models.setdefault(detections, build_model(spec))
         # Warm-up: graph capture and cuDNN's algorithm search happen outside the timed run.
+        t0 = time.perf_counter()
         run_row(model, spec, video, work, args.batch, 2 * args.batch, on_device, device)
-        stats = run_row(model, spec, video, work, args.batch, frames, on_device, device)
+        print(f"warm-up ({detections} detections, {2 * args.batch} frames, graph capture "
+              f"included): {time.perf_counter() - t0:.1f} s", flush=True)
+        stats = run_row(model, spec, video, work, args.batch, frames, on_device, device,
+                        n_threads)
         d = stats.as_dict()
-        rows.append(("masks composited on the GPU" if on_device else "masks drawn on the host",
-                     detections, stats.detections / max(stats.frames, 1), d))
+        label = (f"masks composited on the GPU, {d['draw_threads']} drawing threads"
+                 if on_device else "masks drawn on the host")
+        rows.append((label, detections, stats.detections / max(stats.frames, 1), d))
+    if args.encode_only:
+        print(f"encoder alone: {encode_only(video, work, args.encode_only):.2f} ms per frame "
+              "(decoded frames converted to BGR and written by the video sink, one thread)")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {datetime.date.today()}, "
           f"{os.cpu_count()} CPU cores, video {args.width}x{args.height} mp4v, R50-FPN seed "
-          f"spec, random weights, bf16, batch {args.batch}")
+          f"spec, random weights, bf16, batch {args.batch}, cudnn.benchmark "
+          f"{args.cudnn_benchmark}")
     print("| drawing | detections/frame | above threshold/frame | frames | FPS | latency p50 ms | "
           "p99 ms | inference ms/batch p50 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -101,6 +141,14 @@ def main():
         print(f"| {label} | {dets} | {drawn:.1f} | {d['frames']} | {d['fps']:.1f} | "
               f"{d['latency_ms']['p50']:.1f} | {d['latency_ms']['p99']:.1f} | "
               f"{d['infer_ms_per_batch']['p50']:.1f} |")
+    stages = list(STAGES)
+    print("\nms per frame by stage (thread: " + ", ".join(f"{k} {v}" for k, v in STAGES.items())
+          + "; the drawing pool's time summed over its threads)")
+    print("| drawing | detections/frame | " + " | ".join(stages) + " |")
+    print("|---|---|" + "---|" * len(stages))
+    for label, dets, _, d in rows:
+        per = d["stage_ms_per_frame"]
+        print(f"| {label} | {dets} | " + " | ".join(f"{per[k]:.2f}" for k in stages) + " |")
 
 
 if __name__ == "__main__":

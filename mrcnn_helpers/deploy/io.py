@@ -203,15 +203,23 @@ class VideoSink:
                             f"{self.path.suffix}; try .avi, or an output directory")
         self.size = (h, w)
 
-    def write(self, name: str, frame: np.ndarray) -> None:
-        cv2 = self._cv2
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
+        """An RGB frame as the encoder takes it (BGR): the part of writing that can run on
+        another thread (the deploy pipeline's drawing threads) before write_prepared."""
+        return self._cv2.cvtColor(frame, self._cv2.COLOR_RGB2BGR)
+
+    def write_prepared(self, name: str, frame: np.ndarray) -> None:
+        """Encode a frame from prepare(); a frame of another size than the first is resized."""
         h, w = frame.shape[:2]
         if self.writer is None:
             self._open(h, w)
         elif (h, w) != self.size:
-            frame = cv2.resize(frame, (self.size[1], self.size[0]))
-        self.writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            frame = self._cv2.resize(frame, (self.size[1], self.size[0]))
+        self.writer.write(frame)
         self.count += 1
+
+    def write(self, name: str, frame: np.ndarray) -> None:
+        self.write_prepared(name, self.prepare(frame))
 
     def _frames_in(self, path) -> int:
         capture = self._cv2.VideoCapture(str(path))

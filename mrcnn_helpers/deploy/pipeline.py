@@ -1,38 +1,48 @@
 """Streaming inference: decode -> batch -> infer -> draw -> encode, with FPS and latency.
 
-Three stages overlap: a decoder thread reads frames, the calling thread batches, preprocesses
-(resize_and_pad, exactly as training) and runs the model, and a writer thread maps detections back
-to frame pixels (postprocess_detections: the same code evaluation scores), draws them
-(visualize.draw_instances) and encodes. With a PyTorch model on a GPU the masks never leave it:
-the inference thread composites them into the frame there (deploy.overlay) and the writer draws
-only the box outlines and labels. The model is an inference.Predictor: the PyTorch model
-(fp32, or fp16 / bf16 autocast on a GPU), an ONNX Runtime or a TensorRT backend.
+The stages overlap: a decoder thread reads frames; the calling thread batches, preprocesses
+(resize_and_pad, exactly as training), runs the model and maps detections back to frame pixels
+(the rule of postprocess_detections, which evaluation scores); a pool of drawing threads draws
+them (visualize.draw_instances) and a writer thread encodes the frames in order. With a PyTorch
+model on a GPU the masks never leave it: the inference thread composites a whole batch of
+frames there (deploy.overlay) and the drawing threads add only the box outlines and labels. The
+model is an inference.Predictor: the PyTorch model (fp32, or fp16 / bf16 autocast on a GPU), an
+ONNX Runtime or a TensorRT backend.
 
 Three times are reported per frame or batch, in milliseconds:
 - latency: from the moment a frame is read to the moment its annotated frame is written; for a
   file source, read far ahead of the model, this includes the time it waits in the queue;
 - service: from the moment the frame's batch starts (preprocessing) to the frame written, what
   a live source running below the pipeline's rate sees;
-- inference: one model call on one batch.
+- inference: one model call on one batch (with its preprocessing).
+Where the time goes is kept per stage (DeployStats.stage_seconds, the summary's last line): the
+busiest thread's stages bound the frame rate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from mrcnn_helpers.deploy.overlay import composite_masks
+from mrcnn_helpers.deploy.overlay import composite_batch, composite_masks
+from mrcnn_helpers.inference.postprocess import postprocess_batch_on_device
 from mrcnn_helpers.inference.predictor import Predictor
 from mrcnn_helpers.visualize import draw_boxes_and_labels, draw_instances
 
 _END = object()
+# Which thread runs each stage (DeployStats.stage_seconds), in pipeline order.
+STAGES = {"decode": "decoder", "preprocess": "inference", "model": "inference",
+          "masks": "inference", "to_host": "inference", "draw": "drawing pool",
+          "encode": "writer"}
 
 
 def percentiles(values, qs=(50, 90, 99)) -> dict:
@@ -55,6 +65,20 @@ class DeployStats:
     frame_latency_ms: list = field(default_factory=list, repr=False)
     service_latency_ms: list = field(default_factory=list, repr=False)
     infer_latency_ms: list = field(default_factory=list, repr=False)
+    stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0), repr=False)
+    draw_threads: int = 1
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        with self._lock:  # the drawing threads add concurrently
+            self.stage_seconds[stage] += seconds
+
+    def stage_ms_per_frame(self) -> dict:
+        """Mean milliseconds per frame spent in each stage (the drawing pool's summed over its
+        threads)."""
+        return {k: 1000.0 * v / self.frames if self.frames else 0.0
+                for k, v in self.stage_seconds.items()}
 
     @property
     def fps(self) -> float:
@@ -65,7 +89,9 @@ class DeployStats:
                 "detections": self.detections, "seconds": self.seconds, "fps": self.fps,
                 "latency_ms": percentiles(self.frame_latency_ms),
                 "service_ms": percentiles(self.service_latency_ms),
-                "infer_ms_per_batch": percentiles(self.infer_latency_ms)}
+                "infer_ms_per_batch": percentiles(self.infer_latency_ms),
+                "stage_ms_per_frame": self.stage_ms_per_frame(),
+                "draw_threads": self.draw_threads}
 
     def summary(self) -> str:
         rows = [("read -> written ms", self.frame_latency_ms),
@@ -77,6 +103,10 @@ class DeployStats:
         for label, values in rows:
             q = percentiles(values)
             lines.append(f"{label:<26} p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
+        per_frame = self.stage_ms_per_frame()
+        lines.append("ms per frame by stage: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in per_frame.items())
+            + f" (threads: decoder; inference; {self.draw_threads} drawing; writer)")
         return "\n".join(lines)
 
 
@@ -108,12 +138,14 @@ def _put_while_alive(q: queue.Queue, item, worker: threading.Thread) -> None:
 def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = None,
                threshold: float = 0.5, include_mask: bool = True, max_frames: int | None = None,
                progress: bool = True, queue_size: int = 16,
-               draw_on_device: bool | None = None) -> DeployStats:
+               draw_on_device: bool | None = None,
+               draw_threads: int | None = None) -> DeployStats:
     """Annotate every frame of `source` (deploy.io.open_source) into `sink` (open_sink).
 
     batch_size: frames per model call (default: an exported model's fixed batch, else
     spec.eval_batch_size). draw_on_device: composite the masks where the model runs (None: for
-    a PyTorch model on a GPU). Returns DeployStats (FPS, latency percentiles).
+    a PyTorch model on a GPU). draw_threads: threads drawing boxes and labels (None:
+    draw_threads_for this machine). Returns DeployStats (FPS, latency percentiles, time by stage).
     """
     meta = getattr(predictor.model, "meta", None)
     if batch_size is None:
@@ -121,59 +153,90 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
     pipeline = _Pipeline(predictor, source, sink, batch_size=max(1, int(batch_size)),
                          threshold=threshold, include_mask=include_mask, max_frames=max_frames,
                          progress=progress, queue_size=queue_size,
-                         draw_on_device=draw_on_device)
+                         draw_on_device=draw_on_device, draw_threads=draw_threads)
     return pipeline.run()
 
 
+def draw_threads_for(cpus: int | None = None) -> int:
+    """Drawing threads for this machine: the cores left after the decoder, inference and writer
+    threads, at most 4 (labels and outlines take ~1-3 ms of a frame each; PIL and numpy release
+    the GIL for most of it)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(4, cpus - 3))
+
+
 class _Pipeline:
-    """The three stages of run_deploy and the queues between them."""
+    """The stages of run_deploy and the queues between them."""
 
     def __init__(self, predictor, source, sink, *, batch_size, threshold, include_mask,
-                 max_frames, progress, queue_size, draw_on_device=None):
+                 max_frames, progress, queue_size, draw_on_device=None, draw_threads=None):
         self.predictor, self.source, self.sink = predictor, source, sink
         self.batch_size, self.threshold, self.include_mask = batch_size, threshold, include_mask
         self.max_frames, self.progress = max_frames, progress
         backend = predictor.backend + ("" if predictor.precision == "fp32"
                                        else f" {predictor.precision}")
-        self.stats = DeployStats(backend=backend, batch_size=batch_size)
+        self.stats = DeployStats(backend=backend, batch_size=batch_size,
+                                 draw_threads=max(1, int(draw_threads or draw_threads_for())))
         self.frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
         self.frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
         self.stop = threading.Event()
         if draw_on_device is None:
             draw_on_device = predictor.device.type == "cuda"
         self.draw_on_device = bool(draw_on_device) and predictor.backend == "pytorch"
+        self.pool = None
+        # A sink that converts frames for its encoder lets the drawing threads do that part.
+        self.prepare = getattr(sink, "prepare", None)
 
     def decode(self) -> None:
         """Reader thread: frames with the time they were read, then _END."""
         count = 0
+        frames = iter(self.source)
         try:
-            for name, frame in self.source:
-                if self.stop.is_set() or (self.max_frames is not None
-                                          and count >= self.max_frames):
+            while not self.stop.is_set() and (self.max_frames is None
+                                              or count < self.max_frames):
+                t0 = time.perf_counter()
+                item = next(frames, None)
+                if item is None:
                     break
-                self.frames_in.put((name, frame, time.perf_counter()))
+                now = time.perf_counter()
+                self.stats.add_time("decode", now - t0)
+                self.frames_in.put((item[0], item[1], now))
                 count += 1
         finally:
             self.frames_in.put(_END)
 
+    def draw(self, frame: np.ndarray, out: dict) -> np.ndarray:
+        """One frame with its detections drawn (a drawing thread), prepared for the sink."""
+        t0 = time.perf_counter()
+        if "drawn" in out:  # masks composited on the device already
+            drawn = draw_boxes_and_labels(frame, out["boxes"], out["scores"], out["classes"],
+                                          self.predictor.class_names, out["drawn"])
+        else:
+            drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"],
+                                   self.predictor.class_names, masks=out["masks"])
+        drawn = np.asarray(drawn)
+        if self.prepare is not None:
+            drawn = self.prepare(drawn)
+        self.stats.add_time("draw", time.perf_counter() - t0)
+        return drawn
+
     def encode(self) -> None:
-        """Writer thread: draw each frame's detections, write it, count its latencies."""
+        """Writer thread: write the drawn frames in order, count their latencies."""
         stats = self.stats
         while True:
             item = self.frames_out.get()
             if item is _END:
                 return
-            name, frame, out, t_read, t_batch = item
-            if "drawn" in out:  # masks composited on the device already
-                drawn = draw_boxes_and_labels(frame, out["boxes"], out["scores"],
-                                              out["classes"], self.predictor.class_names,
-                                              out["drawn"])
+            name, drawing, detections, t_read, t_batch = item
+            frame = drawing.result()
+            t0 = time.perf_counter()
+            if self.prepare is not None:
+                self.sink.write_prepared(name, frame)
             else:
-                drawn = draw_instances(frame, out["boxes"], out["scores"], out["classes"],
-                                       self.predictor.class_names, masks=out["masks"])
-            self.sink.write(name, np.asarray(drawn))
+                self.sink.write(name, frame)
             now = time.perf_counter()
-            stats.detections += len(out["scores"])
+            stats.add_time("encode", now - t0)
+            stats.detections += detections
             stats.frame_latency_ms.append((now - t_read) * 1000.0)
             stats.service_latency_ms.append((now - t_batch) * 1000.0)
             stats.frames += 1
@@ -191,43 +254,96 @@ class _Pipeline:
             batch.append(item)
         return batch
 
+    def preprocess(self, frames: list, on_device: bool):
+        """(images, scales, sizes, the frames on the device or None). On the device path the
+        frames go to the GPU once, as bytes: resized, padded and later drawn on there."""
+        predictor = self.predictor
+        if not on_device:
+            return (*predictor.preprocess(frames), None)
+        uploaded = [torch.from_numpy(np.ascontiguousarray(f)).to(predictor.device,
+                                                                 non_blocking=True)
+                    for f in frames]
+        try:
+            return (*predictor.preprocess([u.permute(2, 0, 1) for u in uploaded]), uploaded)
+        except (RuntimeError, NotImplementedError):  # a resize the device lacks for uint8
+            return (*predictor.preprocess(frames), uploaded)
+
     def infer(self, batch: list, writer: _Worker) -> None:
-        """Preprocess, run and postprocess one batch; hand its frames to the writer."""
+        """Preprocess, run and postprocess one batch; hand its frames to the drawing pool and
+        the writer."""
         predictor, stats = self.predictor, self.stats
+        sync = (torch.cuda.synchronize if predictor.device.type == "cuda"
+                else lambda device: None)
         t_batch = time.perf_counter()
         on_device = self.draw_on_device and self.include_mask
         frames = [frame for _, frame, _ in batch]
-        uploaded = None
-        if on_device:
-            # Frames go to the GPU once, as bytes: resized, padded and later drawn on there.
-            uploaded = [torch.from_numpy(np.ascontiguousarray(f)).to(predictor.device)
-                        for f in frames]
-            try:
-                images, scales, sizes = predictor.preprocess([u.permute(2, 0, 1)
-                                                              for u in uploaded])
-            except (RuntimeError, NotImplementedError):  # a resize the device lacks for uint8
-                images, scales, sizes = predictor.preprocess(frames)
-        else:
-            images, scales, sizes = predictor.preprocess(frames)
+        images, scales, sizes, uploaded = self.preprocess(frames, on_device)
+        sync(predictor.device)
+        t_pre = time.perf_counter()
         dets = predictor.forward(images)
-        if predictor.device.type == "cuda":
-            torch.cuda.synchronize(predictor.device)
-        stats.infer_latency_ms.append((time.perf_counter() - t_batch) * 1000.0)
-        outputs = predictor.postprocess(dets, scales, sizes, self.threshold, self.include_mask,
-                                        masks_on_device=on_device)
-        if on_device:
-            batch = [(name, frame if out["masks"] is None else self.composite(up, out), t_read)
-                     for (name, frame, t_read), up, out in zip(batch, uploaded, outputs,
-                                                                 strict=True)]
-        for (name, frame, t_read), out in zip(batch, outputs, strict=True):
-            _put_while_alive(self.frames_out, (name, frame, out, t_read, t_batch), writer)
+        sync(predictor.device)
+        t_model = time.perf_counter()
+        stats.infer_latency_ms.append((t_model - t_batch) * 1000.0)
+        t_host = None
+        if on_device and len(set(sizes)) == 1:
+            composited = self.composite_on_device(uploaded, dets, scales, sizes[0])
+            sync(predictor.device)
+            t_host = time.perf_counter()
+            frames, outputs = self.to_host(*composited)
+        else:
+            outputs = predictor.postprocess(dets, scales, sizes, self.threshold,
+                                            self.include_mask, masks_on_device=on_device)
+            if on_device:
+                frames = [frame if out["masks"] is None else self.composite(up, out)
+                          for frame, up, out in zip(frames, uploaded, outputs, strict=True)]
+        t_done = time.perf_counter()
+        stats.add_time("preprocess", t_pre - t_batch)
+        stats.add_time("model", t_model - t_pre)
+        stats.add_time("masks", (t_host or t_done) - t_model)
+        stats.add_time("to_host", t_done - (t_host or t_done))
+        for (name, _, t_read), frame, out in zip(batch, frames, outputs, strict=True):
+            drawing = self.pool.submit(self.draw, frame, out)
+            item = (name, drawing, len(out["scores"]), t_read, t_batch)
+            _put_while_alive(self.frames_out, item, writer)
             if writer.error is not None:
                 raise writer.error
 
+    def composite_on_device(self, uploaded: list, dets: dict, scales, size):
+        """Frames of one size: the batch's detections postprocessed and its masks composited
+        into the frames on the device (postprocess_batch_on_device, overlay.composite_batch).
+        Returns (frames uint8 [B, h, w, 3], the postprocessed batch, drawn bool [B, N] or None
+        when the model has no masks)."""
+        post = postprocess_batch_on_device(dets, scales, size, self.threshold, True)
+        frames, masks = torch.stack(uploaded), post["masks"]
+        if masks is None:
+            return frames, post, None
+        if masks.shape[1] == 0:
+            return frames, post, post["valid"]
+        frames, drawn = composite_batch(frames, masks, post["classes"], post["valid"])
+        return frames, post, drawn
+
+    @staticmethod
+    def to_host(frames: torch.Tensor, post: dict, drawn) -> tuple[list, list]:
+        """composite_on_device's result copied to the host: the frames, and per frame its boxes,
+        scores and classes (best first) and "drawn" (the instances whose boxes and labels are
+        drawn; without masks, "masks" None: draw_instances chooses)."""
+        host = {k: post[k].cpu() for k in ("boxes", "scores", "classes")}
+        drawn = None if drawn is None else drawn.cpu()
+        outputs = []
+        for i, n in enumerate(post["counts"].tolist()):
+            out = {k: v[i, :n] for k, v in host.items()}
+            if drawn is None:
+                out["masks"] = None
+            else:
+                out["drawn"] = torch.nonzero(drawn[i, :n]).flatten().numpy()
+            outputs.append(out)
+        return list(frames.cpu().numpy()), outputs
+
     def composite(self, uploaded: torch.Tensor, out: dict) -> np.ndarray:
-        """The frame (its copy on the device, `uploaded`) with out's masks blended in there;
-        out["drawn"] set to the instances drawn (best first) and out["masks"] dropped (the writer
-        draws the boxes and labels only). Frames without masks are left to draw_instances."""
+        """One frame (its copy on the device, `uploaded`) with out's masks blended in there;
+        out["drawn"] set to the instances drawn (best first) and out["masks"] dropped (the
+        drawing threads add the boxes and labels only). For batches of frames of different
+        sizes; frames without masks are left to draw_instances."""
         masks, out["masks"] = out["masks"], None
         order = torch.argsort(-out["scores"], stable=True)
         blended, drawn = composite_masks(uploaded, masks[order.to(masks.device)],
@@ -237,6 +353,7 @@ class _Pipeline:
 
     def run(self) -> DeployStats:
         reader, writer = _Worker(self.decode, "mrcnn-decode"), _Worker(self.encode, "mrcnn-encode")
+        self.pool = ThreadPoolExecutor(self.stats.draw_threads, thread_name_prefix="mrcnn-draw")
         start = time.perf_counter()
         reader.start()
         writer.start()
@@ -260,6 +377,7 @@ class _Pipeline:
                 self.frames_in.get(timeout=0.1)
         _put_while_alive(self.frames_out, _END, writer)
         writer.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         reader.join(timeout=1.0)
         self.sink.close()
         self.source.close()

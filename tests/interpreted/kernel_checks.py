@@ -13,11 +13,13 @@ from torchvision.ops import batched_nms, roi_align
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
 
+from mrcnn_helpers.deploy.overlay import blend_masks_reference, class_colors
 from mrcnn_helpers.model import (
     box_ops,
     kernels,
     nms,
 )
+from mrcnn_helpers.model.kernels.composite import composite_frames
 from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
 from mrcnn_helpers.model.kernels.paste import paste_binary_masks
@@ -127,6 +129,21 @@ def test_anchor_matching_kernel_matches_the_iou_matrix_path():
     positive = want_labels == 1
     assert torch.equal(matched[positive], want_matched[positive])
     assert labels[0, 10] == 1 and (labels[2] != 1).all()
+
+
+def test_composite_kernel_matches_the_reference_blend():
+    g = torch.Generator().manual_seed(4)
+    b, n, h, w = 2, 6, 9, 37  # pixels not a multiple of the block
+    frames = torch.randint(0, 256, (b, h, w, 3), generator=g, dtype=torch.uint8)
+    masks = torch.rand(b, n, h, w, generator=g) > 0.4  # up to 6 masks deep
+    drawn = torch.rand(b, n, generator=g) > 0.3
+    drawn[1] = False  # a frame with nothing drawn stays as it was
+    colors = class_colors(torch.randint(1, 30, (b, n), generator=g), "cpu")
+    for alpha in (0.5, 0.3):
+        got = composite_frames(frames, masks, drawn, colors, alpha)
+        want = blend_masks_reference(frames, masks, drawn, colors, alpha)
+        assert torch.equal(got, want), alpha
+    assert torch.equal(got[1], frames[1]) and not torch.equal(got[0], frames[0])
 
 
 if __name__ == "__main__":

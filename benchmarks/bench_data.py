@@ -20,7 +20,9 @@
    resolution bool masks, as `postprocess_detections` hands them over. Timed separately:
    `detections_to_coco_results` (mask RLE encoding + result dicts, done during prediction) and
    `coco_evaluate` for bbox and for segm (loadRes, COCOeval evaluate/accumulate/summarize,
-   per-class AP). Making the synthetic masks is not timed.
+   per-class AP). Making the synthetic masks is not timed. --eval-device cuda makes the masks on
+   the GPU and times the GPU path: the run boundaries found there (`mask_runs`), then the
+   compression and result dicts on the CPU.
 
 Prints a markdown table with the date, CPU model and cores, GPU (if any) and library versions.
 """
@@ -43,6 +45,7 @@ from PIL import Image
 from mrcnn_helpers.data import build_train_loader, generate_synthetic_dataset
 from mrcnn_helpers.data.coco import coco_from_dict
 from mrcnn_helpers.evaluate import coco_evaluate, detections_to_coco_results
+from mrcnn_helpers.inference.coco_results import mask_runs
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 SEED_SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "maskrcnn_coco_resnet50.txt")
@@ -114,9 +117,10 @@ def synthetic_ground_truth(num_images, per_image, rng):
     return coco_from_dict({"images": images, "annotations": anns, "categories": cats})
 
 
-def synthetic_detections(gt, image_id, dets, rng):
+def synthetic_detections(gt, image_id, dets, rng, device=None):
     """`dets` predictor-like detections: three jittered copies of each ground-truth box, the rest
-    random; (boxes x1y1x2y2, scores, labels 1..80, bool masks [N, h, w]) as CPU tensors."""
+    random; (boxes x1y1x2y2, scores, labels 1..80, bool masks [N, h, w]) as tensors, the masks
+    made on `device` (None: with numpy on the CPU)."""
     info = gt.imgs[image_id]
     h, w = info["height"], info["width"]
     label_of = {c: i + 1 for i, c in enumerate(COCO_CAT_IDS)}
@@ -134,36 +138,67 @@ def synthetic_detections(gt, image_id, dets, rng):
             boxes[i] = [x, y, x + bw, y + bh]
     boxes = np.clip(boxes, 0, [w, h, w, h])
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
-    masks = np.zeros((dets, h, w), dtype=bool)
-    for i, (x1, y1, x2, y2) in enumerate(boxes):  # an ellipse filling the box, as a pasted mask
+    scores = np.sort(rng.random(dets))[::-1].copy()
+    masks = ellipse_masks(boxes, h, w, device)
+    return torch.from_numpy(boxes).float(), torch.from_numpy(scores).float(), \
+        torch.from_numpy(labels), masks
+
+
+def ellipse_masks(boxes: np.ndarray, h: int, w: int, device=None) -> torch.Tensor:
+    """bool [N, h, w]: an ellipse filling each box, as a pasted mask (pixel centres inside)."""
+    if device is not None:
+        b = torch.as_tensor(boxes, dtype=torch.float64, device=device)[:, :, None, None]
+        xs = torch.arange(w, device=device, dtype=torch.float64)[None, None, :]
+        ys = torch.arange(h, device=device, dtype=torch.float64)[None, :, None]
+        x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+        return ((2 * xs + 1 - x1 - x2) / (x2 - x1)) ** 2 + \
+            ((2 * ys + 1 - y1 - y2) / (y2 - y1)) ** 2 <= 1
+    masks = np.zeros((len(boxes), h, w), dtype=bool)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
         rows, cols = slice(int(y1), int(np.ceil(y2))), slice(int(x1), int(np.ceil(x2)))
         ys, xs = np.ogrid[rows, cols]
         masks[i, rows, cols] = ((2 * xs + 1 - x1 - x2) / (x2 - x1)) ** 2 + \
             ((2 * ys + 1 - y1 - y2) / (y2 - y1)) ** 2 <= 1
-    scores = np.sort(rng.random(dets))[::-1].copy()
-    return torch.from_numpy(boxes).float(), torch.from_numpy(scores).float(), \
-        torch.from_numpy(labels), torch.from_numpy(masks)
+    return torch.from_numpy(masks)
 
 
-def eval_timings(num_images, per_image, dets):
-    """(notes line, table rows) of RLE encoding and coco_evaluate over synthetic data."""
+def eval_timings(num_images, per_image, dets, device=None):
+    """(notes line, table rows) of RLE encoding and coco_evaluate over synthetic data. device
+    "cuda": the masks are made on the GPU and encoded as evaluation does there (mask_runs on
+    the GPU, then compression and result dicts on the CPU; evaluation overlaps the two with
+    the next batch's forward, here they are timed one after the other)."""
     rng = np.random.default_rng(0)
     gt = synthetic_ground_truth(num_images, per_image, rng)
-    results, t_rle = [], 0.0
+    results, t_runs, t_rle = [], 0.0, 0.0
     for image_id in sorted(gt.imgs):
-        boxes, scores, labels, masks = synthetic_detections(gt, image_id, dets, rng)
+        boxes, scores, labels, masks = synthetic_detections(gt, image_id, dets, rng, device)
+        if device is not None:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            masks = mask_runs(masks)
+            t_runs += time.perf_counter() - start
         start = time.perf_counter()
         results += detections_to_coco_results(image_id, boxes, scores, labels, masks, COCO_CAT_IDS)
         t_rle += time.perf_counter() - start
-    rows = [("RLE encode + result dicts (detections_to_coco_results)", num_images, t_rle, "")]
+    rows = []
+    if device is not None:
+        rows.append(("RLE run boundaries on the GPU (mask_runs)", num_images, t_runs, ""))
+        rows.append(("RLE compress + result dicts (detections_to_coco_results)", num_images,
+                     t_rle, ""))
+    else:
+        rows.append(("RLE encode + result dicts (detections_to_coco_results)", num_images, t_rle,
+                     ""))
     for iou_type, key in (("bbox", "AP"), ("segm", "mask_AP")):
         start = time.perf_counter()
         ap = coco_evaluate(gt, results, (iou_type,))[key]
         rows.append((f"coco_evaluate {iou_type} (AP {ap:.3f})", num_images,
                      time.perf_counter() - start, ""))
-    rows.append(("evaluation total (RLE + bbox + segm)", num_images, sum(r[2] for r in rows), ""))
+    rows.append(("evaluation total (RLE + bbox + segm)", num_images, sum(r[2] for r in rows),
+                 "<= 60 s for 5000"))
+    where = "GPU" if device is not None else "CPU"
     return (f"eval: {num_images} images, {len(gt.anns) / num_images:.1f} gt polygons/image, "
-            f"80 categories, {len(results)} detections with full-resolution masks"), rows
+            f"80 categories, {len(results)} detections with full-resolution masks on the "
+            f"{where}"), rows
 
 
 def cpu_model():
@@ -189,6 +224,8 @@ def main():
     ap.add_argument("--gt-per-image", type=float, default=7.0)
     ap.add_argument("--dets-per-image", type=int, default=100)
     ap.add_argument("--only", choices=["loader", "eval"], default=None)
+    ap.add_argument("--eval-device", default=None,
+                    help="cuda: masks on the GPU, encoded as evaluation does there")
     args = ap.parse_args()
     src_h, src_w = (int(v) for v in args.source_size.lower().split("x"))
     net_h, net_w = (int(v) for v in args.image_size.lower().split("x"))
@@ -218,7 +255,8 @@ def main():
 
     if args.only in (None, "eval"):
         print(f"building {args.eval_images} images of ground truth and detections ...", flush=True)
-        note, eval_rows = eval_timings(args.eval_images, args.gt_per_image, args.dets_per_image)
+        note, eval_rows = eval_timings(args.eval_images, args.gt_per_image, args.dets_per_image,
+                                       args.eval_device)
         notes.append(note)
         rows += eval_rows
 

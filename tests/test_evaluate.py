@@ -408,8 +408,9 @@ def test_faster_coco_eval_gives_pycocotools_numbers(coco_gt, monkeypatch):
 def test_rle_from_the_occupied_region_equals_pycocotools_encode():
     """encode_masks reads only the region each mask occupies; its RLE must be byte-identical to
     pycocotools' encoding of the full mask: random, full, empty, edge-touching and full-height
-    masks (where runs continue from one column into the next), arrays and tensors."""
-    from mrcnn_helpers.inference.coco_results import encode_masks
+    masks (where runs continue from one column into the next), arrays and tensors; and so must
+    the runs found by comparing the whole stack with itself (mask_runs, the GPU path)."""
+    from mrcnn_helpers.inference.coco_results import encode_masks, mask_runs
 
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -421,7 +422,7 @@ def test_rle_from_the_occupied_region_equals_pycocotools_encode():
         masks[2, y0:, x0:] = rng.random((h - y0, w - x0)) < 0.8
         masks[3, :, x0:] = True                       # empty masks[4]
         expected = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-        for given in (masks, torch.from_numpy(masks)):
+        for given in (masks, torch.from_numpy(masks), mask_runs(torch.from_numpy(masks))):
             got = encode_masks(given)
             assert [g["counts"] for g in got] == [e["counts"] for e in expected]
             assert [list(g["size"]) for g in got] == [[h, w]] * 5

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from mrcnn_helpers.data.loader import build_eval_loader, collate_batch
 from mrcnn_helpers.errors import DataError
 from mrcnn_helpers.fileio import atomic_write_json
-from mrcnn_helpers.inference.coco_results import detections_to_coco_results
+from mrcnn_helpers.inference.coco_results import detections_to_coco_results, mask_runs
 from mrcnn_helpers.inference.postprocess import postprocess_detections
 from mrcnn_helpers.inference.predictor import as_predictor
 
@@ -208,9 +208,11 @@ def predict_coco_results(model, spec, *, device=None, max_images=None, progress:
     total = len(loader.dataset) if max_images is None else min(len(loader.dataset), max_images)
 
     results, image_ids = [], []
+    on_gpu = predictor.device.type == "cuda"
     start = time.perf_counter()
     # RLE encoding (CPU) of one batch overlaps the next batch's forward (GPU): a worker thread
-    # encodes while this thread waits on the device. At most PENDING_BATCHES batches of pasted
+    # encodes while this thread waits on the device. On a GPU the masks stay there and only
+    # their run boundaries come back (coco_results.mask_runs). At most PENDING_BATCHES batches of pasted
     # masks wait for it, so host memory stays bounded when encoding is the slower side.
     pending: collections.deque = collections.deque()
 
@@ -233,10 +235,14 @@ def predict_coco_results(model, spec, *, device=None, max_images=None, progress:
                 # CPU copies: the next forward may overwrite the model's (graph) outputs.
                 out = postprocess_detections(dets, i, float(batch["scale"][i]),
                                              tuple(batch["orig_size"][i]),
-                                             score_threshold=0.0, include_mask=include_mask)
+                                             score_threshold=0.0, include_mask=include_mask,
+                                             masks_on_device=on_gpu)
+                masks = out["masks"]
+                if masks is not None and masks.is_cuda:
+                    masks = mask_runs(masks)  # only the run boundaries leave the GPU
                 futures.append(encoder.submit(
                     detections_to_coco_results, image_id, out["boxes"], out["scores"],
-                    out["classes"], out["masks"], gt_dataset.category_ids))
+                    out["classes"], masks, gt_dataset.category_ids))
                 image_ids.append(image_id)
             pending.append(futures)
             collect(PENDING_BATCHES)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrcnn_helpers.deploy import open_sink, open_source, pipeline, run_deploy
+from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
 from mrcnn_helpers.deploy.pipeline import STAGES
 from mrcnn_helpers.inference import Predictor
 from mrcnn_helpers.model import build_model
@@ -91,10 +91,9 @@ def main():
     ap.add_argument("--height", type=int, default=832)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script")
     ap.add_argument("--cudnn-benchmark", action="store_true")
-    ap.add_argument("--rows", default="100:auto:0.5,20:auto:0.5",
+    ap.add_argument("--rows", default="100:auto,20:auto",
                     help="GPU-drawing rows, comma-separated detections:drawing threads "
-                         "(auto: the toolkit's choice):GIL switch interval in ms (0.5: the "
-                         "toolkit's, 5: Python's default)")
+                         "(auto: the toolkit's choice)")
     ap.add_argument("--encode-only", type=int, default=100,
                     help="frames for the encoder-alone row (0: none)")
     args = ap.parse_args()
@@ -106,13 +105,12 @@ def main():
     rows = []
     cases = []
     for row in args.rows.split(","):
-        d, t, ms = row.split(":")
-        cases.append((int(d), True, args.frames, None if t == "auto" else int(t), float(ms)))
+        d, t = row.split(":")
+        cases.append((int(d), True, args.frames, None if t == "auto" else int(t)))
     if args.host_frames:
-        cases.append((20, False, args.host_frames, None, 0.5))
+        cases.append((20, False, args.host_frames, None))
     models = {}
-    for detections, on_device, frames, n_threads, switch_ms in cases:
-        pipeline.SWITCH_INTERVAL_S = switch_ms / 1000.0
+    for detections, on_device, frames, n_threads in cases:
         spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
             "data_config.image_size": (args.height, args.width),
             "maskrcnn_config.test_score_thresh": 0.0,
@@ -128,7 +126,7 @@ def main():
                         n_threads)
         d = stats.as_dict()
         label = (f"masks composited on the GPU, {d['draw_threads']} drawing threads"
-                 if on_device else "masks drawn on the host") + f", GIL switch {switch_ms} ms"
+                 if on_device else "masks drawn on the host")
         rows.append((label, detections, stats.detections / max(stats.frames, 1), d))
     if args.encode_only:
         print(f"encoder alone: {encode_only(video, work, args.encode_only):.2f} ms per frame "

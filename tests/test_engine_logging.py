@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_engine import (
+    FakeLoader,
     fake_evaluate,
     fake_spec_text,  # noqa: F401  (autouse fixture: a stand-in spec text)
     make_spec,
@@ -111,6 +112,31 @@ def test_throughput_and_eta_leave_checkpoints_and_evaluations_out(tmp_path):
     assert window["eta_seconds"] == pytest.approx(0.0)  # stops at 10: nothing left
     first = [r for r in records if r["event"] == "train"][0]
     assert first["eta_seconds"] == pytest.approx((10 - 5) * 2 / first["samples_per_sec"])
+
+
+class _SlowFirstBatch(FakeLoader):
+    """The first batch of the run takes 1.5 s, as a first step compiling kernels does."""
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i == 0 and self.epoch == 0:
+                time.sleep(1.5)
+            yield batch
+
+
+def test_the_first_step_is_left_out_of_throughput_and_eta(tmp_path, monkeypatch):
+    from mrcnn_helpers.engine.logging import LoggingHook
+
+    monkeypatch.setattr(LoggingHook, "FIRST_STEP_NOTE_S", 1.0)
+    records = []
+    run(make_spec(), tmp_path, max_steps=10, on_log=records.append,
+        train_loader=_SlowFirstBatch(), evaluate_fn=None)
+    first = next(r for r in records if r["event"] == "train")
+    # With the first step counted, 5 steps x 2 images would be at most 10 / 1.5 s = 6.7 img/s.
+    assert first["step"] == 5 and first["samples_per_sec"] > 20
+    assert first["eta_seconds"] == pytest.approx((10 - 5) * 2 / first["samples_per_sec"])
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("the first step took") == 1 and re.search(r"first step took 1\.\d s", log)
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo terminal")

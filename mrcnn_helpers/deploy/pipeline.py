@@ -157,17 +157,11 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
     return pipeline.run()
 
 
-# How often a thread holding the GIL must offer it to a waiting one, during a run (Python's
-# default is 5 ms). The decoder and the writer spend most of a frame in OpenCV without the GIL
-# and then wait for it behind the drawing and inference threads: on the H200 machine the writer
-# needed 10.7 ms per 1344x832 frame in the pipeline against 5.6 ms alone.
-SWITCH_INTERVAL_S = 0.0005
-
-
 def draw_threads_for(cpus: int | None = None) -> int:
     """Drawing threads for this machine: 2 where the cores allow (drawing outlines and labels
-    holds the GIL for much of its ~1-3 ms per frame, so more threads mostly wait for it: 4 made
-    69 FPS where 2 made 89 on the H200 machine), 1 on a machine of fewer than 4 cores."""
+    holds the GIL for much of its ~1-3 ms per frame, so more threads mostly wait for it: on the
+    H200 machine 4 made 69 FPS where 2 made 89 at 100 detections per frame), 1 on a machine of
+    fewer than 4 cores."""
     cpus = cpus or os.cpu_count() or 1
     return 2 if cpus >= 4 else 1
 
@@ -362,8 +356,6 @@ class _Pipeline:
         reader, writer = _Worker(self.decode, "mrcnn-decode"), _Worker(self.encode, "mrcnn-encode")
         self.pool = ThreadPoolExecutor(self.stats.draw_threads, thread_name_prefix="mrcnn-draw")
         start = time.perf_counter()
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
         reader.start()
         writer.start()
         try:
@@ -371,7 +363,6 @@ class _Pipeline:
                 self.infer(batch, writer)
         finally:
             self.shutdown(reader, writer)
-            sys.setswitchinterval(interval)
         for worker in (reader, writer):
             if worker.error is not None:
                 raise worker.error

@@ -33,12 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from mrcnn_helpers.engine.hooks import HookBase
 from mrcnn_helpers.engine.optim import l2_loss_of
 from mrcnn_helpers.errors import TrainingError
 from mrcnn_helpers.fileio import describe_os_error
+from mrcnn_helpers.model import kernels
 
 # Loss keys the model returns (already weighted) and the derived ones, with TLT's log labels.
 LOG_LABELS = {
@@ -285,32 +287,61 @@ class LoggingHook(HookBase):
 
     Runs every `period` steps and at the last step. It reads the device-side sums once per
     window (averaged over ranks) and computes TLT's L2 loss only then; throughput leaves out the
-    time the trainer spent paused (checkpoints, evaluations).
+    time the trainer spent paused (checkpoints, evaluations) and the run's first step, which
+    pays once for compiling the GPU kernels, building cuDNN plans and capturing the step's
+    graph (a minute or more on a fresh machine: the first window's ETA would be hours); a note
+    says how long it took when that was over FIRST_STEP_NOTE_S.
     """
+
+    FIRST_STEP_NOTE_S = 5.0
 
     def __init__(self, period: int, batch_size: int, decayed: list, l2_weight_decay: float):
         self.period = max(1, int(period))
         self.batch_size = int(batch_size)
         self.decayed = decayed
         self.l2_weight_decay = float(l2_weight_decay)
+        self._first_step_seconds = None  # until the first step of this run is over
+        self._first_in_window = False
 
     def before_train(self) -> None:
         self._start_window()
+        self._first_step_seconds = None
 
     def _start_window(self) -> None:
         self._window_start = time.perf_counter()
         self._paused_at_start = self.trainer.paused_seconds
 
+    def _end_first_step(self) -> None:
+        """Time the run's first step (waiting for the device once) and start the window after
+        it, so that the first window's throughput counts the steps that follow it."""
+        trainer = self.trainer
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        self._first_step_seconds = time.perf_counter() - self._window_start
+        if self._first_step_seconds > self.FIRST_STEP_NOTE_S:
+            trainer.say(f"note: the first step took {self._first_step_seconds:.1f} s (kernel "
+                        "compilation, cuDNN plans, graph capture: paid once; img/s and ETA "
+                        f"leave it out){kernels.first_use_note(self._first_step_seconds)}")
+        self._first_in_window = True
+        self._start_window()
+
     def after_step(self) -> None:
         trainer = self.trainer
         step = trainer.step
+        if self._first_step_seconds is None:
+            self._end_first_step()
         if not (step % self.period == 0 or step == trainer.total_steps):
             return
         trainer.check_finite()  # a log never shows the average of a non-finite window
         averages, count = trainer.meter.read_window(trainer.ctx)
         elapsed = (time.perf_counter() - self._window_start
                    - (trainer.paused_seconds - self._paused_at_start))
-        rate = count * self.batch_size / max(elapsed, 1e-9)
+        # The window holding the first step timed only the steps after it.
+        timed = count - 1 if self._first_in_window else count
+        if timed <= 0:  # the first step is all the window has: time it with the rest
+            timed, elapsed = count, elapsed + self._first_step_seconds
+        self._first_in_window = False
+        rate = timed * self.batch_size / max(elapsed, 1e-9)
         eta = (trainer.stop_step - step) * self.batch_size / rate if rate > 0 else None
         record = train_record(step, trainer.total_steps, averages, samples_per_sec=rate,
                               learning_rate=trainer.lr,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mrcnn_helpers.model import kernels
 from mrcnn_helpers.runtime import autocast
 
 ENABLED = os.environ.get("MRCNN_CUDA_GRAPHS", "1") != "0"
@@ -102,7 +103,7 @@ class GraphedForward:
         self.capture_seconds[shape] = seconds
         if first:
             self.note(f"note: CUDA graph captured for input {list(shape[:-1])} in "
-                      f"{seconds:.2f} s (once per input shape)")
+                      f"{seconds:.2f} s (once per input shape){kernels.first_use_note(seconds)}")
         entry = _Captured(graph, static_input, outputs, key)
         self._captured[shape] = entry
         return entry

@@ -27,3 +27,19 @@ def available(where) -> bool:
     interpreter mode."""
     device = where if isinstance(where, torch.device) else where.device
     return ENABLED and (device.type == "cuda" or INTERPRET)
+
+
+def cache_dir() -> str:
+    """Where Triton keeps the kernels it compiled (TRITON_CACHE_DIR, else ~/.triton/cache)."""
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton",
+                                                              "cache")
+
+
+def first_use_note(seconds: float, threshold: float = 10.0) -> str:
+    """What a slow first call is (for the notes of graph capture and the first step): on a
+    machine whose kernel cache is empty, compiling the kernels takes about a minute on the H200
+    machine (65-81 s for the seed model's inference, 1.6 s with the cache filled)."""
+    if seconds < threshold or not ENABLED:
+        return ""
+    return (f"; most of it compiling the GPU kernels, once per machine: they are kept in "
+            f"{cache_dir()} (in a container, keep that folder on a volume)")

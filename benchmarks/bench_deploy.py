@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
+from mrcnn_helpers.deploy import VideoSink, open_sink, open_source, run_deploy
 from mrcnn_helpers.deploy.pipeline import STAGES
 from mrcnn_helpers.inference import Predictor
 from mrcnn_helpers.model import build_model
@@ -73,7 +73,7 @@ def encode_only(video: Path, work: Path, frames: int) -> float:
     source = open_source(str(video))
     decoded = [frame for _, (_, frame) in zip(range(frames), source, strict=False)]
     source.close()
-    sink = open_sink(work / "encode_only.mp4", fps=30.0)
+    sink = VideoSink(work / "encode_only.mp4", 30.0, encoder_process=False)
     t0 = time.perf_counter()
     for i, frame in enumerate(decoded):
         sink.write(f"frame_{i:06d}", frame)
@@ -91,9 +91,10 @@ def main():
     ap.add_argument("--height", type=int, default=832)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script")
     ap.add_argument("--cudnn-benchmark", action="store_true")
-    ap.add_argument("--rows", default="100:auto,20:auto",
+    ap.add_argument("--rows", default="100:auto,20:auto,20:auto:thread",
                     help="GPU-drawing rows, comma-separated detections:drawing threads "
-                         "(auto: the toolkit's choice)")
+                         "(auto: the toolkit's choice)[:process|thread, who encodes the video: "
+                         "the toolkit's choice by default]")
     ap.add_argument("--encode-only", type=int, default=100,
                     help="frames for the encoder-alone row (0: none)")
     args = ap.parse_args()
@@ -105,12 +106,15 @@ def main():
     rows = []
     cases = []
     for row in args.rows.split(","):
-        d, t = row.split(":")
-        cases.append((int(d), True, args.frames, None if t == "auto" else int(t)))
+        d, t, *encoder = row.split(":")
+        cases.append((int(d), True, args.frames, None if t == "auto" else int(t),
+                      encoder[0] if encoder else ""))
     if args.host_frames:
-        cases.append((20, False, args.host_frames, None))
+        cases.append((20, False, args.host_frames, None, ""))
     models = {}
-    for detections, on_device, frames, n_threads in cases:
+    for detections, on_device, frames, n_threads, encoder in cases:
+        # VideoSink reads it when the row opens its output
+        os.environ["MRCNN_ENCODER_PROCESS"] = {"process": "1", "thread": "0"}.get(encoder, "")
         spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
             "data_config.image_size": (args.height, args.width),
             "maskrcnn_config.test_score_thresh": 0.0,
@@ -127,6 +131,7 @@ def main():
         d = stats.as_dict()
         label = (f"masks composited on the GPU, {d['draw_threads']} drawing threads"
                  if on_device else "masks drawn on the host")
+        label += f", encoder {encoder or 'default'}"
         rows.append((label, detections, stats.detections / max(stats.frames, 1), d))
     if args.encode_only:
         print(f"encoder alone: {encode_only(video, work, args.encode_only):.2f} ms per frame "

@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mrcnn_helpers"
 # evaluate -> export / deploy -> workflow, commands, cli, notebook.
 LAYERS = {
     "errors": 0, "fileio": 0, "runtime": 0, "crypto": 0, "visualize": 0, "plotting": 0,
+    "video_writer": 0,
     "spec": 1,
     "data": 2, "model": 2,
     "engine": 3,

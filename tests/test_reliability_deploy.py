@@ -263,11 +263,28 @@ class _GrayAt(_CountingSource):
             yield name, frame[..., 0] if i == self.after else frame
 
 
-def test_video_sink_publishes_only_whole_runs(predictor, tmp_path):
+@pytest.fixture(params=[False, True], ids=["writer-thread", "encoder-process"])
+def encoder_process(request, monkeypatch):
+    """Videos encoded by the writer thread, or by a child process (video_writer.py), as a
+    machine of 4 or more cores does."""
+    if request.param and not deploy_io.video_writer.available():
+        pytest.skip("no /dev/shm")
+    monkeypatch.setattr(deploy_io, "ENCODER_PROCESS_MIN_CPUS", 1 if request.param else 10**6)
+    return request.param
+
+
+def _shm_files() -> set:
+    return {p for p in os.listdir("/dev/shm") if p.startswith("mrcnn-frames-")} if os.path.isdir(
+        "/dev/shm") else set()
+
+
+def test_video_sink_publishes_only_whole_runs(predictor, tmp_path, encoder_process):
     """A video is written to a temporary file: a run that fails while inferring or writing
     leaves an older video as it was; a finished run, a source that stops (a stream that
-    drops) and Ctrl-C replace it with the frames written."""
+    drops) and Ctrl-C replace it with the frames written. Either encoder leaves no process
+    and no shared memory behind."""
     pytest.importorskip("cv2")
+    children = _children()
     out = tmp_path / "out.avi"
     out.write_bytes(b"an older video")
     with pytest.raises(Exception) as info:
@@ -285,6 +302,73 @@ def test_video_sink_publishes_only_whole_runs(predictor, tmp_path):
     assert _frames_in(out) == 2 and temporaries(tmp_path) == []
     run_deploy(predictor, _CountingSource(5), open_sink(out), batch_size=2, progress=False)
     assert _frames_in(out) == 5 and temporaries(tmp_path) == []
+    assert _children() == children and _shm_files() == set()
+
+
+def _children() -> set:
+    """Live child processes of this one (a finished encoder must not linger), from /proc."""
+    found = set()
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.add(int(entry.parent.name))
+    return found
+
+
+def test_encoder_process_writes_what_the_writer_thread_writes(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    if not deploy_io.video_writer.available():
+        pytest.skip("no /dev/shm")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(20)]  # > SLOTS
+    decoded = {}
+    for process in (False, True):
+        sink = deploy_io.VideoSink(tmp_path / f"{process}.avi", 10.0, encoder_process=process)
+        for i, frame in enumerate(frames):
+            sink.write(f"frame_{i:06d}", frame)
+        sink.close()
+        capture = cv2.VideoCapture(str(tmp_path / f"{process}.avi"))
+        decoded[process] = []
+        while (got := capture.read())[0]:
+            decoded[process].append(got[1])
+        capture.release()
+    assert len(decoded[True]) == 20
+    assert all(np.array_equal(a, b) for a, b in zip(decoded[False], decoded[True], strict=True))
+
+
+def test_an_encoder_that_dies_ends_the_run_naming_the_video(predictor, tmp_path):
+    """The encoder process killed mid-run: one DataError naming the video, an older video
+    left as it was, no temporary file or shared memory left."""
+    pytest.importorskip("cv2")
+    if not deploy_io.video_writer.available():
+        pytest.skip("no /dev/shm")
+    out = tmp_path / "out.avi"
+    out.write_bytes(b"an older video")
+    sink = deploy_io.VideoSink(out, 10.0, encoder_process=True)
+    sink.write("frame_000000", np.zeros((64, 96, 3), np.uint8))
+    sink._process._process.kill()
+    with pytest.raises(DataError, match=r"the encoder of .*out\.avi stopped"):
+        run_deploy(predictor, _CountingSource(40), sink, batch_size=2, progress=False)
+    assert out.read_bytes() == b"an older video" and temporaries(tmp_path) == []
+    assert _shm_files() == set()
+
+
+def test_an_encoder_that_cannot_start_falls_back_to_the_writer_thread(tmp_path, monkeypatch):
+    pytest.importorskip("cv2")
+    if not deploy_io.video_writer.available():
+        pytest.skip("no /dev/shm")
+    monkeypatch.setattr(deploy_io.video_writer.sys, "executable", "/bin/false")
+    sink = deploy_io.VideoSink(tmp_path / "out.avi", 10.0, encoder_process=True)
+    frame = np.zeros((64, 96, 3), np.uint8)
+    with pytest.warns(UserWarning, match="encoding in the writer thread instead"):
+        sink.write("frame_000000", frame)  # the first frame opens the video
+    for i in (1, 2):
+        sink.write(f"frame_{i:06d}", frame)
+    sink.close()
+    assert _frames_in(tmp_path / "out.avi") == 3 and temporaries(tmp_path) == []
 
 
 def _default_sigint():
@@ -317,6 +401,33 @@ def test_ctrl_c_through_the_command_line(files, tmp_path):
     assert 0 < len(written) < 600 and temporaries(tmp_path) == []
     for path in written:
         Image.open(path).load()
+
+
+def test_ctrl_c_at_a_terminal_keeps_the_video_written_by_the_encoder_process(files, tmp_path):
+    """Ctrl-C at a terminal signals the whole process group, the encoder process too: it
+    ignores the signal, the run ends with `interrupted` and the video holds the frames written
+    before it, published whole."""
+    pytest.importorskip("cv2")
+    if not deploy_io.video_writer.available():
+        pytest.skip("no /dev/shm")
+    frames = _frames(tmp_path / "frames", 600)
+    out = tmp_path / "out.avi"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MRCNN_ENCODER_PROCESS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mrcnn_helpers", "deploy", "-m",
+                             str(files["checkpoint"]), "-i", str(frames), "-o", str(out),
+                             "--batch-size", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint,  # noqa: PLW1509 - no threads yet
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (err := proc.stderr.readline()).startswith("deploy: 50 frames"):
+        assert err or proc.poll() is None, "the run ended before 50 frames"
+        assert time.monotonic() < deadline
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in rest, rest[-3000:]
+    assert rest.strip().splitlines()[-1] == "interrupted"
+    assert 50 <= _frames_in(out) < 600 and temporaries(tmp_path) == []
 
 
 @pytest.mark.parametrize("case", ["checkpoint, video to folder", "ONNX, folder to video"])

@@ -19,6 +19,7 @@ video), and removed when inference or writing fails, leaving an older video ther
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -27,10 +28,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mrcnn_helpers import video_writer
 from mrcnn_helpers.data.images import list_image_files, load_image
 from mrcnn_helpers.errors import DataError, MrcnnError
 from mrcnn_helpers.fileio import PendingFile, atomic_output, check_output_path, check_writable_dir
+from mrcnn_helpers.video_writer import ProcessVideoWriter
 
+# Where the machine has the cores for it, a video is encoded in a process of its own
+# (video_writer.py says why); on fewer cores the writer thread encodes it. MRCNN_ENCODER_PROCESS
+# =1 or =0 decides instead.
+ENCODER_PROCESS_MIN_CPUS = 4
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 STREAM_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "rtmp://")
 DEFAULT_FPS = 30.0
@@ -183,7 +190,7 @@ class VideoSink:
     keeps the frames it sent.
     """
 
-    def __init__(self, path, fps: float):
+    def __init__(self, path, fps: float, *, encoder_process: bool | None = None):
         self.path = Path(path)
         self._cv2 = import_cv2(f"writing {self.path}")
         self.fps = float(fps)
@@ -191,13 +198,34 @@ class VideoSink:
         self.pending = None
         self.size = None
         self.count = 0
+        if encoder_process is None:
+            choice = os.environ.get("MRCNN_ENCODER_PROCESS", "")
+            encoder_process = (choice == "1" if choice in ("0", "1")
+                               else (os.cpu_count() or 1) >= ENCODER_PROCESS_MIN_CPUS)
+        # Started now: the child imports OpenCV while the model warms up.
+        self._process = (ProcessVideoWriter(str(self.path))
+                         if encoder_process and video_writer.available() else None)
 
     def _open(self, h: int, w: int) -> None:
         cv2 = self._cv2
         self.pending = PendingFile(self.path, error=DataError, what="video")
-        fourcc = cv2.VideoWriter_fourcc(*FOURCC.get(self.path.suffix.lower(), "mp4v"))
-        self.writer = cv2.VideoWriter(str(self.pending.tmp), fourcc, self.fps, (w, h))
-        if not self.writer.isOpened():
+        fourcc = FOURCC.get(self.path.suffix.lower(), "mp4v")
+        if self._process is not None:
+            try:
+                opened = self._process.open(self.pending.tmp, fourcc, self.fps, h, w)
+                self.writer = self._process
+            except DataError as exc:  # the child could not start: encode in this process
+                warnings.warn(f"no encoder process ({exc}); encoding in the writer thread "
+                              "instead", stacklevel=2)
+                self._process = None
+        if self._process is None:
+            self.writer = cv2.VideoWriter(str(self.pending.tmp), cv2.VideoWriter_fourcc(*fourcc),
+                                          self.fps, (w, h))
+            opened = self.writer.isOpened()
+        if not opened:
+            if self._process is not None:
+                self._process.kill()
+            self.writer = None
             self.pending.discard()
             raise DataError(f"cannot write video {self.path}: OpenCV has no encoder for "
                             f"{self.path.suffix}; try .avi, or an output directory")
@@ -230,13 +258,25 @@ class VideoSink:
 
     def close(self):
         if self.writer is None:
+            if self._process is not None:
+                self._process.kill()
             return
-        self.writer.release()
-        self.writer = None
         failing = sys.exc_info()[0]
         if failing is not None and not issubclass(failing, KeyboardInterrupt):
+            if self._process is not None:
+                self._process.kill()
+            else:
+                self.writer.release()
+            self.writer = None
             self.pending.discard()
             return
+        try:
+            self.writer.release()
+        except DataError:
+            self.pending.discard()
+            raise
+        finally:
+            self.writer = None
         # OpenCV reports no write errors (a full disk truncates the file silently): count.
         found = self._frames_in(self.pending.tmp)
         if found < self.count:

@@ -16,7 +16,9 @@ Three times are reported per frame or batch, in milliseconds:
   a live source running below the pipeline's rate sees;
 - inference: one model call on one batch (with its preprocessing).
 Where the time goes is kept per stage (DeployStats.stage_seconds, the summary's last line): the
-busiest thread's stages bound the frame rate.
+busiest thread's stages bound the frame rate. A video sink with an encoder process
+(video_writer.py) hands each frame over in "encode" and waits there only when the encoder is
+behind.
 """
 
 from __future__ import annotations

@@ -63,21 +63,26 @@ def test_pipeline_draws_the_same_frames_either_way(tmp_path):
     CPU) writes the frames the host-drawing path writes."""
     from test_export import make_tiny_setup
 
+    tiny = make_tiny_setup(tmp_path / "setup", num_val=3)
+    written = _deploy_both_ways(tiny, tiny.paths["val_images"], tmp_path, frames=3)
+    assert all(np.array_equal(a, b) for a, b in zip(written[False], written[True], strict=True))
+
+
+def _deploy_both_ways(tiny, folder, tmp_path, frames: int) -> dict:
+    """{draw_on_device: the annotated frames run_deploy wrote} for the host and device paths."""
     from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
     from mrcnn_helpers.inference import Predictor
 
-    tiny = make_tiny_setup(tmp_path / "setup", num_val=3)
-    frames = tiny.paths["val_images"]
     written = {}
     for on_device in (False, True):
         out = tmp_path / f"out_{on_device}"
-        stats = run_deploy(Predictor(tiny.model, tiny.spec, NAMES), open_source(frames),
+        stats = run_deploy(Predictor(tiny.model, tiny.spec, NAMES), open_source(folder),
                            open_sink(out), batch_size=2, threshold=0.0, progress=False,
                            draw_on_device=on_device)
-        assert stats.frames == 3 and stats.detections > 0
-        written[on_device] = [np.asarray(Image.open(f))
-                              for f in sorted(out.iterdir())]
-    assert all(np.array_equal(a, b) for a, b in zip(written[False], written[True], strict=True))
+        assert stats.frames == frames and stats.detections > 0
+        assert stats.stage_ms_per_frame()["draw"] > 0
+        written[on_device] = [np.asarray(Image.open(f)) for f in sorted(out.iterdir())]
+    return written
 
 
 def _dets(seed: int = 1):
@@ -124,23 +129,12 @@ def test_frames_of_different_sizes_draw_the_same_either_way(tmp_path):
     """A folder of images of two sizes: the device path composites them one by one."""
     from test_export import make_tiny_setup
 
-    from mrcnn_helpers.deploy import open_sink, open_source, run_deploy
-    from mrcnn_helpers.inference import Predictor
-
     tiny = make_tiny_setup(tmp_path / "setup", num_val=2)
     folder = tmp_path / "mixed"
     folder.mkdir()
     for k, f in enumerate(sorted(Path(tiny.paths["val_images"]).iterdir())):
         image = Image.open(f)
         (image.resize((70, 50)) if k else image).save(folder / f"{k}.png")
-    written = {}
-    for on_device in (False, True):
-        out = tmp_path / f"out_{on_device}"
-        stats = run_deploy(Predictor(tiny.model, tiny.spec, NAMES), open_source(folder),
-                           open_sink(out), batch_size=2, threshold=0.0, progress=False,
-                           draw_on_device=on_device)
-        assert stats.frames == 2 and stats.detections > 0
-        assert stats.stage_ms_per_frame()["draw"] > 0
-        written[on_device] = [np.asarray(Image.open(f)) for f in sorted(out.iterdir())]
+    written = _deploy_both_ways(tiny, folder, tmp_path, frames=2)
     assert [a.shape for a in written[True]] == [(60, 90, 3), (50, 70, 3)]
     assert all(np.array_equal(a, b) for a, b in zip(written[False], written[True], strict=True))

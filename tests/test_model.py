@@ -357,9 +357,37 @@ def test_fused_inference_blocks_compute_the_unfused_forward(nlayers, monkeypatch
     assert len(blocks) == {18: 8, 50: 16}[nlayers]
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        monkeypatch.setattr(bb, "_use_fused", lambda x: False)
+        monkeypatch.setattr(bb, "_use_fused", lambda x, block: False)
         expected = net(x)
-        monkeypatch.setattr(bb, "_use_fused", lambda x: True)
+        monkeypatch.setattr(bb, "_use_fused", lambda x, block: True)
         got = net(x)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_blocks_before_the_trainable_ones_take_the_fused_path_in_training(monkeypatch):
+    """In training, the frozen blocks that no gradient flows through (layer1's, after the frozen
+    stem) may use the fused kernels; the trainable ones (layer2 on) may not; the
+    features and the gradients of the trainable weights are those of the unfused forward."""
+    from mrcnn_helpers.model import backbone as bb
+
+    torch.manual_seed(0)
+    net = bb.ResNetFPN(50, 2, 6, freeze_bn=True, freeze_blocks=(0, 1)).train()
+    seen = {}
+    x = torch.randn(2, 3, 64, 96)
+
+    def record(x, block):
+        seen[block] = bb.no_gradient_through(x, block)
+        return seen[block]
+
+    monkeypatch.setattr(bb, "_use_fused", record)
+    features = net(x)
+    layer1, layer2 = net.body["layer1"], net.body["layer2"]
+    assert all(seen[b] for b in layer1) and not any(seen[b] for b in layer2)
+    grads = torch.autograd.grad(sum(f.sum() for f in features), layer2[0].conv1.weight)
+    monkeypatch.setattr(bb, "_use_fused", lambda x, block: False)
+    want = net(x)
+    want_grads = torch.autograd.grad(sum(f.sum() for f in want), layer2[0].conv1.weight)
+    for e, g in zip(want, features, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], want_grads[0], rtol=1e-5, atol=1e-5)

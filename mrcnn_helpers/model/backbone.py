@@ -111,16 +111,27 @@ class ConvWithFrozenBN(nn.Conv2d):
         return torch.relu(out if residual is None else out + residual)
 
 
-def _use_fused(x: Tensor) -> bool:
-    return FUSED_CONV and x.is_cuda and not torch.is_grad_enabled()
+def _use_fused(x: Tensor, block: nn.Module) -> bool:
+    return FUSED_CONV and x.is_cuda and no_gradient_through(x, block)
+
+
+def no_gradient_through(x: Tensor, block: nn.Module) -> bool:
+    """Whether no gradient flows through `block` for input `x`: at inference, and in training for
+    the frozen blocks before every trainable parameter (freeze_blocks; in the TLT seed spec the
+    stem and layer1, whose activations at stride 4 are the largest of the network), which then
+    take the fused kernels too."""
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(p.requires_grad for p in block.parameters())
 
 
 class FoldedBottleneck(Bottleneck):
-    """torchvision's Bottleneck whose convolutions apply their frozen BN (fold_frozen_bn); at
-    inference on CUDA each conv + bias + ReLU, and the last one's residual add, is one kernel."""
+    """torchvision's Bottleneck whose convolutions apply their frozen BN (fold_frozen_bn); on CUDA,
+    where no gradient flows through it (no_gradient_through), each conv + bias + ReLU, and the
+    last one's residual add, is one kernel."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _use_fused(x):
+        if not _use_fused(x, self):
             return super().forward(x)
         out = self.conv2.fused(self.conv1.fused(x))
         identity = x if self.downsample is None else self.downsample(x)
@@ -131,7 +142,7 @@ class FoldedBasicBlock(BasicBlock):
     """BasicBlock counterpart of FoldedBottleneck."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _use_fused(x):
+        if not _use_fused(x, self):
             return super().forward(x)
         identity = x if self.downsample is None else self.downsample(x)
         return self.conv2.fused(self.conv1.fused(x), residual=identity)

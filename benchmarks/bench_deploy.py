@@ -151,11 +151,13 @@ def main():
     stages = list(STAGES)
     print("\nms per frame by stage (thread: " + ", ".join(f"{k} {v}" for k, v in STAGES.items())
           + "; the drawing pool's time summed over its threads)")
-    print("| drawing | detections/frame | " + " | ".join(stages) + " |")
-    print("|---|---|" + "---|" * len(stages))
+    print("| drawing | detections/frame | " + " | ".join(stages) + " | busiest thread |")
+    print("|---|---|" + "---|" * len(stages) + "---|")
     for label, dets, _, d in rows:
-        per = d["stage_ms_per_frame"]
-        print(f"| {label} | {dets} | " + " | ".join(f"{per[k]:.2f}" for k in stages) + " |")
+        per, busy = d["stage_ms_per_frame"], d["thread_ms_per_frame"]
+        thread = max(busy, key=busy.get)
+        print(f"| {label} | {dets} | " + " | ".join(f"{per[k]:.2f}" for k in stages)
+              + f" | {thread} {busy[thread]:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -133,3 +133,19 @@ def test_percentiles():
     assert percentiles(values) == {"p50": 50.5, "p90": pytest.approx(90.1),
                                    "p99": pytest.approx(99.01)}
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+
+
+def test_summary_names_the_busiest_thread():
+    from mrcnn_helpers.deploy import DeployStats
+
+    stats = DeployStats(backend="pytorch", batch_size=8, frames=100, seconds=1.0, draw_threads=2)
+    for stage, seconds in {"decode": 0.2, "preprocess": 0.1, "model": 0.3, "masks": 0.1,
+                           "to_host": 0.05, "draw": 1.4, "encode": 0.6}.items():
+        stats.add_time(stage, seconds)
+    busy = stats.thread_ms_per_frame()
+    assert busy == pytest.approx({"decoder": 2.0, "inference": 5.5, "drawing pool": 7.0,
+                                  "writer": 6.0})
+    assert stats.summary().splitlines()[-1] == (
+        "busiest thread: drawing pool, 7.00 ms per frame (at most 143 FPS from it)")
+    assert stats.as_dict()["thread_ms_per_frame"] == busy
+    assert "busiest" not in DeployStats(backend="onnx", batch_size=1).summary()

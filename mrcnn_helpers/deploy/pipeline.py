@@ -82,6 +82,16 @@ class DeployStats:
         return {k: 1000.0 * v / self.frames if self.frames else 0.0
                 for k, v in self.stage_seconds.items()}
 
+    def thread_ms_per_frame(self) -> dict:
+        """Milliseconds per frame each thread is busy (a drawing thread's share of the pool's
+        time): the busiest one caps the frame rate at 1000 / its milliseconds."""
+        per_frame = self.stage_ms_per_frame()
+        busy = dict.fromkeys(dict.fromkeys(STAGES.values()), 0.0)
+        for stage, thread in STAGES.items():
+            busy[thread] += per_frame[stage]
+        busy["drawing pool"] /= max(1, self.draw_threads)
+        return busy
+
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
@@ -93,6 +103,7 @@ class DeployStats:
                 "service_ms": percentiles(self.service_latency_ms),
                 "infer_ms_per_batch": percentiles(self.infer_latency_ms),
                 "stage_ms_per_frame": self.stage_ms_per_frame(),
+                "thread_ms_per_frame": self.thread_ms_per_frame(),
                 "draw_threads": self.draw_threads}
 
     def summary(self) -> str:
@@ -109,6 +120,11 @@ class DeployStats:
         lines.append("ms per frame by stage: " + ", ".join(
             f"{k} {v:.2f}" for k, v in per_frame.items())
             + f" (threads: decoder; inference; {self.draw_threads} drawing; writer)")
+        busy = self.thread_ms_per_frame()
+        thread = max(busy, key=busy.get)
+        if busy[thread] > 0:
+            lines.append(f"busiest thread: {thread}, {busy[thread]:.2f} ms per frame (at most "
+                         f"{1000.0 / busy[thread]:.0f} FPS from it)")
         return "\n".join(lines)
 
 

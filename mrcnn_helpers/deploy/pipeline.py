@@ -178,7 +178,7 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
 def draw_threads_for(cpus: int | None = None) -> int:
     """Drawing threads for this machine: 2 where the cores allow (drawing outlines and labels
     holds the GIL for much of its ~1-3 ms per frame, so more threads mostly wait for it: on the
-    H200 machine 4 made 69 FPS where 2 made 89 at 100 detections per frame), 1 on a machine of
+    H200 machine 4 made 57 FPS where 2 made 69 at 100 detections per frame), 1 on a machine of
     fewer than 4 cores."""
     cpus = cpus or os.cpu_count() or 1
     return 2 if cpus >= 4 else 1

@@ -438,7 +438,9 @@ def test_ap_and_deploy_tables_hold_the_numbers():
     stats = DeployStats(backend="pytorch", batch_size=2, frames=4, detections=7, seconds=2.0,
                         frame_latency_ms=[10.0, 20.0, 30.0, 40.0], infer_latency_ms=[5.0, 7.0])
     row = nb_helpers.deploy_stats_table({"run": stats}).rows[0]
-    assert row == ["run", "pytorch", 2, 4, 2.0, 25.0, 37.0, 6.0, 7]
+    assert row == ["run", "pytorch", 2, 4, 2.0, 25.0, 37.0, 6.0, 7, ""]
+    stats.add_time("encode", 0.04)  # 10 ms per frame in the writer
+    assert nb_helpers.deploy_stats_table({"run": stats}).rows[0][-1] == "writer 10.0 ms"
 
 
 def test_no_cell_failed_and_the_repository_is_untouched(executed):

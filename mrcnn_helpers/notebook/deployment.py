@@ -171,16 +171,19 @@ def write_video(image_dir, path, *, fps: float = 5.0, max_frames: int | None = N
 
 def deploy_stats_table(runs: dict) -> Table:
     """deploy.DeployStats of several runs side by side: {run name: stats} -> one row per run with
-    frames, FPS, frame latency p50 / p90 (decode to written, ms), inference ms per batch (p50)
-    and detections drawn."""
+    frames, FPS, frame latency p50 / p90 (decode to written, ms), inference ms per batch (p50),
+    detections drawn and the busiest thread (what to speed up first) with its ms per frame."""
     rows = []
     for name, stats in runs.items():
         latency, infer = percentiles(stats.frame_latency_ms), percentiles(stats.infer_latency_ms)
+        busy = stats.thread_ms_per_frame()
+        thread = max(busy, key=busy.get)
         rows.append([name, stats.backend, stats.batch_size, stats.frames, round(stats.fps, 2),
                      round(latency["p50"], 1), round(latency["p90"], 1), round(infer["p50"], 1),
-                     stats.detections])
+                     stats.detections, f"{thread} {busy[thread]:.1f} ms" if busy[thread] else ""])
     return Table(["run", "backend", "batch", "frames", "FPS", "latency p50 ms", "latency p90 ms",
-                  "infer ms/batch p50", "detections"], rows, title="Deploy throughput and latency")
+                  "infer ms/batch p50", "detections", "busiest thread"], rows,
+                 title="Deploy throughput and latency")
 
 
 def show_frames(source, num_frames: int = 4, cols: int = 4) -> Figure:

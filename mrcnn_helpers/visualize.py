@@ -78,20 +78,39 @@ def _area(boxes: np.ndarray) -> np.ndarray:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def mask_extents(masks: np.ndarray) -> np.ndarray:
+    """int64 [N, 4]: the half-open rows and columns (y0, y1, x0, x1) each bool mask of
+    [N, h, w] occupies ([0, 0, 0, 0] for an empty one), from one max over each axis of its bytes
+    (numpy's any() over bools is several times slower)."""
+    as_bytes = masks.view(np.uint8)
+    ranges = []
+    for occupied in (as_bytes.max(axis=2) > 0, as_bytes.max(axis=1) > 0):
+        first = occupied.argmax(axis=1)
+        last = occupied.shape[1] - occupied[:, ::-1].argmax(axis=1)
+        empty = ~occupied.any(axis=1)
+        ranges += [np.where(empty, 0, first), np.where(empty, 0, last)]
+    return np.stack(ranges, axis=1).astype(np.int64)
+
+
 def _one_per_object(boxes: np.ndarray, masks: np.ndarray | None, order: np.ndarray,
-                    overlap: float) -> np.ndarray:
+                    overlap: float, extents: np.ndarray | None = None) -> np.ndarray:
     """Indices of `order` (best first) that are not another drawing of an object already kept:
     with masks, one whose mask lies more than `overlap` under the kept masks; without, one whose
     box overlaps a kept box with IoU above `overlap`. Class-agnostic, so an object claimed by
-    two classes (or twice by one) is drawn once; occluded neighbours keep their visible masks."""
+    two classes (or twice by one) is drawn once; occluded neighbours keep their visible masks.
+    extents: mask_extents(masks), where the masks are read (each mask is empty outside it)."""
     kept: list[int] = []
     covered = None if masks is None else np.zeros(masks.shape[1:], dtype=bool)
+    if masks is not None and extents is None:
+        extents = mask_extents(masks)
     for i in order:
         if masks is not None:
-            area = int(masks[i].sum())
-            if area and np.count_nonzero(masks[i] & covered) > overlap * area:
+            y0, y1, x0, x1 = extents[i]
+            mask, under = masks[i, y0:y1, x0:x1], covered[y0:y1, x0:x1]
+            area = int(np.count_nonzero(mask))
+            if area and np.count_nonzero(mask & under) > overlap * area:
                 continue
-            covered |= masks[i]
+            under |= mask
         elif kept:
             k, b = boxes[kept], boxes[i]
             ix = np.clip(np.minimum(k[:, 2], b[2]) - np.maximum(k[:, 0], b[0]), 0, None)
@@ -134,15 +153,23 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
     order = np.flatnonzero(keep)
     if scores_np is not None:
         order = order[np.argsort(-scores_np[order], kind="stable")]
+    extents = None if masks is None else mask_extents(masks)
     if duplicate_overlap is not None:
-        order = _one_per_object(boxes, masks, order, duplicate_overlap)
-    if masks is not None:
-        out = canvas.astype(np.float32)
+        order = _one_per_object(boxes, masks, order, duplicate_overlap, extents)
+    if masks is not None and len(order):
+        # Only the masks' regions are read and blended (a mask is empty outside its extent);
+        # in float32 inside the rectangle holding all of them, rounded once at the end.
+        drawn = extents[order]
+        top, left = drawn[:, 0].min(), drawn[:, 2].min()
+        bottom, right = drawn[:, 1].max(), drawn[:, 3].max()
+        out = canvas[top:bottom, left:right].astype(np.float32)
         for i in order[::-1]:  # the best on top
-            m = masks[i]
+            y0, y1, x0, x1 = extents[i]
+            m = masks[i, y0:y1, x0:x1]
+            region = out[y0 - top:y1 - top, x0 - left:x1 - left]
             color = np.array(class_color(classes[i]), dtype=np.float32)
-            out[m] = out[m] * (1.0 - mask_alpha) + color * mask_alpha
-        canvas = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+            region[m] = region[m] * (1.0 - mask_alpha) + color * mask_alpha
+        canvas[top:bottom, left:right] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return draw_boxes_and_labels(canvas, boxes, scores_np, classes, class_names, order)
 
 

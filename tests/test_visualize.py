@@ -117,3 +117,49 @@ def test_palette_reads_on_white_and_colors_differ():
     assert all(contrast_with_white(c) >= 3.0 for c in PALETTE), \
         [c for c in PALETTE if contrast_with_white(c) < 3.0]
     assert [class_color(k) for k in (1, 2, 3)] == list(PALETTE[:3])
+
+
+def test_mask_extents():
+    from mrcnn_helpers.visualize import mask_extents
+
+    masks = np.zeros((3, 6, 8), dtype=bool)
+    masks[0, 1:3, 2:7] = True
+    masks[1, 5, 0] = True  # empty masks[2]
+    assert mask_extents(masks).tolist() == [[1, 3, 2, 7], [5, 6, 0, 1], [0, 0, 0, 0]]
+
+
+def test_masks_read_within_their_extents_draw_what_full_frame_masks_draw():
+    """draw_instances reads and blends each mask only inside its extent: the image equals the
+    whole-frame computation (one drawing per object chosen over full masks, then each blended
+    over the frame in float32), for masks anywhere, duplicated or empty."""
+    from mrcnn_helpers.visualize import class_color, draw_boxes_and_labels
+
+    rng = np.random.default_rng(3)
+    names = ["background"] + [f"c{i}" for i in range(1, 12)]
+    for trial in range(20):
+        h, w, n = 40 + trial, 60, 8
+        frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        masks = rng.random((n, h, w)) < 0.05
+        masks[3:5] = False
+        masks[3, 5:20, 10:30] = True
+        masks[4] = masks[3]  # a second drawing of object 3
+        masks[5] = False
+        boxes = np.tile([5.0, 5.0, 30.0, 25.0], (n, 1))
+        scores, classes = rng.uniform(0.3, 1, n), rng.integers(1, 12, n)
+        order, covered = [], np.zeros((h, w), dtype=bool)
+        for i in np.argsort(-scores, kind="stable"):
+            area = int(masks[i].sum())
+            if area and np.count_nonzero(masks[i] & covered) > 0.6 * area:
+                continue
+            covered |= masks[i]
+            order.append(i)
+        out = frame.astype(np.float32)
+        for i in order[::-1]:
+            color = np.array(class_color(classes[i]), dtype=np.float32)
+            out[masks[i]] = out[masks[i]] * 0.5 + color * 0.5
+        blended = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        want = np.asarray(draw_boxes_and_labels(blended, boxes, scores, classes, names,
+                                                np.array(order)))
+        got = np.asarray(draw_instances(frame, boxes, scores, classes, names, masks=masks))
+        assert (3 in order) != (4 in order) and 5 in order
+        assert np.array_equal(got, want), trial

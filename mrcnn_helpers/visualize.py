@@ -146,7 +146,7 @@ def draw_instances(image, boxes, scores, classes, class_names, masks=None,
     scores_np = None if scores is None else _to_numpy(scores).astype(np.float64).reshape(-1)
     keep = np.ones(n, dtype=bool) if scores_np is None else scores_np >= score_threshold
     if masks is not None:
-        masks = _to_numpy(masks).astype(bool)
+        masks = _to_numpy(masks).astype(bool, copy=False)
         if masks.shape != (n, height, width):
             raise ValueError(f"masks must be [N={n}, h={height}, w={width}] like the image, got "
                              f"{tuple(masks.shape)}")

@@ -11,7 +11,9 @@ filling boxes of 30-300 px) with scores and classes. Rows:
   it draws every instance, no choice of one drawing per object);
 - deploy.overlay.composite_masks + visualize.draw_boxes_and_labels on --device (the deploy
   pipeline's path for a PyTorch model; on CUDA the Triton blend).
-Prints ms per frame with the machine, date and versions.
+And the step before drawing on the host: pasting the detections' 28x28 masks at full
+resolution on the CPU, over the whole image (paste_masks_in_image, then the threshold) against
+paste_binary_masks (over each box only). Prints ms per frame with the machine, date and versions.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import torchvision
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from mrcnn_helpers.deploy.overlay import composite_masks
+from mrcnn_helpers.model.masks import paste_binary_masks, paste_masks_in_image
 from mrcnn_helpers.visualize import class_color, draw_boxes_and_labels, draw_instances
 
 H, W = 832, 1344
@@ -54,6 +57,35 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
     return (time.perf_counter() - start) / repeats * 1000.0
 
 
+def measure(n: int, rng, names, repeats: int, device, sync) -> tuple:
+    """(n, draw_instances ms, torchvision ms, deploy path ms, whole-image paste ms, paste over
+    the boxes ms) for one scene of n detections."""
+    frame, boxes, masks, scores, classes = scene(n, rng)
+    ours = timed(lambda: draw_instances(frame, boxes, scores, classes, names, masks=masks),
+                 repeats)
+    image, tmasks = torch.from_numpy(frame).permute(2, 0, 1), torch.from_numpy(masks)
+    tboxes = torch.from_numpy(boxes).float()
+    colors = [class_color(int(c)) for c in classes]
+    labels = [f"{names[int(c)]} {s:.2f}" for c, s in zip(classes, scores, strict=True)]
+
+    def stock():
+        drawn = draw_segmentation_masks(image, tmasks, alpha=0.5, colors=colors)
+        return draw_bounding_boxes(drawn, tboxes, labels=labels, colors=colors, width=4)
+
+    dframe = torch.from_numpy(frame).to(device)
+    dmasks, dclasses = torch.from_numpy(masks).to(device), torch.from_numpy(classes)
+
+    def deploy_path():
+        blended, drawn = composite_masks(dframe, dmasks, dclasses)
+        return draw_boxes_and_labels(blended.cpu().numpy(), boxes, scores, classes, names,
+                                     drawn.numpy())
+
+    probs = torch.rand(n, 28, 28, generator=torch.Generator().manual_seed(n))
+    whole = timed(lambda: paste_masks_in_image(probs, tboxes, H, W) >= 0.5, repeats)
+    in_boxes = timed(lambda: paste_binary_masks(probs, tboxes, H, W), repeats)
+    return (n, ours, timed(stock, repeats), timed(deploy_path, repeats, sync), whole, in_boxes)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--detections", default="20,100")
@@ -64,32 +96,8 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = ["background"] + [f"class{i}" for i in range(1, 91)]
     rng = np.random.default_rng(0)
-    rows = []
-    for n in (int(v) for v in args.detections.split(",")):
-        frame, boxes, masks, scores, classes = scene(n, rng)
-        ours = timed(lambda: draw_instances(frame, boxes, scores, classes, names, masks=masks),
-                     args.repeats)
-        image, tmasks = torch.from_numpy(frame).permute(2, 0, 1), torch.from_numpy(masks)
-        tboxes = torch.from_numpy(boxes).float()
-        colors = [class_color(int(c)) for c in classes]
-        labels = [f"{names[int(c)]} {s:.2f}" for c, s in zip(classes, scores, strict=True)]
-
-        def stock(image=image, tmasks=tmasks, tboxes=tboxes, colors=colors, labels=labels):
-            drawn = draw_segmentation_masks(image, tmasks, alpha=0.5, colors=colors)
-            return draw_bounding_boxes(drawn, tboxes, labels=labels, colors=colors, width=4)
-
-        stock_ms = timed(stock, args.repeats)
-        dframe = torch.from_numpy(frame).to(device)
-        dmasks, dclasses = torch.from_numpy(masks).to(device), torch.from_numpy(classes)
-
-        def deploy_path(dframe=dframe, dmasks=dmasks, dclasses=dclasses, boxes=boxes,
-                        scores=scores, classes=classes):
-            blended, drawn = composite_masks(dframe, dmasks, dclasses)
-            return draw_boxes_and_labels(blended.cpu().numpy(), boxes, scores, classes, names,
-                                         drawn.numpy())
-
-        deploy_ms = timed(deploy_path, args.repeats, sync)
-        rows.append((n, ours, stock_ms, deploy_ms))
+    rows = [measure(int(v), rng, names, args.repeats, device, sync)
+            for v in args.detections.split(",")]
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else platform.processor() or platform.machine())
     print(f"{datetime.date.today()}, {os.cpu_count()} CPU cores, deploy path on {args.device} "
@@ -98,8 +106,12 @@ def main():
     print("| detections | draw_instances (host) ms | torchvision draw_segmentation_masks + "
           "draw_bounding_boxes ms | composite_masks + labels (deploy path) ms |")
     print("|---|---|---|---|")
-    for n, ours, stock_ms, deploy_ms in rows:
+    for n, ours, stock_ms, deploy_ms, _, _ in rows:
         print(f"| {n} | {ours:.1f} | {stock_ms:.1f} | {deploy_ms:.1f} |")
+    print("\n| detections | paste on the CPU, whole image, ms | over the boxes, ms |")
+    print("|---|---|---|")
+    for n, *_, whole, in_boxes in rows:
+        print(f"| {n} | {whole:.1f} | {in_boxes:.1f} |")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,27 @@ def test_paste_masks_hand_values():
     assert paste_masks_in_image(torch.zeros(0, 4, 4), torch.zeros(0, 4), 5, 5).shape == (0, 5, 5)
 
 
+def test_binary_paste_over_the_boxes_equals_the_whole_image_paste():
+    """Without the Triton kernel, paste_binary_masks computes each mask over its box only: the
+    same pixels as thresholding paste_masks_in_image, for boxes inside, across the edges, wholly
+    outside, under one pixel, and not finite (pasted as nothing)."""
+    from mrcnn_helpers.model.masks import paste_binary_masks
+
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 40, 37, 53
+    masks = torch.rand(n, 7, 7, generator=g)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w + 20.0, h + 20.0]) - 10
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 30], dim=1)
+    boxes[:4, 2:] = boxes[:4, :2] + 0.2  # under one pixel
+    boxes[4] = torch.tensor([float("nan"), 1.0, 5.0, 9.0])
+    boxes[5] = torch.tensor([1.0, 1.0, float("inf"), 9.0])
+    want = paste_masks_in_image(masks, boxes, h, w) >= 0.5
+    got = paste_binary_masks(masks, boxes, h, w, 0.5)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert want.any() and not got[4].any() and not got[5].any()
+    assert paste_binary_masks(masks[:0], boxes[:0], h, w).shape == (0, h, w)
+
+
 # ---------------- whole model ----------------
 def make_targets(batch, m=5, size=28, with_objects=True):
     boxes = torch.zeros(batch, m, 4)

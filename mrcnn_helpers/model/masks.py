@@ -47,10 +47,11 @@ def project_masks_to_rois(gt_masks: Tensor, gt_boxes: Tensor, rois: Tensor, matc
     return out.reshape(batch, q, resolution, resolution).clamp(0.0, 1.0)
 
 
-def _interpolation_matrix(start: Tensor, size: Tensor, length: int, resolution: int) -> Tensor:
-    """W[n, p, r]: weight of mask cell r in the bilinear sample at output pixel centre p + 0.5
-    (zero padding beyond the mask's cells; zero outside the box)."""
-    centres = torch.arange(length, device=start.device, dtype=torch.float32) + 0.5
+def _interpolation_matrix(start: Tensor, size: Tensor, length: int, resolution: int,
+                          first: int = 0) -> Tensor:
+    """W[n, p, r]: weight of mask cell r in the bilinear sample at output pixel centre
+    first + p + 0.5 (zero padding beyond the mask's cells; zero outside the box)."""
+    centres = torch.arange(first, first + length, device=start.device, dtype=torch.float32) + 0.5
     # Position in mask cells: the box's edges are the mask's outer edges (cell centres at r + 0.5).
     u = (centres[None] - start[:, None]) / size[:, None] * resolution - 0.5  # [n, length]
     cells = torch.arange(resolution, device=start.device, dtype=torch.float32)
@@ -96,4 +97,35 @@ def paste_binary_masks(masks: Tensor, boxes: Tensor, height: int, width: int,
     the matrix-product paste is thresholded."""
     if kernels.available(masks):
         return paste_binary_kernel(masks, boxes, height, width, threshold)
-    return paste_masks_in_image(masks, boxes, height, width) >= threshold
+    return _paste_binary_in_boxes(masks, boxes, height, width, threshold)
+
+
+def _paste_binary_in_boxes(masks: Tensor, boxes: Tensor, height: int, width: int,
+                           threshold: float) -> Tensor:
+    """paste_binary_masks without the Triton kernel: each mask pasted by the same two matrix
+    products, over the pixels of its box only (outside it every pixel is 0). A detection's box
+    covers a few percent of the image: at 1344x832, 20 masks took 61 ms on the whole image on
+    two CPU cores."""
+    n, resolution = masks.shape[0], masks.shape[-1]
+    out = torch.zeros((n, height, width), dtype=torch.bool, device=masks.device)
+    if n == 0 or height == 0 or width == 0:
+        return out
+    boxes = boxes.float()
+    # Pixels whose centres can lie in the box, with a pixel to spare on each side.
+    finite = torch.isfinite(boxes).all(dim=1)
+    safe = torch.where(finite[:, None], boxes, torch.zeros_like(boxes))
+    lo = (safe[:, :2].floor() - 1).clamp(min=0)
+    hi = safe[:, 2:].ceil() + 1
+    bounds = torch.cat([lo, torch.minimum(hi, torch.tensor([width, height], dtype=hi.dtype,
+                                                            device=hi.device))], dim=1)
+    for i, ((x0, y0, x1, y1), ok) in enumerate(zip(bounds.long().tolist(), finite.tolist(),
+                                                   strict=True)):
+        if not ok or x1 <= x0 or y1 <= y0:
+            continue
+        b = boxes[i:i + 1]
+        wx = _interpolation_matrix(b[:, 0], (b[:, 2] - b[:, 0]).clamp(min=1e-3), x1 - x0,
+                                   resolution, first=x0)[0]
+        wy = _interpolation_matrix(b[:, 1], (b[:, 3] - b[:, 1]).clamp(min=1e-3), y1 - y0,
+                                   resolution, first=y0)[0]
+        out[i, y0:y1, x0:x1] = (wy @ (masks[i].float() @ wx.t())) >= threshold
+    return out

@@ -138,8 +138,16 @@ class ProcessVideoWriter:
         size = SLOTS * height * width * 3
         fd, shm = tempfile.mkstemp(prefix="mrcnn-frames-", dir=SHM_DIR)
         try:
-            os.ftruncate(fd, size)
-            os.close(fd)
+            try:
+                # Reserved now: a /dev/shm too small (Docker's default is 64 MB) fails here with
+                # ENOSPC, not later with SIGBUS when a frame is copied in.
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                self.kill()
+                raise DataError(f"no room for {SLOTS} frames of {width}x{height} in {SHM_DIR} "
+                                f"({exc.strerror})") from None
+            finally:
+                os.close(fd)
             self._map, self._frames = _map(shm, size, SLOTS, height, width)
             self._send(json.dumps({"shm": shm, "slots": SLOTS, "height": height,
                                    "width": width, "path": str(path), "fourcc": fourcc,

@@ -488,3 +488,23 @@ def test_labels_and_annotation_file_faults(files, tmp_path, capsys):
         line = cli_error(capsys, "infer", "-m", ckpt, "-i", images, "-o", str(out), option, value)
         assert line.startswith("error: ") and expected in line, (option, value, line)
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_no_room_in_dev_shm_falls_back_to_the_writer_thread(tmp_path, monkeypatch):
+    """/dev/shm too small for the frames (Docker's default 64 MB and a 4K video): a warning,
+    then the writer thread encodes; nothing is left in /dev/shm."""
+    pytest.importorskip("cv2")
+    if not deploy_io.video_writer.available():
+        pytest.skip("no /dev/shm")
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(deploy_io.video_writer.os, "posix_fallocate", no_space)
+    sink = deploy_io.VideoSink(tmp_path / "out.avi", 10.0, encoder_process=True)
+    frame = np.zeros((64, 96, 3), np.uint8)
+    with pytest.warns(UserWarning, match=r"no room for 8 frames of 96x64 in /dev/shm"):
+        sink.write("frame_000000", frame)
+    sink.write("frame_000001", frame)
+    sink.close()
+    assert _frames_in(tmp_path / "out.avi") == 2 and _shm_files() == set()

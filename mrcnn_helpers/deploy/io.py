@@ -188,6 +188,12 @@ class VideoSink:
     failed): then it is removed and an older video at the output path stays as it was. The
     pipeline closes its sink before it re-raises a source's error, so a stream that stops
     keeps the frames it sent.
+
+    encoder_process: encode in a child process (video_writer.ProcessVideoWriter) rather than in
+    the calling thread; None decides by MRCNN_ENCODER_PROCESS, else by the machine's cores
+    (ENCODER_PROCESS_MIN_CPUS). A child that cannot start, or no room for its frames, falls
+    back to the calling thread with a warning. `prepare(frame)` (the BGR conversion) may run on
+    another thread before `write_prepared`; `write` does both.
     """
 
     def __init__(self, path, fps: float, *, encoder_process: bool | None = None):

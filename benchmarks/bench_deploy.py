@@ -129,7 +129,7 @@ def main():
         stats = run_row(model, spec, video, work, args.batch, frames, on_device, device,
                         n_threads)
         d = stats.as_dict()
-        label = (f"masks composited on the GPU, {d['draw_threads']} drawing threads"
+        label = (f"masks composited on the {device.type.upper()}, {d['draw_threads']} drawing threads"
                  if on_device else "masks drawn on the host")
         label += f", encoder {encoder or 'default'}"
         rows.append((label, detections, stats.detections / max(stats.frames, 1), d))

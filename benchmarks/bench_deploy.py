@@ -132,7 +132,8 @@ def main():
         label = (f"masks composited on the {device.type.upper()}, {d['draw_threads']} drawing threads"
                  if on_device else "masks drawn on the host")
         label += f", encoder {encoder or 'default'}"
-        rows.append((label, detections, stats.detections / max(stats.frames, 1), d))
+        rows.append((label, detections, stats.detections / max(stats.frames, 1), d,
+                     stats.busiest_thread()))
     if args.encode_only:
         print(f"encoder alone: {encode_only(video, work, args.encode_only):.2f} ms per frame "
               "(decoded frames converted to BGR and written by the video sink, one thread)")
@@ -144,7 +145,7 @@ def main():
     print("| drawing | detections/frame | above threshold/frame | frames | FPS | latency p50 ms | "
           "p99 ms | inference ms/batch p50 |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, dets, drawn, d in rows:
+    for label, dets, drawn, d, _ in rows:
         print(f"| {label} | {dets} | {drawn:.1f} | {d['frames']} | {d['fps']:.1f} | "
               f"{d['latency_ms']['p50']:.1f} | {d['latency_ms']['p99']:.1f} | "
               f"{d['infer_ms_per_batch']['p50']:.1f} |")
@@ -153,11 +154,10 @@ def main():
           + "; the drawing pool's time summed over its threads)")
     print("| drawing | detections/frame | " + " | ".join(stages) + " | busiest thread |")
     print("|---|---|" + "---|" * len(stages) + "---|")
-    for label, dets, _, d in rows:
-        per, busy = d["stage_ms_per_frame"], d["thread_ms_per_frame"]
-        thread = max(busy, key=busy.get)
+    for label, dets, _, d, (thread, ms) in rows:
+        per = d["stage_ms_per_frame"]
         print(f"| {label} | {dets} | " + " | ".join(f"{per[k]:.2f}" for k in stages)
-              + f" | {thread} {busy[thread]:.2f} ms |")
+              + f" | {thread} {ms:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -78,13 +78,20 @@ def _area(boxes: np.ndarray) -> np.ndarray:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def mask_extents(masks: np.ndarray) -> np.ndarray:
-    """int64 [N, 4]: the half-open rows and columns (y0, y1, x0, x1) each bool mask of
-    [N, h, w] occupies ([0, 0, 0, 0] for an empty one), from one max over each axis of its bytes
-    (numpy's any() over bools is several times slower)."""
-    as_bytes = masks.view(np.uint8)
+def mask_extents(masks) -> np.ndarray:
+    """int64 [N, 4]: the half-open rows and columns (y0, y1, x0, x1) each mask of [N, h, w]
+    (bool array or tensor, on any device) occupies ([0, 0, 0, 0] for an empty one), from one max
+    over each axis of its bytes (an any() over bools is several times slower). What drawing and
+    the RLE encoding (inference/coco_results.py) read each mask within."""
+    if isinstance(masks, torch.Tensor):
+        m = masks.detach()
+        m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
+        occupancy = (m.amax(dim=2).cpu().numpy() > 0, m.amax(dim=1).cpu().numpy() > 0)
+    else:
+        as_bytes = np.asarray(masks).astype(bool, copy=False).view(np.uint8)
+        occupancy = (as_bytes.max(axis=2) > 0, as_bytes.max(axis=1) > 0)
     ranges = []
-    for occupied in (as_bytes.max(axis=2) > 0, as_bytes.max(axis=1) > 0):
+    for occupied in occupancy:
         first = occupied.argmax(axis=1)
         last = occupied.shape[1] - occupied[:, ::-1].argmax(axis=1)
         empty = ~occupied.any(axis=1)

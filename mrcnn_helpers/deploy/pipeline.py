@@ -92,6 +92,12 @@ class DeployStats:
         busy["drawing pool"] /= max(1, self.draw_threads)
         return busy
 
+    def busiest_thread(self) -> tuple[str, float]:
+        """(thread, ms per frame) of the busiest thread: what to speed up first."""
+        busy = self.thread_ms_per_frame()
+        thread = max(busy, key=busy.get)
+        return thread, busy[thread]
+
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
@@ -120,11 +126,10 @@ class DeployStats:
         lines.append("ms per frame by stage: " + ", ".join(
             f"{k} {v:.2f}" for k, v in per_frame.items())
             + f" (threads: decoder; inference; {self.draw_threads} drawing; writer)")
-        busy = self.thread_ms_per_frame()
-        thread = max(busy, key=busy.get)
-        if busy[thread] > 0:
-            lines.append(f"busiest thread: {thread}, {busy[thread]:.2f} ms per frame (at most "
-                         f"{1000.0 / busy[thread]:.0f} FPS from it)")
+        thread, ms = self.busiest_thread()
+        if ms > 0:
+            lines.append(f"busiest thread: {thread}, {ms:.2f} ms per frame (at most "
+                         f"{1000.0 / ms:.0f} FPS from it)")
         return "\n".join(lines)
 
 
@@ -336,8 +341,6 @@ class _Pipeline:
         frames, masks = torch.stack(uploaded), post["masks"]
         if masks is None:
             return frames, post, None
-        if masks.shape[1] == 0:
-            return frames, post, post["valid"]
         frames, drawn = composite_batch(frames, masks, post["classes"], post["valid"])
         return frames, post, drawn
 

@@ -22,32 +22,13 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from mrcnn_helpers.visualize import mask_extents
+
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _occupied_ranges(masks) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [N, 2], cols [N, 2]) half-open ranges each mask of [N, h, w] occupies ([0, 0] for an
-    empty one), from any() over rows and over columns."""
-    if isinstance(masks, torch.Tensor):
-        # amax over the bytes: torch's bool any() is several times slower on the CPU.
-        m = masks.detach()
-        m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
-        rows_any = m.amax(dim=2).cpu().numpy().astype(bool)
-        cols_any = m.amax(dim=1).cpu().numpy().astype(bool)
-    else:
-        m = np.asarray(masks).astype(bool, copy=False)
-        rows_any, cols_any = m.any(axis=2), m.any(axis=1)
-    ranges = []
-    for occupied in (rows_any, cols_any):
-        first = occupied.argmax(axis=1)
-        last = occupied.shape[1] - occupied[:, ::-1].argmax(axis=1)
-        empty = ~occupied.any(axis=1)
-        ranges.append(np.stack([np.where(empty, 0, first), np.where(empty, 0, last)], axis=1))
-    return ranges[0], ranges[1]
 
 
 def rle_counts(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
@@ -107,12 +88,12 @@ def encode_masks(masks) -> list[dict]:
         return (mask_utils.frPyObjects(uncompressed, masks.height, masks.width)
                 if uncompressed else [])
     n, height, width = masks.shape
-    rows, cols = _occupied_ranges(masks)
+    extents = mask_extents(masks)
     if isinstance(masks, torch.Tensor):
         masks = masks.detach()
     uncompressed = []
     for i in range(n):
-        (y0, y1), (x0, x1) = rows[i], cols[i]
+        y0, y1, x0, x1 = extents[i]
         crop = masks[i, y0:y1, x0:x1]
         crop = crop.cpu().numpy() if isinstance(crop, torch.Tensor) else np.asarray(crop)
         counts = rle_counts(crop.astype(bool, copy=False), int(y0), int(x0), height, width)

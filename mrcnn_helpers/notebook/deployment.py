@@ -176,11 +176,10 @@ def deploy_stats_table(runs: dict) -> Table:
     rows = []
     for name, stats in runs.items():
         latency, infer = percentiles(stats.frame_latency_ms), percentiles(stats.infer_latency_ms)
-        busy = stats.thread_ms_per_frame()
-        thread = max(busy, key=busy.get)
+        thread, ms = stats.busiest_thread()
         rows.append([name, stats.backend, stats.batch_size, stats.frames, round(stats.fps, 2),
                      round(latency["p50"], 1), round(latency["p90"], 1), round(infer["p50"], 1),
-                     stats.detections, f"{thread} {busy[thread]:.1f} ms" if busy[thread] else ""])
+                     stats.detections, f"{thread} {ms:.1f} ms" if ms else ""])
     return Table(["run", "backend", "batch", "frames", "FPS", "latency p50 ms", "latency p90 ms",
                   "infer ms/batch p50", "detections", "busiest thread"], rows,
                  title="Deploy throughput and latency")

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from mrcnn_helpers.model import backbone, build_model, place_model
+from mrcnn_helpers.model import build_model, fused_conv, place_model
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 SEED_SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "maskrcnn_coco_resnet50.txt")
@@ -73,7 +73,7 @@ def main():
                 return bb(inp)
         return fn
 
-    backbone.FUSED_CONV = False
+    fused_conv.ENABLED = False
     g, ref = graphed(run(model.backbone), x)
     rows.append(("backbone+FPN, conv with bias, separate ReLU/add", time_graph(g, args.iters), 0.0))
     ref = [r.float().clone() for r in ref]
@@ -85,7 +85,7 @@ def main():
             rows.append(("same, torch.compile", time_graph(g, args.iters), diff))
         except Exception as exc:  # noqa: BLE001 - an experiment: report and go on
             print("torch.compile failed:", repr(exc)[:300])
-    backbone.FUSED_CONV = True
+    fused_conv.ENABLED = True
     g, out = graphed(run(model.backbone), x)
     diff = max((o.float() - r).abs().max().item() for o, r in zip(out, ref))
     unfused = sum(m.__dict__.get("_no_fused_engine", False) for m in model.backbone.modules())

@@ -3,6 +3,7 @@ optimizer) and the top CUDA kernels, for the seed spec at 832x1344, batch 8, bf1
 the same for inference (score threshold 0: 100 detections per image, all masks pasted).
 
     python benchmarks/profile_train_step.py [--batch 8] [--objects 8] [--infer] [--shapes]
+                                            [--height 832 --width 1344]
 
 Stages are marked with forward hooks on the model's top-level modules, so the model code carries
 no profiling calls. Needs a CUDA GPU.
@@ -43,10 +44,13 @@ def main():
                     help="profile inference (100 detections/image, masks pasted) instead")
     ap.add_argument("--shapes", action="store_true",
                     help="also list the top operators grouped by input shapes")
+    ap.add_argument("--height", type=int, default=832)
+    ap.add_argument("--width", type=int, default=1344)
     args = ap.parse_args()
     device = torch.device("cuda")
     spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
-        "data_config.max_num_instances": 100, "maskrcnn_config.test_score_thresh": 0.0})
+        "data_config.max_num_instances": 100, "maskrcnn_config.test_score_thresh": 0.0,
+        "data_config.image_size": (args.height, args.width)})
     h, w = spec.data_config.image_size
     gen = torch.Generator().manual_seed(0)
     images, boxes, classes, rel_masks, _ = synthetic_batch(

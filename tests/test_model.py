@@ -359,56 +359,127 @@ def test_losses_are_free_functions_with_hand_computed_values():
     assert maskrcnn_loss(masks, torch.ones(2, 4, 4), torch.tensor([False, False])).item() == 0.0
 
 
-@pytest.mark.parametrize("nlayers", [18, 50])
-def test_fused_inference_blocks_compute_the_unfused_forward(nlayers, monkeypatch):
-    """The inference path of FoldedBottleneck / FoldedBasicBlock (one cuDNN conv + bias + ReLU
-    (+ residual) kernel per convolution on CUDA; here its fallback on the CPU) gives the
-    features of torchvision's block forward."""
+def _backbone_with_random_frozen_statistics(nlayers, freeze_blocks):
     from mrcnn_helpers.model import backbone as bb
 
     torch.manual_seed(0)
-    net = bb.ResNetFPN(nlayers, 2, 6, freeze_bn=True, freeze_blocks=(0, 1)).eval()
+    net = bb.ResNetFPN(nlayers, 2, 6, freeze_bn=True, freeze_blocks=freeze_blocks)
     for m in net.modules():  # non-trivial frozen statistics
         if isinstance(m, bb.FrozenBatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.3, 0.3)
+    return net.double()  # float64: the paths agree to rounding, not to fp32's (outputs ~200)
+
+
+@pytest.mark.parametrize("nlayers", [18, 50])
+def test_fused_inference_blocks_compute_the_unfused_forward(nlayers, monkeypatch):
+    """The inference path of FoldedBottleneck / FoldedBasicBlock (one cuDNN conv + bias + ReLU
+    (+ residual) kernel per convolution on CUDA; here its reference composition on the CPU) gives
+    the features of torchvision's block forward (the downsample's bias, added in the last
+    convolution's kernel instead, changes the rounding only)."""
+    from mrcnn_helpers.model import backbone as bb
+
+    net = _backbone_with_random_frozen_statistics(nlayers, (0, 1)).eval()
     blocks = [m for m in net.modules() if isinstance(m, (bb.FoldedBottleneck, bb.FoldedBasicBlock))]
     assert len(blocks) == {18: 8, 50: 16}[nlayers]
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
         monkeypatch.setattr(bb, "_use_fused", lambda x, block: False)
         expected = net(x)
         monkeypatch.setattr(bb, "_use_fused", lambda x, block: True)
         got = net(x)
     for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, e)
 
 
-def test_frozen_blocks_before_the_trainable_ones_take_the_fused_path_in_training(monkeypatch):
-    """In training, the frozen blocks that no gradient flows through (layer1's, after the frozen
-    stem) may use the fused kernels; the trainable ones (layer2 on) may not; the
-    features and the gradients of the trainable weights are those of the unfused forward."""
+@pytest.mark.parametrize("nlayers", [18, 50])
+def test_fused_blocks_train_like_the_unfused_ones(nlayers, monkeypatch):
+    """In training every folded block takes the fused path (frozen and trainable alike): the
+    features, and the gradients of the trainable convolution weights, of the BN parameters
+    (none: frozen) and of the input are those of torchvision's block forward under autograd."""
     from mrcnn_helpers.model import backbone as bb
 
-    torch.manual_seed(0)
-    net = bb.ResNetFPN(50, 2, 6, freeze_bn=True, freeze_blocks=(0, 1)).train()
-    seen = {}
-    x = torch.randn(2, 3, 64, 96)
+    net = _backbone_with_random_frozen_statistics(nlayers, (0,)).train()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    params = [net.body["layer1"][0].conv1.weight, net.body["layer2"][0].downsample[0].weight,
+              net.body["layer4"][-1].conv2.weight]
+    calls = []
 
-    def record(x, block):
-        seen[block] = bb.no_gradient_through(x, block)
-        return seen[block]
+    def results(fused):
+        monkeypatch.setattr(bb, "_use_fused", lambda x, block: calls.append(block) or fused)
+        inp = x.clone().requires_grad_(True)
+        features = net(inp)
+        loss = sum((f * torch.linspace(-1, 1, f.shape[1], dtype=f.dtype).view(1, -1, 1, 1)).sum()
+                   for f in features)
+        return features, torch.autograd.grad(loss, params + [inp])
 
-    monkeypatch.setattr(bb, "_use_fused", record)
-    features = net(x)
-    layer1, layer2 = net.body["layer1"], net.body["layer2"]
-    assert all(seen[b] for b in layer1) and not any(seen[b] for b in layer2)
-    grads = torch.autograd.grad(sum(f.sum() for f in features), layer2[0].conv1.weight)
-    monkeypatch.setattr(bb, "_use_fused", lambda x, block: False)
-    want = net(x)
-    want_grads = torch.autograd.grad(sum(f.sum() for f in want), layer2[0].conv1.weight)
+    want, want_grads = results(False)
+    features, grads = results(True)
+    assert len(calls) == 2 * sum(len(net.body[f"layer{i}"]) for i in range(1, 5))
     for e, g in zip(want, features, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[0], want_grads[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, e)
+    for e, g in zip(want_grads, grads, strict=True):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(g, e)
+
+
+def test_conv_bias_relu_gradients_are_autograds():
+    """fused_conv.conv_bias_relu's hand-written backward (ReLU mask, cuDNN's data/weight
+    gradients, bias = sum, residual = masked gradient) against autograd of the composition, in
+    float64, strided and padded, with and without a residual."""
+    from mrcnn_helpers.model.fused_conv import conv_bias_relu
+
+    torch.manual_seed(0)
+    for residual_shape in (None, (2, 6, 4, 5)):
+        x = torch.randn(2, 3, 8, 9, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        leaves = [x, w, b]
+        r = None
+        if residual_shape:
+            r = torch.randn(residual_shape, dtype=torch.float64, requires_grad=True)
+            leaves.append(r)
+        upstream = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+        out = conv_bias_relu(x, w, b, r, stride=(2, 2), padding=(1, 1))
+        got = torch.autograd.grad(out, leaves, upstream)
+        ref = F.conv2d(x, w, b, stride=2, padding=1)
+        ref = torch.relu(ref if r is None else ref + r)
+        want = torch.autograd.grad(ref, leaves, upstream)
+        torch.testing.assert_close(out, ref)
+        assert 0 < (out > 0).float().mean() < 1  # the ReLU mask matters
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def test_head_conv_relu_layers_are_fused_with_their_gradients(monkeypatch):
+    """The RPN head's conv and the mask head's four convs (torchvision's conv + ReLU layers) become
+    fused_conv.ConvReLU (state_dict keys unchanged); where the fused path is taken (CUDA; forced
+    here on the CPU, whose composition stands in for cuDNN's kernel) outputs and the weight and
+    bias gradients equal the module's own forward."""
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+
+    from mrcnn_helpers.model import fused_conv
+
+    head = MaskRCNNHeads(8, [8, 8], dilation=1).double()
+    keys = list(head.state_dict())
+    assert fused_conv.fuse_conv_relu_layers(head) == 2
+    assert list(head.state_dict()) == keys and all(type(m) is fused_conv.ConvReLU for m in head)
+    torch.manual_seed(0)
+    for m in head.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.bias, std=0.5)
+    x = torch.randn(3, 8, 7, 7, dtype=torch.float64)
+
+    def run(fused):
+        monkeypatch.setattr(fused_conv, "enabled_for", lambda x: fused)
+        out = head(x)
+        return [out] + list(torch.autograd.grad((out * out).sum(), list(head.parameters())))
+
+    for e, g in zip(run(False), run(True), strict=True):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(g, e)
+    spec_model = MaskRCNN(small_cfg(), num_classes=3)
+    fused = [name for name, m in spec_model.named_modules() if type(m) is fused_conv.ConvReLU]
+    assert fused == ["rpn.head.conv.0"] + [f"roi_heads.mask_head.{i}" for i in range(4)]

@@ -9,7 +9,6 @@ freeze_bn replaces every BatchNorm with FrozenBatchNorm2d (fixed affine transfor
 right choice for fine-tuning at small per-GPU batches, and the wrong one from random weights.
 """
 
-import os
 from collections import OrderedDict
 
 import torch
@@ -19,6 +18,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from . import fused_conv
+from .fused_conv import NoFusedEngine, compute_dtype, conv_bias_relu
 
 RESNET_LAYOUTS = {
     10: (BasicBlock, [1, 1, 1, 1]),
@@ -30,10 +32,6 @@ RESNET_LAYOUTS = {
 FPN_CHANNELS = 256
 # Levels of the FPN that come from ResNet stages: level l is layer(l - 1), stride 2**l.
 STAGE_LEVELS = (2, 3, 4, 5)
-# Inference on CUDA through cuDNN's fused convolution + bias + ReLU (+ residual add) kernels:
-# the folded BN's bias, the ReLU and the residual add stop being passes of their own over every
-# activation. MRCNN_FUSED_CONV=0 turns it off (benchmarks/bench_conv_fusion.py compares).
-FUSED_CONV = os.environ.get("MRCNN_FUSED_CONV", "1") != "0"
 
 
 def frozen_bn_scale_shift(bn: TorchvisionFrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -76,66 +74,87 @@ class ConvWithFrozenBN(nn.Conv2d):
         return self.weight * scale.view(-1, 1, 1, 1), shift
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.folded() if torch.is_grad_enabled() else self._inference_weights(x)
+        weight, bias = self._weights(x)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The folded (weight, bias): through autograd where the weights train, else the cached
+        ones, in the dtype the convolution runs in."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            weight, bias = self.folded()
+            dtype = compute_dtype(x, weight)
+            return weight.to(dtype), bias.to(dtype)
+        return self._inference_weights(x)
 
     def _inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The folded weights, computed once and kept (in autocast's dtype) while neither they nor
         the BN statistics change: at batch 1 the five small kernels per convolution otherwise cost
         as much launch time as the convolution itself."""
         bn = self.folded_bn[0]
-        dtype = (torch.get_autocast_dtype(x.device.type)
-                 if torch.is_autocast_enabled(x.device.type) else self.weight.dtype)
+        dtype = compute_dtype(x, self.weight)
         key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (
             self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
         cache = self.__dict__.get("_inference_cache")
         if cache is None or cache[0] != key:
-            weight, bias = self.folded()
+            with torch.no_grad():
+                weight, bias = self.folded()
             cache = self.__dict__["_inference_cache"] = (key, weight.to(dtype), bias.to(dtype))
         return cache[1], cache[2]
 
-    def fused(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """relu(conv(x) + bias [+ residual]) at inference, one cuDNN kernel where cuDNN has a
-        fused engine for this convolution (learned at its first, eager call: a capture replays
-        whichever path that call took), else the convolution and separate passes."""
-        weight, bias = self._inference_weights(x)
+    def unbiased(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(conv(x) without its bias, the bias): a shortcut convolution whose bias the block's
+        last convolution adds in its own fused kernel."""
+        weight, bias = self._weights(x)
+        out = F.conv2d(x.to(weight.dtype), weight, None, self.stride, self.padding, self.dilation,
+                       self.groups)
+        return out, bias
+
+    def fused(self, x: Tensor, residual: Tensor | None = None,
+              extra_bias: Tensor | None = None) -> Tensor:
+        """relu(conv(x) + bias [+ extra_bias] [+ residual]), one cuDNN kernel where cuDNN has a
+        fused engine for this convolution, with autograd (fused_conv.conv_bias_relu), in
+        training as at inference. Which convolutions have no engine (e.g. a 3-channel input) is
+        learnt at the first, eager call: a capture replays whichever path that call took."""
+        weight, bias = self._weights(x)
+        if extra_bias is not None:
+            bias = bias + extra_bias
+        x = x.to(weight.dtype)
         args = (self.stride, self.padding, self.dilation, self.groups)
         if not self.__dict__.get("_no_fused_engine", False):
             try:
-                if residual is not None:
-                    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *args)
-                return torch.cudnn_convolution_relu(x, weight, bias, *args)
-            except RuntimeError:  # "unable to find an engine": e.g. the 3-channel stem
+                return conv_bias_relu(x, weight, bias, residual, *args)
+            except NoFusedEngine:
                 self.__dict__["_no_fused_engine"] = True
         out = F.conv2d(x, weight, bias, *args)
         return torch.relu(out if residual is None else out + residual)
 
 
 def _use_fused(x: Tensor, block: nn.Module) -> bool:
-    return FUSED_CONV and x.is_cuda and no_gradient_through(x, block)
+    """Whether `block` runs its convolutions as fused conv + bias + ReLU (+ add) kernels."""
+    return fused_conv.enabled_for(x)
 
 
-def no_gradient_through(x: Tensor, block: nn.Module) -> bool:
-    """Whether no gradient flows through `block` for input `x`: at inference, and in training for
-    the frozen blocks before every trainable parameter (freeze_blocks; in the TLT seed spec the
-    stem and layer1, whose activations at stride 4 are the largest of the network), which then
-    take the fused kernels too."""
-    if not torch.is_grad_enabled():
-        return True
-    return not x.requires_grad and not any(p.requires_grad for p in block.parameters())
+def _shortcut(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The block's identity branch, and the bias its last convolution should add for it (the
+    downsample convolution's folded BN shift, added in that fused kernel instead of a pass of
+    its own)."""
+    if block.downsample is None:
+        return x, None
+    if type(block.downsample[0]) is ConvWithFrozenBN:
+        return block.downsample[0].unbiased(x)
+    return block.downsample(x), None
 
 
 class FoldedBottleneck(Bottleneck):
-    """torchvision's Bottleneck whose convolutions apply their frozen BN (fold_frozen_bn); on CUDA,
-    where no gradient flows through it (no_gradient_through), each conv + bias + ReLU, and the
-    last one's residual add, is one kernel."""
+    """torchvision's Bottleneck whose convolutions apply their frozen BN (fold_frozen_bn); on CUDA
+    each conv + bias + ReLU, and the last one's residual add, is one kernel, in training too."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _use_fused(x, self):
             return super().forward(x)
         out = self.conv2.fused(self.conv1.fused(x))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv3.fused(out, residual=identity)
+        identity, bias = _shortcut(self, x)
+        return self.conv3.fused(out, residual=identity, extra_bias=bias)
 
 
 class FoldedBasicBlock(BasicBlock):
@@ -144,8 +163,8 @@ class FoldedBasicBlock(BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         if not _use_fused(x, self):
             return super().forward(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv2.fused(self.conv1.fused(x), residual=identity)
+        identity, bias = _shortcut(self, x)
+        return self.conv2.fused(self.conv1.fused(x), residual=identity, extra_bias=bias)
 
 
 def fold_frozen_bn(resnet: ResNet) -> None:

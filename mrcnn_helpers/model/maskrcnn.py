@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .backbone import backbone_from_spec
+from .fused_conv import fuse_conv_relu_layers
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 
@@ -38,6 +39,8 @@ class MaskRCNN(nn.Module):
         self.backbone = backbone_from_spec(cfg)
         self.rpn = RegionProposalNetwork(cfg, self.backbone.out_channels)
         self.roi_heads = RoIHeads(cfg, num_classes, self.backbone.out_channels)
+        # The RPN head's and the mask head's conv + ReLU layers: one fused kernel each on CUDA.
+        fuse_conv_relu_layers(self)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -13,9 +13,9 @@ CUDA-graph replays against eager runs. Prints one line per check and exits non-z
    0 (so the weights stay put and the losses compare the forward and the random sampling
    stream, not the chaotic growth of atomics' rounding differences), and moves the weights
    exactly as eager SGD does over one step at a learning rate.
-5. The seed spec's training step (frozen BN folded into the convolutions) with the fused
-   conv + bias + ReLU (+ add) kernels (fused_conv.py) against the unfused path: losses and the
-   parameter gradients agree to bf16 tolerance.
+5. The seed spec's training step (frozen BN folded into the convolutions) in bf16 with the
+   fused conv + bias + ReLU (+ add) kernels (fused_conv.py) and without, each against the fp32
+   step: the fused path's losses and gradients are no further from fp32 than the unfused ones.
 """
 
 from __future__ import annotations
@@ -180,30 +180,42 @@ def check_graphs(device, size) -> None:
 
 
 def check_fused_training(device, size) -> None:
+    """bf16 gradients of the fused and of the unfused path, each against an fp32 unfused
+    reference: the fused path must be no further from it than the unfused one (bf16 rounding in
+    a deep random-weight network is far from zero either way)."""
     _, model, images, targets = model_and_batch(device, size, SEED_SPEC)
     results = {}
     try:
-        for enabled in (False, True):
+        for name, enabled, dtype in (("fp32", False, None), ("bf16 unfused", False, torch.bfloat16),
+                                     ("bf16 fused", True, torch.bfloat16)):
             fused_conv.ENABLED = enabled
+            # The reference in true fp32 (no TF32 convolutions or matrix products).
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = dtype is not None
             model.zero_grad(set_to_none=True)
             torch.manual_seed(5)  # the same sampling stream
             model.train()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
                 total = sum(v.float() for v in model(images, targets).values())
             total.backward()
-            results[enabled] = total.item(), {n: p.grad.float().clone()
-                                       for n, p in model.named_parameters() if p.grad is not None}
+            results[name] = total.item(), {n: p.grad.float().clone()
+                                           for n, p in model.named_parameters() if p.grad is not None}
     finally:
         fused_conv.ENABLED = True
-    (loss0, grads0), (loss1, grads1) = results[False], results[True]
-    worst, where = max((((grads1[n] - g).norm() / g.norm().clamp(min=1e-12)).item(), n)
-                       for n, g in grads0.items())
+        torch.backends.cudnn.allow_tf32 = True
+    ref_loss, ref = results["fp32"]
+    errors = {}
+    for name in ("bf16 unfused", "bf16 fused"):
+        loss, grads = results[name]
+        errors[name] = (abs(loss - ref_loss) / abs(ref_loss), sum(
+            ((grads[n] - g).norm() / g.norm().clamp(min=1e-12)).item() for n, g in ref.items())
+            / len(ref))
     fallback = sum(m.__dict__.get("_no_fused_engine", False) for m in model.modules())
-    rel_loss = abs(loss1 - loss0) / abs(loss0)
-    report("fused conv training == unfused", rel_loss < 1e-2 and worst < 5e-2,
-           f"loss {loss0:.5f} unfused, {loss1:.5f} fused; largest relative gradient difference "
-           f"{worst:.2e} ({where}, {len(grads0)} parameters); {fallback} convolutions without a "
-           "fused engine")
+    (loss_u, grad_u), (loss_f, grad_f) = errors["bf16 unfused"], errors["bf16 fused"]
+    report("fused conv training vs unfused (both against fp32)",
+           grad_f <= 1.25 * grad_u + 1e-3 and loss_f <= 1.25 * loss_u + 1e-4,
+           f"relative loss error unfused {loss_u:.2e}, fused {loss_f:.2e}; mean relative "
+           f"gradient error over {len(ref)} parameters unfused {grad_u:.2e}, fused {grad_f:.2e}; "
+           f"{fallback} convolutions without a fused engine")
 
 
 def main() -> int:

@@ -138,3 +138,18 @@ def test_roi_align_skips_non_finite_boxes():
     pooled = roi_heads.multilevel_roi_align(features, boxes, 2, 2, 3)
     assert pooled.shape == (3, 2, 2, 2)
     assert torch.isfinite(pooled).all() and (pooled[1:] == 0).all() and pooled[0].abs().sum() > 0
+
+
+def test_roi_align_pools_only_the_active_boxes():
+    """multilevel_roi_align(active=...) (the mask head's positive slots): the others give zeros
+    and no gradient; the active ones are pooled as without the argument."""
+    features = [torch.rand(1, 2, 16, 16, requires_grad=True), torch.rand(1, 2, 8, 8)]
+    boxes = torch.tensor([[[0.0, 0, 8, 8], [2, 2, 12, 10], [1, 1, 5, 7]]])
+    pooled = roi_heads.multilevel_roi_align(features, boxes, 2, 2, 3,
+                                            active=torch.tensor([[False, True, True]]))
+    full = roi_heads.multilevel_roi_align(features, boxes, 2, 2, 3)
+    assert (pooled[0] == 0).all() and torch.equal(pooled[1:], full[1:])
+    assert pooled[1:].abs().sum() > 0
+    grad, = torch.autograd.grad(pooled.sum(), features[0])
+    want, = torch.autograd.grad(full[1:].sum(), features[0])
+    torch.testing.assert_close(grad, want)

@@ -40,19 +40,23 @@ def assign_roi_levels(boxes: Tensor, min_level: int, max_level: int) -> Tensor:
 
 
 def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int, min_level: int,
-                         max_level: int) -> Tensor:
+                         max_level: int, active: Tensor | None = None) -> Tensor:
     """RoIAlign each box on its FPN level.
 
     features: maps for levels min_level.. (stride 2**level); boxes: Tensor[B, K, 4] input pixels.
     Returns Tensor[B * K, C, output_size, output_size] in box order, in the features' dtype.
     A non-finite box (a diverged model) is never sampled: it pools to zeros, so training stops at
-    its non-finite loss instead of reading memory with a NaN index.
+    its non-finite loss instead of reading memory with a NaN index. active (bool [B, K]): only
+    those boxes are pooled, the others give zeros (and cost nothing, backward included): the
+    fixed-size slots whose result no loss reads.
     """
     batch, k = boxes.shape[:2]
     flat = boxes.reshape(-1, 4)
     image_index = torch.arange(batch, device=boxes.device).repeat_interleave(k).to(flat.dtype)
     num_levels = max_level - min_level + 1
     finite = torch.isfinite(flat).all(dim=1)
+    if active is not None:
+        finite = finite & active.reshape(-1)
     flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     rois = torch.cat((image_index[:, None], flat), dim=1)
     levels = assign_roi_levels(flat, min_level, max_level) - min_level
@@ -152,9 +156,12 @@ class RoIHeads(nn.Module):
         pooled = multilevel_roi_align(features, boxes, BOX_POOL_SIZE, *self.roi_levels)
         return self.box_predictor(self.box_head(pooled))
 
-    def mask_forward(self, features: list[Tensor], boxes: Tensor) -> Tensor:
-        """Mask logits Tensor[B * K, num_classes, R, R] for boxes Tensor[B, K, 4]."""
-        pooled = multilevel_roi_align(features, boxes, self.mask_pool_size, *self.roi_levels)
+    def mask_forward(self, features: list[Tensor], boxes: Tensor,
+                     active: Tensor | None = None) -> Tensor:
+        """Mask logits Tensor[B * K, num_classes, R, R] for boxes Tensor[B, K, 4] (only the
+        `active` ones pooled, see multilevel_roi_align)."""
+        pooled = multilevel_roi_align(features, boxes, self.mask_pool_size, *self.roi_levels,
+                                      active=active)
         return self.mask_predictor(self.mask_head(pooled))
 
     def forward(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor,
@@ -206,7 +213,8 @@ class RoIHeads(nn.Module):
             # On the CPU the mask head dominates: run it only on the slots some image fills.
             q = max(1, min(q, int(positive.sum(dim=1).max())))
         rois, roi_gt, positive = rois[:, :q], roi_gt[:, :q], positive[:, :q]
-        logits = self.mask_forward(features, rois)
+        # The slots that are not positive are in the loss with weight 0: not pooled at all.
+        logits = self.mask_forward(features, rois, active=positive)
         classes = targets["classes"].gather(1, roi_gt).reshape(-1)
         logits = logits[torch.arange(logits.shape[0], device=logits.device), classes]
         mask_targets = project_masks_to_rois(targets["masks"], targets["boxes"], rois, roi_gt,

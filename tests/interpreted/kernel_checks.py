@@ -72,6 +72,23 @@ def test_non_finite_rois_pool_to_zeros_and_take_no_gradient():
     assert torch.isfinite(feats[0].grad).all()
 
 
+def test_inactive_rois_pool_to_zeros_and_the_gradient_is_the_active_ones():
+    g = torch.Generator().manual_seed(3)
+    boxes = torch.tensor([[[1.0, 1.0, 9.0, 9.0], [2.0, 3.0, 12.0, 14.0], [0.0, 0.0, 6.0, 5.0]]])
+    active = torch.tensor([[True, False, True]])
+    feats = [torch.randn(1, 4, 16, 16, generator=g, requires_grad=True)]
+    out = multilevel_roi_align(feats, boxes, 2, 2, 2, active=active)
+    assert kernels.available(boxes)
+    assert out[1].abs().sum() == 0 and out[0].abs().sum() > 0 and out[2].abs().sum() > 0
+    upstream = torch.randn(out.shape, generator=g)
+    out.backward(upstream)
+    ref_feats = [feats[0].detach().clone().requires_grad_(True)]
+    ref = multilevel_roi_align(ref_feats, boxes[:, [0, 2]], 2, 2, 2)
+    assert torch.allclose(out[[0, 2]], ref)
+    ref.backward(upstream[[0, 2]])
+    assert torch.allclose(feats[0].grad, ref_feats[0].grad, atol=1e-6)
+
+
 def test_greedy_nms_kernel_matches_torchvision():
     g = torch.Generator().manual_seed(1)
     rows, size = 4, 37

@@ -91,7 +91,10 @@ def _roi_align_forward(feat_ptr, rois_ptr, levels_ptr, out_ptr, channels, height
 def _roi_align_backward(grad_ptr, rois_ptr, levels_ptr, grad_feat_ptr, channels, height, width,
                         spatial_scale, LEVEL: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
                         BLOCK_C: tl.constexpr):
-    """grad_feat (fp32, [B, H, W, C] contiguous) += the adjoint of the forward's samples."""
+    """grad_feat (fp32, [B, H, W, C] contiguous) += the adjoint of the forward's samples.
+
+    The atomics are relaxed: they only accumulate, nothing in the kernel reads them back, and the
+    kernel's end orders them before any reader; acq_rel (Triton's default) fences each one."""
     n = tl.program_id(0)
     ph = tl.program_id(1)
     if tl.load(levels_ptr + n) != LEVEL:
@@ -109,10 +112,14 @@ def _roi_align_backward(grad_ptr, rois_ptr, levels_ptr, grad_feat_ptr, channels,
             for ix in tl.static_range(S):
                 x = x1 + pw * bin_w + (ix + 0.5) * bin_w / S
                 y0, yh, x0, xh, w1, w2, w3, w4 = _sample_weights(y, x, height, width)
-                tl.atomic_add(base + y0 * row + x0 * channels, g * w1, mask=cmask)
-                tl.atomic_add(base + y0 * row + xh * channels, g * w2, mask=cmask)
-                tl.atomic_add(base + yh * row + x0 * channels, g * w3, mask=cmask)
-                tl.atomic_add(base + yh * row + xh * channels, g * w4, mask=cmask)
+                tl.atomic_add(base + y0 * row + x0 * channels, g * w1, mask=cmask,
+                              sem="relaxed")
+                tl.atomic_add(base + y0 * row + xh * channels, g * w2, mask=cmask,
+                              sem="relaxed")
+                tl.atomic_add(base + yh * row + x0 * channels, g * w3, mask=cmask,
+                              sem="relaxed")
+                tl.atomic_add(base + yh * row + xh * channels, g * w4, mask=cmask,
+                              sem="relaxed")
 
 
 def _block(channels: int) -> int:

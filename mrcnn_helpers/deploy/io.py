@@ -34,10 +34,11 @@ from mrcnn_helpers.errors import DataError, MrcnnError
 from mrcnn_helpers.fileio import PendingFile, atomic_output, check_output_path, check_writable_dir
 from mrcnn_helpers.video_writer import ProcessVideoWriter
 
-# Where the machine has the cores for it, a video is encoded in a process of its own
-# (video_writer.py says why); on fewer cores the writer thread encodes it. MRCNN_ENCODER_PROCESS
-# =1 or =0 decides instead.
-ENCODER_PROCESS_MIN_CPUS = 4
+# A video is encoded by the writer thread unless MRCNN_ENCODER_PROCESS=1 asks for a process of
+# its own (video_writer.py): measured on the H200 machine (16 cores, 2026-12-02,
+# benchmarks/bench_deploy.py, docs/runs/bench_h200_deploy_encoder_process.txt) the process made
+# 90.5 FPS and the thread 105.5 at 20 detections per frame: the thread stays the default.
+ENCODER_PROCESS_DEFAULT = False
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 STREAM_PREFIXES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "rtmp://")
 DEFAULT_FPS = 30.0
@@ -190,8 +191,8 @@ class VideoSink:
     keeps the frames it sent.
 
     encoder_process: encode in a child process (video_writer.ProcessVideoWriter) rather than in
-    the calling thread; None decides by MRCNN_ENCODER_PROCESS, else by the machine's cores
-    (ENCODER_PROCESS_MIN_CPUS). A child that cannot start, or no room for its frames, falls
+    the calling thread; None decides by MRCNN_ENCODER_PROCESS (=1 or =0), else
+    ENCODER_PROCESS_DEFAULT. A child that cannot start, or no room for its frames, falls
     back to the calling thread with a warning. `prepare(frame)` (the BGR conversion) may run on
     another thread before `write_prepared`; `write` does both.
     """
@@ -206,8 +207,7 @@ class VideoSink:
         self.count = 0
         if encoder_process is None:
             choice = os.environ.get("MRCNN_ENCODER_PROCESS", "")
-            encoder_process = (choice == "1" if choice in ("0", "1")
-                               else (os.cpu_count() or 1) >= ENCODER_PROCESS_MIN_CPUS)
+            encoder_process = choice == "1" if choice in ("0", "1") else ENCODER_PROCESS_DEFAULT
         # Started now: the child imports OpenCV while the model warms up.
         self._process = (ProcessVideoWriter(str(self.path))
                          if encoder_process and video_writer.available() else None)

@@ -20,7 +20,7 @@ from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from . import fused_conv
-from .fused_conv import NoFusedEngine, compute_dtype, conv_bias_relu
+from .fused_conv import compute_dtype
 
 RESNET_LAYOUTS = {
     10: (BasicBlock, [1, 1, 1, 1]),
@@ -115,20 +115,13 @@ class ConvWithFrozenBN(nn.Conv2d):
               extra_bias: Tensor | None = None) -> Tensor:
         """relu(conv(x) + bias [+ extra_bias] [+ residual]), one cuDNN kernel where cuDNN has a
         fused engine for this convolution, with autograd (fused_conv.conv_bias_relu), in
-        training as at inference. Which convolutions have no engine (e.g. a 3-channel input) is
-        learnt at the first, eager call: a capture replays whichever path that call took."""
+        training as at inference; else the unfused composition."""
         weight, bias = self._weights(x)
         if extra_bias is not None:
             bias = bias + extra_bias
-        x = x.to(weight.dtype)
-        args = (self.stride, self.padding, self.dilation, self.groups)
-        if not self.__dict__.get("_no_fused_engine", False):
-            try:
-                return conv_bias_relu(x, weight, bias, residual, *args)
-            except NoFusedEngine:
-                self.__dict__["_no_fused_engine"] = True
-        out = F.conv2d(x, weight, bias, *args)
-        return torch.relu(out if residual is None else out + residual)
+        return fused_conv.conv_bias_relu_where_possible(
+            self, x.to(weight.dtype), weight, bias, residual,
+            (self.stride, self.padding, self.dilation, self.groups))
 
 
 # The stem reads 3 channels, for which cuDNN has no tensor-core kernel in NHWC bf16 (1.2 ms of

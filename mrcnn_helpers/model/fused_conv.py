@@ -33,10 +33,15 @@ class NoFusedEngine(RuntimeError):
     """cuDNN has no fused engine for this convolution (e.g. a 3-channel input)."""
 
 
+def unfused(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, conf) -> Tensor:
+    """The composition the fused kernel computes: conv2d, [+ residual], ReLU."""
+    out = F.conv2d(x, weight, bias, *conf)
+    return torch.relu(out if residual is None else out + residual)
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, conf) -> Tensor:
     if not x.is_cuda:
-        out = F.conv2d(x, weight, bias, *conf)
-        return torch.relu(out if residual is None else out + residual)
+        return unfused(x, weight, bias, residual, conf)
     try:
         if residual is None:
             return torch.cudnn_convolution_relu(x, weight, bias, *conf)
@@ -83,6 +88,19 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | N
                                tuple(dilation), groups)
 
 
+def conv_bias_relu_where_possible(owner: nn.Module, x: Tensor, weight: Tensor, bias: Tensor,
+                                  residual: Tensor | None, conf) -> Tensor:
+    """conv_bias_relu, or the unfused composition for a convolution (`owner`) that cuDNN was
+    found to have no fused engine for. That is learnt at the first, eager call: a CUDA graph
+    capture replays whichever path that call took."""
+    if not owner.__dict__.get("_no_fused_engine", False):
+        try:
+            return conv_bias_relu(x, weight, bias, residual, *conf)
+        except NoFusedEngine:
+            owner.__dict__["_no_fused_engine"] = True
+    return unfused(x, weight, bias, residual, conf)
+
+
 def enabled_for(x: Tensor) -> bool:
     """Whether the fused kernels serve this input: on CUDA, unless MRCNN_FUSED_CONV=0."""
     return ENABLED and x.is_cuda
@@ -99,16 +117,13 @@ class ConvReLU(nn.Sequential):
     forward is one fused kernel on CUDA (same modules, so the same state_dict keys)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not enabled_for(x) or self.__dict__.get("_no_fused_engine", False):
+        if not enabled_for(x):
             return super().forward(x)
         conv = self[0]
         dtype = compute_dtype(x, conv.weight)
-        try:
-            return conv_bias_relu(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), None,
-                                  conv.stride, conv.padding, conv.dilation, conv.groups)
-        except NoFusedEngine:
-            self.__dict__["_no_fused_engine"] = True
-            return super().forward(x)
+        return conv_bias_relu_where_possible(
+            self, x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), None,
+            (conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
 def fuse_conv_relu_layers(module: nn.Module) -> int:

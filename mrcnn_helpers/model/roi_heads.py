@@ -54,18 +54,18 @@ def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int
     flat = boxes.reshape(-1, 4)
     image_index = torch.arange(batch, device=boxes.device).repeat_interleave(k).to(flat.dtype)
     num_levels = max_level - min_level + 1
-    finite = torch.isfinite(flat).all(dim=1)
+    sampled = torch.isfinite(flat).all(dim=1)
     if active is not None:
-        finite = finite & active.reshape(-1)
+        sampled = sampled & active.reshape(-1)
     flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     rois = torch.cat((image_index[:, None], flat), dim=1)
     levels = assign_roi_levels(flat, min_level, max_level) - min_level
     scales = [1.0 / 2 ** (min_level + i) for i in range(num_levels)]
     if kernels.available(boxes):
-        levels = torch.where(finite, levels, -1)
+        levels = torch.where(sampled, levels, -1)
         return multilevel_roi_align_triton(features[:num_levels], rois, levels, scales,
                                            output_size, sampling_ratio=2)
-    return _grouped_roi_align(features, rois, torch.where(finite, levels, num_levels), scales,
+    return _grouped_roi_align(features, rois, torch.where(sampled, levels, num_levels), scales,
                               output_size)
 
 

@@ -484,24 +484,3 @@ def test_head_conv_relu_layers_are_fused_with_their_gradients(monkeypatch):
     fused = [name for name, m in spec_model.named_modules() if type(m) is fused_conv.ConvReLU]
     assert fused == ["rpn.head.conv.0"] + [f"roi_heads.mask_head.{i}" for i in range(4)]
 
-
-def test_stem_with_zero_padded_channels_computes_the_same(monkeypatch):
-    """On CUDA the 3-channel stem convolution reads its input and weights zero-padded to
-    STEM_PADDED_CHANNELS channels (forced here on the CPU): the same features, and the same
-    gradient of its weights where they train."""
-    from mrcnn_helpers.model import backbone as bb
-
-    net = _backbone_with_random_frozen_statistics(50, ()).train()
-    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
-    conv1 = net.body["conv1"]
-    assert type(conv1) is bb.ConvWithFrozenBN
-
-    def run(pad):
-        monkeypatch.setattr(bb, "_pad_channels", lambda x, conv: pad and x.shape[1] == 3)
-        out = conv1(x)
-        return out, torch.autograd.grad((out * out).sum(), conv1.weight)[0]
-
-    (want, want_grad), (got, grad) = run(False), run(True)
-    assert got.shape == want.shape == (2, 64, 16, 24)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(grad, want_grad)

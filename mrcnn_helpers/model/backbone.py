@@ -75,8 +75,6 @@ class ConvWithFrozenBN(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self._weights(x)
-        if _pad_channels(x, self):
-            x, weight = _zero_padded_channels(x.to(weight.dtype), weight)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,25 +120,6 @@ class ConvWithFrozenBN(nn.Conv2d):
         return fused_conv.conv_bias_relu_where_possible(
             self, x.to(weight.dtype), weight, bias, residual,
             (self.stride, self.padding, self.dilation, self.groups))
-
-
-# The stem reads 3 channels, for which cuDNN has no tensor-core kernel in NHWC bf16 (1.2 ms of
-# a 45 ms training step at 832x1344 on the H200, docs/runs/profile_train_h200_shapes.txt): on
-# CUDA its input and weights get zero channels up to this many. Zeros add nothing: same result.
-STEM_PADDED_CHANNELS = 8
-
-
-def _pad_channels(x: Tensor, conv: nn.Conv2d) -> bool:
-    return x.is_cuda and conv.groups == 1 and x.shape[1] < STEM_PADDED_CHANNELS
-
-
-def _zero_padded_channels(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """x [N, C, H, W] and weight [O, C, k, k] with zero channels appended up to
-    STEM_PADDED_CHANNELS; x channels_last (what the convolution reads)."""
-    n, c, h, w = x.shape
-    padded = x.new_zeros((n, h, w, STEM_PADDED_CHANNELS)).permute(0, 3, 1, 2)
-    padded[:, :c] = x
-    return padded, F.pad(weight, (0, 0, 0, 0, 0, STEM_PADDED_CHANNELS - c))
 
 
 def _use_fused(x: Tensor, block: nn.Module) -> bool:

@@ -7,7 +7,9 @@ ResNet-50-FPN (91 classes) at 832x1344 with random weights, PyTorch backend, bf1
 as `mrcnn deploy -m model.pth` runs it; its score threshold is 0, so every frame has
 `--detections` detections (the model's fixed output) and all of them are drawn except second
 drawings of an object. Rows: masks composited on the GPU (the default on a GPU) with 100 and 20
-detections per frame, and the host drawing path for comparison (fewer frames: it is slow).
+detections per frame into an .avi (Motion JPEG, frames encoded by the drawing threads), 20 into
+an .mp4 (mp4v, one encoder), and the host drawing path for comparison (fewer frames: it is
+slow).
 Prints FPS, frame latency and inference time per batch, and where each frame's time goes by
 stage (decode, preprocess, model, masks postprocessed and composited, copy to the host,
 drawing boxes and labels, encoding; deploy.pipeline.STAGES names the thread of each), with
@@ -57,23 +59,25 @@ def make_video(path: Path, frames: int, width: int, height: int, fps: float = 30
     writer.release()
 
 
-def run_row(model, spec, video, out_dir, batch, frames, on_device, device, threads=None):
+def run_row(model, spec, video, out_dir, batch, frames, on_device, device, threads=None,
+            suffix=".avi"):
     precision = "bf16" if device.type == "cuda" else "fp32"
     predictor = Predictor(model, spec, device=device, precision=precision)
     source = open_source(str(video))
     sink = open_sink(out_dir / f"out_{on_device}_{spec.maskrcnn_config.test_detections_per_image}"
-                     ".mp4", fps=source.fps)
+                     f"{suffix}", fps=source.fps)
     return run_deploy(predictor, source, sink, batch_size=batch, threshold=0.0,
                       max_frames=frames, progress=False, draw_on_device=on_device,
                       draw_threads=threads)
 
 
-def encode_only(video: Path, work: Path, frames: int) -> float:
-    """Milliseconds per frame the video sink needs for `frames` decoded frames, alone."""
+def encode_only(video: Path, work: Path, frames: int, suffix: str) -> float:
+    """Milliseconds per frame the video sink needs for `frames` decoded frames, alone (one
+    thread)."""
     source = open_source(str(video))
     decoded = [frame for _, (_, frame) in zip(range(frames), source, strict=False)]
     source.close()
-    sink = VideoSink(work / "encode_only.mp4", 30.0, encoder_process=False)
+    sink = VideoSink(work / f"encode_only{suffix}", 30.0, encoder_process=False)
     t0 = time.perf_counter()
     for i, frame in enumerate(decoded):
         sink.write(f"frame_{i:06d}", frame)
@@ -91,10 +95,12 @@ def main():
     ap.add_argument("--height", type=int, default=832)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script")
     ap.add_argument("--cudnn-benchmark", action="store_true")
-    ap.add_argument("--rows", default="100:auto,20:auto,20:auto:thread",
+    ap.add_argument("--rows", default="100:auto,20:auto,20:auto:mp4",
                     help="GPU-drawing rows, comma-separated detections:drawing threads "
-                         "(auto: the toolkit's choice)[:process|thread, who encodes the video: "
-                         "the toolkit's choice by default]")
+                         "(auto: the toolkit's choice)[:avi|mp4, the output video (avi by "
+                         "default: Motion JPEG, encoded by the drawing threads; mp4: mp4v, "
+                         "one encoder)][:process|thread, who encodes an mp4: the toolkit's "
+                         "choice by default]")
     ap.add_argument("--encode-only", type=int, default=100,
                     help="frames for the encoder-alone row (0: none)")
     args = ap.parse_args()
@@ -106,13 +112,15 @@ def main():
     rows = []
     cases = []
     for row in args.rows.split(","):
-        d, t, *encoder = row.split(":")
-        cases.append((int(d), True, args.frames, None if t == "auto" else int(t),
-                      encoder[0] if encoder else ""))
+        d, t, *extra = row.split(":")
+        suffix = next((f".{x}" for x in extra if x in ("avi", "mp4")), ".avi")
+        encoder = next((x for x in extra if x in ("process", "thread")), "")
+        cases.append((int(d), True, args.frames, None if t == "auto" else int(t), encoder,
+                      suffix))
     if args.host_frames:
-        cases.append((20, False, args.host_frames, None, ""))
+        cases.append((20, False, args.host_frames, None, "", ".avi"))
     models = {}
-    for detections, on_device, frames, n_threads, encoder in cases:
+    for detections, on_device, frames, n_threads, encoder, suffix in cases:
         # VideoSink reads it when the row opens its output
         os.environ["MRCNN_ENCODER_PROCESS"] = {"process": "1", "thread": "0"}.get(encoder, "")
         spec = replace_spec(load_spec(SEED_SPEC), checkpoint="", **{
@@ -127,16 +135,18 @@ def main():
         print(f"warm-up ({detections} detections, {2 * args.batch} frames, graph capture "
               f"included): {time.perf_counter() - t0:.1f} s", flush=True)
         stats = run_row(model, spec, video, work, args.batch, frames, on_device, device,
-                        n_threads)
+                        n_threads, suffix)
         d = stats.as_dict()
         label = (f"masks composited on the {device.type.upper()}, {d['draw_threads']} drawing threads"
                  if on_device else "masks drawn on the host")
-        label += f", encoder {encoder or 'default'}"
+        label += (", .avi (Motion JPEG)" if suffix == ".avi"
+                  else f", {suffix} (mp4v), encoder {encoder or 'default'}")
         rows.append((label, detections, stats.detections / max(stats.frames, 1), d,
                      stats.busiest_thread()))
-    if args.encode_only:
-        print(f"encoder alone: {encode_only(video, work, args.encode_only):.2f} ms per frame "
-              "(decoded frames converted to BGR and written by the video sink, one thread)")
+    for suffix in (".avi", ".mp4") if args.encode_only else ():
+        ms = encode_only(video, work, args.encode_only, suffix)
+        print(f"encoder alone, {suffix}: {ms:.2f} ms per frame (decoded frames converted to BGR, "
+              "encoded and written by the video sink, one thread)")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {datetime.date.today()}, "
           f"{os.cpu_count()} CPU cores, video {args.width}x{args.height} mp4v, R50-FPN seed "

@@ -325,18 +325,48 @@ def test_encoder_process_writes_what_the_writer_thread_writes(tmp_path):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(20)]  # > SLOTS
     decoded = {}
-    for process in (False, True):
-        sink = deploy_io.VideoSink(tmp_path / f"{process}.avi", 10.0, encoder_process=process)
+    for process in (False, True):  # the same encoder (mp4v) in either place
+        sink = deploy_io.VideoSink(tmp_path / f"{process}.mp4", 10.0, encoder_process=process)
         for i, frame in enumerate(frames):
             sink.write(f"frame_{i:06d}", frame)
         sink.close()
-        capture = cv2.VideoCapture(str(tmp_path / f"{process}.avi"))
+        capture = cv2.VideoCapture(str(tmp_path / f"{process}.mp4"))
         decoded[process] = []
         while (got := capture.read())[0]:
             decoded[process].append(got[1])
         capture.release()
     assert len(decoded[True]) == 20
     assert all(np.array_equal(a, b) for a, b in zip(decoded[False], decoded[True], strict=True))
+
+
+def test_avi_frames_are_jpeg_encoded_by_the_threads_that_prepare_them(tmp_path):
+    """An .avi's frames are encoded in prepare() (several threads at once, in any order) and
+    appended in write order: the video holds them in that order, close to the frames given;
+    a frame of another size is resized to the first one's."""
+    cv2 = pytest.importorskip("cv2")
+    from concurrent.futures import ThreadPoolExecutor
+
+    sink = deploy_io.VideoSink(tmp_path / "out.avi", 10.0)
+    if not sink.jpeg_frames:
+        pytest.skip("this OpenCV has no raw video writing")
+    frames = [np.full((48, 64, 3), (10 * i, 255 - 10 * i, 128), np.uint8) for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        prepared = list(pool.map(sink.prepare, frames))
+    assert all(isinstance(p, deploy_io.EncodedFrame) and (p.height, p.width) == (48, 64)
+               for p in prepared)
+    for i, p in enumerate(prepared):
+        sink.write_prepared(f"frame_{i:06d}", p)
+    sink.write("other_size", np.zeros((30, 40, 3), np.uint8))
+    sink.close()
+    capture = cv2.VideoCapture(str(tmp_path / "out.avi"))
+    decoded = []
+    while (got := capture.read())[0]:
+        decoded.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))
+    capture.release()
+    assert len(decoded) == 13 and decoded[-1].shape == (48, 64, 3)
+    errors = [np.abs(d.astype(int) - f).mean() for d, f in zip(decoded, frames, strict=False)]
+    assert max(errors) < 3.0, errors
+    assert np.abs(decoded[-1].astype(int)).mean() < 3.0
 
 
 def test_an_encoder_that_dies_ends_the_run_naming_the_video(predictor, tmp_path):

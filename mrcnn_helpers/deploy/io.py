@@ -7,6 +7,10 @@ Sources yield (name, frame) pairs, frame an RGB uint8 numpy array [h, w, 3]:
     through OpenCV (`pip install opencv-python-headless`); frames named frame_000000, ...
 Sinks take (name, frame): an .mp4/.avi/.mkv file (OpenCV's VideoWriter) or a directory (one
 image per frame under the frame's name, so an annotated folder mirrors its input folder).
+An .avi is Motion JPEG, every frame a JPEG of its own: its frames are encoded in parallel by the
+threads that call `prepare` (the deploy pipeline's drawing pool), which is what keeps a
+1344x832 video at the pipeline's rate; an .mp4 (mp4v) predicts each frame from the one before,
+so one thread encodes it, 5-7 ms a frame on the H200 machine's cores (BENCHMARKS.md).
 
 What goes wrong, and what happens then: an unreadable image in a folder is skipped, named in a
 warning and counted (`source.skipped`), as a video decoder drops a broken frame; a folder with
@@ -24,6 +28,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -47,6 +52,19 @@ STREAM_TIMEOUT_S = 20.0
 # FourCC per container: mp4v plays everywhere OpenCV's bundled FFmpeg can write it.
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v",
           ".webm": "VP80"}
+# Motion JPEG frames are encoded by cv2.imencode (libjpeg-turbo; it releases the GIL, so the
+# threads calling VideoSink.prepare encode side by side) and appended as they are by OpenCV's
+# FFmpeg muxer (VIDEOWRITER_PROP_RAW_VIDEO). Quality 90: ~45 KB for a 1344x832 frame of the
+# deploy benchmark, 2.5 ms of one core.
+JPEG_QUALITY = 90
+
+
+class EncodedFrame(NamedTuple):
+    """A frame VideoSink.prepare encoded already (Motion JPEG): its bytes and its size."""
+
+    data: np.ndarray  # uint8 [1, n]
+    height: int
+    width: int
 
 
 def import_cv2(what: str):
@@ -192,9 +210,11 @@ class VideoSink:
 
     encoder_process: encode in a child process (video_writer.ProcessVideoWriter) rather than in
     the calling thread; None decides by MRCNN_ENCODER_PROCESS (=1 or =0), else
-    ENCODER_PROCESS_DEFAULT. A child that cannot start, or no room for its frames, falls
-    back to the calling thread with a warning. `prepare(frame)` (the BGR conversion) may run on
-    another thread before `write_prepared`; `write` does both.
+    ENCODER_PROCESS_DEFAULT (never for an .avi, whose frames `prepare` encodes, unless asked
+    for). A child that cannot start, or no room for its frames, falls back to the calling
+    thread with a warning. `prepare(frame)` (the BGR conversion, and for an .avi the JPEG
+    encoding) may run on other threads, several at once, before `write_prepared`; `write` does
+    both.
     """
 
     def __init__(self, path, fps: float, *, encoder_process: bool | None = None):
@@ -205,9 +225,14 @@ class VideoSink:
         self.pending = None
         self.size = None
         self.count = 0
+        self.fourcc = FOURCC.get(self.path.suffix.lower(), "mp4v")
+        jpeg = self.fourcc == "MJPG" and hasattr(self._cv2, "VIDEOWRITER_PROP_RAW_VIDEO")
         if encoder_process is None:
             choice = os.environ.get("MRCNN_ENCODER_PROCESS", "")
-            encoder_process = choice == "1" if choice in ("0", "1") else ENCODER_PROCESS_DEFAULT
+            encoder_process = (choice == "1" if choice in ("0", "1")
+                               else ENCODER_PROCESS_DEFAULT and not jpeg)
+        # Frames encoded by prepare(), appended by the writer (see JPEG_QUALITY).
+        self.jpeg_frames = jpeg and not encoder_process
         # Started now: the child imports OpenCV while the model warms up.
         self._process = (ProcessVideoWriter(str(self.path))
                          if encoder_process and video_writer.available() else None)
@@ -215,7 +240,7 @@ class VideoSink:
     def _open(self, h: int, w: int) -> None:
         cv2 = self._cv2
         self.pending = PendingFile(self.path, error=DataError, what="video")
-        fourcc = FOURCC.get(self.path.suffix.lower(), "mp4v")
+        fourcc = self.fourcc
         if self._process is not None:
             try:
                 opened = self._process.open(self.pending.tmp, fourcc, self.fps, h, w)
@@ -225,8 +250,9 @@ class VideoSink:
                               "instead", stacklevel=2)
                 self._process = None
         if self._process is None:
-            self.writer = cv2.VideoWriter(str(self.pending.tmp), cv2.VideoWriter_fourcc(*fourcc),
-                                          self.fps, (w, h))
+            raw = [cv2.VIDEOWRITER_PROP_RAW_VIDEO, 1] if self.jpeg_frames else []
+            self.writer = cv2.VideoWriter(str(self.pending.tmp), cv2.CAP_FFMPEG,
+                                          cv2.VideoWriter_fourcc(*fourcc), self.fps, (w, h), raw)
             opened = self.writer.isOpened()
         if not opened:
             if self._process is not None:
@@ -237,19 +263,35 @@ class VideoSink:
                             f"{self.path.suffix}; try .avi, or an output directory")
         self.size = (h, w)
 
-    def prepare(self, frame: np.ndarray) -> np.ndarray:
-        """An RGB frame as the encoder takes it (BGR): the part of writing that can run on
-        another thread (the deploy pipeline's drawing threads) before write_prepared."""
-        return self._cv2.cvtColor(frame, self._cv2.COLOR_RGB2BGR)
+    def prepare(self, frame: np.ndarray) -> np.ndarray | EncodedFrame:
+        """An RGB frame as the encoder takes it (BGR; for an .avi, encoded as JPEG): the part
+        of writing that can run on other threads (the deploy pipeline's drawing threads, side by
+        side) before write_prepared."""
+        bgr = self._cv2.cvtColor(frame, self._cv2.COLOR_RGB2BGR)
+        return self._encode(bgr) if self.jpeg_frames else bgr
 
-    def write_prepared(self, name: str, frame: np.ndarray) -> None:
-        """Encode a frame from prepare(); a frame of another size than the first is resized."""
-        h, w = frame.shape[:2]
+    def _encode(self, bgr: np.ndarray) -> EncodedFrame:
+        ok, data = self._cv2.imencode(".jpg", bgr, [self._cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise DataError(f"cannot encode a {bgr.shape[1]}x{bgr.shape[0]} frame of "
+                            f"{self.path} as JPEG")
+        return EncodedFrame(data.reshape(1, -1), int(bgr.shape[0]), int(bgr.shape[1]))
+
+    def write_prepared(self, name: str, frame: np.ndarray | EncodedFrame) -> None:
+        """Encode (or append) a frame from prepare(); a frame of another size than the first
+        is resized."""
+        encoded = isinstance(frame, EncodedFrame)
+        h, w = (frame.height, frame.width) if encoded else frame.shape[:2]
         if self.writer is None:
             self._open(h, w)
-        elif (h, w) != self.size:
+        if (h, w) != self.size:  # rare: a folder of images of several sizes
+            if encoded:
+                frame = self._cv2.imdecode(frame.data.reshape(-1), self._cv2.IMREAD_COLOR)
             frame = self._cv2.resize(frame, (self.size[1], self.size[0]))
-        self.writer.write(frame)
+            encoded = False
+        if self.jpeg_frames and not encoded:
+            frame = self._encode(frame)
+        self.writer.write(frame.data if self.jpeg_frames else frame)
         self.count += 1
 
     def write(self, name: str, frame: np.ndarray) -> None:

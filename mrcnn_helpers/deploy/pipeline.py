@@ -180,12 +180,16 @@ def run_deploy(predictor: Predictor, source, sink, *, batch_size: int | None = N
     return pipeline.run()
 
 
-def draw_threads_for(cpus: int | None = None) -> int:
+def draw_threads_for(cpus: int | None = None, *, encodes: bool = False) -> int:
     """Drawing threads for this machine: 2 where the cores allow (drawing outlines and labels
     holds the GIL for much of its ~1-3 ms per frame, so more threads mostly wait for it: on the
     H200 machine 4 made 57 FPS where 2 made 69 at 100 detections per frame), 1 on a machine of
-    fewer than 4 cores."""
+    fewer than 4 cores. encodes: the threads also encode the frames (a sink whose `prepare`
+    encodes, deploy.io.VideoSink for an .avi: ~2.5 ms of JPEG per frame without the GIL), then
+    4 where there are 8 cores or more."""
     cpus = cpus or os.cpu_count() or 1
+    if encodes and cpus >= 8:
+        return 4
     return 2 if cpus >= 4 else 1
 
 
@@ -199,8 +203,9 @@ class _Pipeline:
         self.max_frames, self.progress = max_frames, progress
         backend = predictor.backend + ("" if predictor.precision == "fp32"
                                        else f" {predictor.precision}")
-        self.stats = DeployStats(backend=backend, batch_size=batch_size,
-                                 draw_threads=max(1, int(draw_threads or draw_threads_for())))
+        encodes = bool(getattr(sink, "jpeg_frames", False))
+        self.stats = DeployStats(backend=backend, batch_size=batch_size, draw_threads=max(
+            1, int(draw_threads or draw_threads_for(encodes=encodes))))
         self.frames_in: queue.Queue = queue.Queue(maxsize=queue_size)
         self.frames_out: queue.Queue = queue.Queue(maxsize=queue_size)
         self.stop = threading.Event()

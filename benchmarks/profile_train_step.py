@@ -3,7 +3,11 @@ optimizer) and the top CUDA kernels, for the seed spec at 832x1344, batch 8, bf1
 the same for inference (score threshold 0: 100 detections per image, all masks pasted).
 
     python benchmarks/profile_train_step.py [--batch 8] [--objects 8] [--infer] [--shapes]
-                                            [--height 832 --width 1344]
+                                            [--height 832 --width 1344] [--where aten::add_,...]
+
+--where lists, for each named operator, its calls grouped by input shapes (full shapes, self
+CUDA ms per step) and the Python lines that called it (forward operators; a backward operator
+shows the autograd engine, its shapes say which layer it belongs to).
 
 Stages are marked with forward hooks on the model's top-level modules, so the model code carries
 no profiling calls. Needs a CUDA GPU.
@@ -44,6 +48,9 @@ def main():
                     help="profile inference (100 detections/image, masks pasted) instead")
     ap.add_argument("--shapes", action="store_true",
                     help="also list the top operators grouped by input shapes")
+    ap.add_argument("--where", default="",
+                    help="comma-separated operators (e.g. aten::add_,aten::copy_) whose calls are "
+                         "listed by input shape and by calling Python line")
     ap.add_argument("--height", type=int, default=832)
     ap.add_argument("--width", type=int, default=1344)
     args = ap.parse_args()
@@ -84,8 +91,9 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    where = [op for op in args.where.split(",") if op]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                 record_shapes=args.shapes) as prof:
+                 record_shapes=args.shapes or bool(where), with_stack=bool(where)) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -103,6 +111,26 @@ def main():
         by_shape = prof.key_averages(group_by_input_shape=True)
         print(by_shape.table(sort_by="self_device_time_total", row_limit=25,
                              max_name_column_width=30, max_shapes_column_width=70))
+    for op in where:
+        print_callers(prof, op)
+
+
+def print_callers(prof, op: str, rows: int = 12) -> None:
+    """`op`'s calls by input shapes, then by calling Python line, self CUDA ms per step."""
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == op]
+    by_shape.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in by_shape) / 3e3
+    print(f"\n{op}: {total:.2f} ms per step, by input shapes")
+    print("| calls/step | self CUDA ms/step | input shapes |\n|---|---|---|")
+    for e in by_shape[:rows]:
+        print(f"| {e.count / 3:.0f} | {e.self_device_time_total / 3e3:.3f} | {e.input_shapes} |")
+    by_stack = [e for e in prof.key_averages(group_by_stack_n=4) if e.key == op]
+    by_stack.sort(key=lambda e: -e.self_device_time_total)
+    print(f"{op} by calling lines")
+    print("| calls/step | self CUDA ms/step | stack (innermost first) |\n|---|---|---|")
+    for e in by_stack[:rows]:
+        stack = " <- ".join(line.split("/")[-1] for line in e.stack[:4]) or "(autograd)"
+        print(f"| {e.count / 3:.0f} | {e.self_device_time_total / 3e3:.3f} | {stack} |")
 
 
 if __name__ == "__main__":

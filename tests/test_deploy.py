@@ -62,7 +62,8 @@ def test_image_folder_with_pytorch_draws_what_predict_returns(tiny, tmp_path):
     assert "FPS" in stats.summary() and "p99" in stats.summary()
 
 
-def test_video_file_with_onnxruntime(onnx_path, tiny, tmp_path):
+@pytest.mark.parametrize("output", ["annotated.mp4", "annotated.avi"])  # mp4v; Motion JPEG
+def test_video_file_with_onnxruntime(onnx_path, tiny, tmp_path, output):
     cv2 = pytest.importorskip("cv2")
     video = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (96, 64))
@@ -70,7 +71,7 @@ def test_video_file_with_onnxruntime(onnx_path, tiny, tmp_path):
     for _ in range(6):
         writer.write(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
     writer.release()
-    out = tmp_path / "annotated.mp4"
+    out = tmp_path / output
     stats = deploy(onnx_path, video, out, threshold=0.0, progress=False)
     assert stats.frames == 6 and stats.backend == "onnxruntime" and stats.batch_size == 2
     capture = cv2.VideoCapture(str(out))
@@ -126,6 +127,13 @@ def test_errors_are_named(tiny, onnx_path, tmp_path):
     text_file.write_text("not a video")
     with pytest.raises(DataError, match="is not a video file"):
         open_source(text_file)
+
+
+def test_drawing_threads_follow_the_cores_and_the_encoding():
+    from mrcnn_helpers.deploy.pipeline import draw_threads_for
+
+    assert [draw_threads_for(n) for n in (2, 4, 16)] == [1, 2, 2]
+    assert [draw_threads_for(n, encodes=True) for n in (2, 4, 16)] == [1, 2, 4]
 
 
 def test_percentiles():

@@ -6,7 +6,7 @@
     mrcnn evaluate -e SPEC -m MODEL [--save-dir DIR]  (metrics.json, PR curves, confusion matrix)
     mrcnn infer    -i IMAGES -o OUT -m MODEL -t 0.5 [--include-mask] [--json RESULTS.json]
     mrcnn export   -m MODEL -o model.onnx [--data-type fp32|fp16|int8 ...] [--engine model.plan]
-    mrcnn deploy   -m MODEL -i VIDEO|DIR|RTSP -o OUT.mp4|DIR
+    mrcnn deploy   -m MODEL -i VIDEO|DIR|RTSP -o OUT.avi|OUT.mp4|DIR
 
 MODEL is a checkpoint, a results directory (its latest checkpoint), a weights file, an .onnx or a
 TensorRT engine. TLT's command lines run unchanged with `mrcnn` in place of `tlt-train mask_rcnn`
@@ -209,7 +209,9 @@ def _add_deploy(sub) -> None:
     _common(p, spec_required=False)
     p.add_argument("-i", "--input", required=True,
                    help="video file, image folder, rtsp:// URL or webcam[:N]")
-    p.add_argument("-o", "--output", required=True, help="output video (.mp4, .avi) or folder")
+    p.add_argument("-o", "--output", required=True,
+                   help="output video (.avi: Motion JPEG, encoded on several threads, for video "
+                        "rate; .mp4: mp4v, one encoder thread, smaller files) or folder")
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="frames per model call (default: an exported model's batch, else the "
                         "spec's eval_batch_size)")

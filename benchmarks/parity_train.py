@@ -50,13 +50,14 @@ import torchvision
 from torch import nn
 
 from mrcnn_helpers.data.synthetic import generate_synthetic_dataset
-from mrcnn_helpers.engine import latest_checkpoint, train
+from mrcnn_helpers.engine import latest_checkpoint
 from mrcnn_helpers.errors import TrainingError
 from mrcnn_helpers.model import paste_masks_in_image
 from mrcnn_helpers.model.anchors import cell_anchors
 from mrcnn_helpers.spec import load_spec, replace_spec
 from mrcnn_helpers.spec.schema import field_types
 from mrcnn_helpers.spec.values import coerce
+from mrcnn_helpers.workflow import train  # engine.train with COCO evaluation
 
 DEFAULT_SPEC = os.path.relpath(os.path.join(os.path.dirname(__file__), "..", "specs",
                                             "synthetic_gpu_r50.txt"))

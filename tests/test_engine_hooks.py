@@ -249,3 +249,31 @@ def test_graph_step_falls_back_with_the_reason():
     cuda = torch.device("cuda")
     reason = unsupported_reason(device=cuda, optimizer=adam, scaler=off, data_parallel=False)
     assert reason  # no GPU here: the kernels are missing, or the optimizer is named
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_from_then_on():
+    """A capture that fails (a model with a host sync, given to train()) is noted once and the
+    step and every later one run eagerly, with the gradients of the failed capture dropped."""
+    import torch
+
+    from mrcnn_helpers.engine import graphed_step
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    eager, notes = [], []
+    step = graphed_step.GraphedTrainStep(
+        model=None, amp_dtype=None, optimizer=optimizer, meter=None,
+        eager_step=lambda images, targets, lr: eager.append(lr), device=torch.device("cpu"),
+        note=notes.append)
+    step.steps_seen = graphed_step.WARMUP_STEPS
+
+    def capture(*args):
+        param.grad = torch.ones(2)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    step._capture = capture
+    for lr in (0.1, 0.2):
+        step(torch.zeros(1, 3, 4, 4), {"boxes": torch.zeros(1, 1, 4)}, lr)
+    assert eager == [0.1, 0.2] and step.failed and step.graph is None and param.grad is None
+    assert notes == [("note: the training step cannot be captured in a CUDA graph (operation not "
+                      "permitted when stream is capturing); training runs eagerly")]

@@ -102,6 +102,7 @@ class GraphedTrainStep:
         self.shapes = None
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.capture_seconds = None
+        self.failed = False  # the capture failed once: eager from then on
         self._side = None
 
     def __call__(self, images: torch.Tensor, targets: dict, lr: float) -> None:
@@ -111,8 +112,20 @@ class GraphedTrainStep:
             self._on_side_stream(lambda: self.eager_step(images, targets, lr))
             return
         self.steps_seen += 1
+        if self.failed:
+            self.eager_step(images, targets, lr)
+            return
         if self.graph is None:
-            self._capture(images, targets, shapes)
+            try:
+                self._capture(images, targets, shapes)
+            except RuntimeError as exc:  # e.g. a host sync in a model given to train()
+                self.failed = True
+                self.graph = None
+                self.optimizer.zero_grad(set_to_none=True)
+                self.note("note: the training step cannot be captured in a CUDA graph "
+                          f"({str(exc).splitlines()[0]}); training runs eagerly")
+                self.eager_step(images, targets, lr)
+                return
         self.static_images.copy_(images, non_blocking=True)
         for key, value in targets.items():
             self.static_targets[key].copy_(value, non_blocking=True)

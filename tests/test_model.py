@@ -179,6 +179,35 @@ def make_targets(batch, m=5, size=28, with_objects=True):
     return {"boxes": boxes, "classes": classes, "masks": masks}
 
 
+def test_target_class_mask_logits_equal_the_full_predictor_and_its_gradients():
+    from mrcnn_helpers.model.roi_heads import RoIHeads
+
+    torch.manual_seed(0)
+    heads = RoIHeads(small_cfg(), num_classes=5, in_channels=8).double()
+    features = [torch.randn(2, 8, 32 // 2 ** i, 32 // 2 ** i, dtype=torch.double)
+                for i in range(3)]
+    boxes = torch.tensor([[[1.0, 2, 30, 40], [50, 60, 90, 100]], [[3, 3, 100, 80], [0, 0, 9, 9]]],
+                         dtype=torch.double)
+    classes = torch.tensor([1, 4, 2, 4])
+    grad = torch.randn(4, 8, 8, dtype=torch.double)
+
+    def grads_of(logits):
+        heads.zero_grad()
+        (logits * grad).sum().backward()
+        return {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
+
+    selected = heads.target_class_mask_logits(features, boxes, classes)
+    full = heads.mask_forward(features, boxes)[torch.arange(4), classes]
+    assert selected.shape == (4, 8, 8)
+    assert torch.allclose(selected, full, atol=1e-12)
+    mine, reference = grads_of(selected), grads_of(full)
+    assert set(mine) == set(reference) and "mask_predictor.mask_fcn_logits.weight" in mine
+    for name, value in reference.items():
+        assert torch.allclose(mine[name], value, atol=1e-12), name
+    # Class 3 has no RoI: its weight row and bias get no gradient.
+    assert mine["mask_predictor.mask_fcn_logits.bias"][3] == 0
+
+
 def test_training_losses_finite_and_empty_image_gives_zero_mask_loss():
     torch.manual_seed(0)
     model = MaskRCNN(small_cfg(), num_classes=3).train()

@@ -503,8 +503,10 @@ def test_size_fields_are_bounded(text, field, fragment):
 
 @pytest.mark.parametrize("text, field, fragment", [
     # Each field within its bound, the batch not: the field whose default would fit is named.
-    ("train_batch_size: 1000", "train_batch_size", "one training batch would need at least 95"),
-    ("data_config { num_classes: 100000 }", "data_config.num_classes", "mask_head 224.3"),
+    ('train_batch_size: 1000\ndata_config { image_size: "(2048, 2048)" }', "train_batch_size",
+     "one training batch would need at least 71"),
+    ("data_config { num_classes: 100000 }", "data_config.num_classes",
+     "inference_mask_logits 233.7"),
     ("data_config { max_num_instances: 10000 }\nmaskrcnn_config { gt_mask_size: 1024 }",
      "data_config.max_num_instances", "gt_masks 146.5"),
     ('data_config { image_size: "(16384, 16384)" }', "data_config.image_size",
@@ -524,7 +526,8 @@ def test_memory_estimate_of_the_seed_spec(seed_env):
     parts = estimate_batch_memory(spec)
     assert parts["images"] == 3 * 3 * 832 * 1344 * 5
     assert parts["gt_masks"] == 3 * 200 * 112 * 112 * 5
-    assert parts["mask_head"] == 3 * 128 * 91 * 28 * 28 * 8
+    assert parts["mask_head"] == 3 * 128 * 28 * 28 * 8
+    assert parts["inference_mask_logits"] == 8 * 100 * 91 * 28 * 28 * 4
     assert parts["inference_masks"] == 8 * 100 * 832 * 1344
     assert sum(parts.values()) < MAX_BATCH_BYTES / 50
     for path in SHIPPED:  # every shipped spec validates (bounds and memory included)

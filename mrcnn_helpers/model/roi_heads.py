@@ -164,6 +164,28 @@ class RoIHeads(nn.Module):
                                       active=active)
         return self.mask_predictor(self.mask_head(pooled))
 
+    def target_class_mask_logits(self, features: list[Tensor], boxes: Tensor, classes: Tensor,
+                                 active: Tensor | None = None) -> Tensor:
+        """Mask logits Tensor[B * K, R, R] of one class per box (classes Tensor[B * K]): what
+        mask_forward(...)[arange, classes] gives, without computing the other classes.
+
+        The loss reads one class channel of each RoI's mask logits. The predictor's final 1 x 1
+        convolution over every class (91 on COCO: [1024, 91, 28, 28] at the seed spec) and its
+        backward are then mostly wasted work; here each RoI's 256 channels are dotted with its
+        class's weight row (a batched matrix-vector product), and the gradient reaches the same
+        parameters."""
+        pooled = multilevel_roi_align(features, boxes, self.mask_pool_size, *self.roi_levels,
+                                      active=active)
+        predictor = self.mask_predictor
+        x = predictor.relu(predictor.conv5_mask(self.mask_head(pooled)))
+        n, channels, r = x.shape[0], x.shape[1], x.shape[-1]
+        conv = predictor.mask_fcn_logits
+        weight = conv.weight.reshape(conv.weight.shape[0], channels)[classes]   # [N, C_in]
+        # [N, R, R, C_in] is a free view of the channels_last maps the GPU path makes.
+        pixels = x.permute(0, 2, 3, 1).reshape(n, r * r, channels)
+        logits = torch.bmm(pixels, weight[:, :, None].to(pixels.dtype)).reshape(n, r, r)
+        return logits + conv.bias[classes][:, None, None].to(logits.dtype)
+
     def forward(self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor,
                 image_size: tuple[int, int], targets: dict | None = None):
         num_levels = self.roi_levels[1] - self.roi_levels[0] + 1
@@ -214,9 +236,8 @@ class RoIHeads(nn.Module):
             q = max(1, min(q, int(positive.sum(dim=1).max())))
         rois, roi_gt, positive = rois[:, :q], roi_gt[:, :q], positive[:, :q]
         # The slots that are not positive are in the loss with weight 0: not pooled at all.
-        logits = self.mask_forward(features, rois, active=positive)
         classes = targets["classes"].gather(1, roi_gt).reshape(-1)
-        logits = logits[torch.arange(logits.shape[0], device=logits.device), classes]
+        logits = self.target_class_mask_logits(features, rois, classes, active=positive)
         mask_targets = project_masks_to_rois(targets["masks"], targets["boxes"], rois, roi_gt,
                                              logits.shape[-1]).reshape(logits.shape)
         return maskrcnn_loss(logits, mask_targets, positive) * self.cfg.mrcnn_weight_loss_mask

@@ -238,9 +238,10 @@ def estimate_batch_memory(spec: ExperimentSpec) -> dict[str, int]:
 
     "images": the training batch as uint8 and as its float32 normalized copy; "targets": the
     padded gt boxes and classes; "gt_masks": the padded S x S gt masks (uint8 and float32);
-    "mask_head": float32 mask logits of every class on the positive RoIs, with their gradient;
-    "inference_masks": the pasted uint8 masks of test_detections_per_image detections at
-    image_size for an evaluation batch.
+    "mask_head": float32 mask logits of the target class on the positive RoIs, with their
+    gradient; "inference_masks": the pasted uint8 masks of test_detections_per_image detections
+    at image_size for an evaluation batch; "inference_mask_logits": float32 mask logits of every
+    class for those detections (inference computes all classes, as the exported graph does).
     """
     dc, m = spec.data_config, spec.maskrcnn_config
     batch, (height, width) = spec.train_batch_size, dc.image_size
@@ -250,25 +251,31 @@ def estimate_batch_memory(spec: ExperimentSpec) -> dict[str, int]:
         "images": batch * 3 * height * width * (1 + 4),
         "targets": instances * (4 * 4 + 8),
         "gt_masks": instances * m.gt_mask_size ** 2 * (1 + 4),
-        "mask_head": positives * dc.num_classes * m.mrcnn_resolution ** 2 * 4 * 2,
+        "mask_head": positives * m.mrcnn_resolution ** 2 * 4 * 2,
         "inference_masks": spec.eval_batch_size * m.test_detections_per_image * height * width,
+        "inference_mask_logits": (spec.eval_batch_size * m.test_detections_per_image
+                                  * dc.num_classes * m.mrcnn_resolution ** 2 * 4),
     }
+
+
+_EVALUATION_PARTS = ("inference_masks", "inference_mask_logits")
 
 
 # Fields that scale each estimate, in the order they are named when one is to be lowered.
 _MEMORY_FIELDS = {
     "training": ("train_batch_size", "data_config.image_size", "data_config.max_num_instances",
-                 "maskrcnn_config.gt_mask_size", "data_config.num_classes",
-                 "maskrcnn_config.mrcnn_resolution", "maskrcnn_config.batch_size_per_im"),
+                 "maskrcnn_config.gt_mask_size", "maskrcnn_config.mrcnn_resolution",
+                 "maskrcnn_config.batch_size_per_im"),
     "evaluation": ("eval_batch_size", "maskrcnn_config.test_detections_per_image",
-                   "data_config.image_size"),
+                   "data_config.image_size", "data_config.num_classes",
+                   "maskrcnn_config.mrcnn_resolution"),
 }
 
 
 def _memory_need(spec: ExperimentSpec) -> dict[str, int]:
     parts = estimate_batch_memory(spec)
-    return {"training": sum(v for k, v in parts.items() if k != "inference_masks"),
-            "evaluation": parts["inference_masks"]}
+    return {"training": sum(v for k, v in parts.items() if k not in _EVALUATION_PARTS),
+            "evaluation": sum(parts[k] for k in _EVALUATION_PARTS)}
 
 
 def _with_default(spec: ExperimentSpec, field: str) -> ExperimentSpec:
@@ -290,7 +297,7 @@ def _check_memory(c: _Checker, spec: ExperimentSpec) -> None:
         field = next((f for f in fields
                       if _memory_need(_with_default(spec, f))[kind] <= MAX_BATCH_BYTES), fields[0])
         parts = {k: v for k, v in estimate_batch_memory(spec).items()
-                 if (k == "inference_masks") == (kind == "evaluation")}
+                 if (k in _EVALUATION_PARTS) == (kind == "evaluation")}
         shown = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in parts.items())
         others = ", ".join(f for f in fields if f != field)
         c.require(False, field, f"one {kind} batch would need at least {used / 2**30:.0f} GiB "

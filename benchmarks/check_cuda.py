@@ -26,12 +26,14 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import batched_nms, roi_align
 from train_step import make_train_step
 
 from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.inference.graphs import GraphedForward
 from mrcnn_helpers.model import build_model, fused_conv, place_model
+from mrcnn_helpers.model.kernels.bias import bias_act_triton, top_down_triton
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.spec import load_spec, replace_spec
@@ -99,6 +101,41 @@ def check_nms(device) -> None:
         mismatched += int((expected != keep[r]).sum())
     report("nms kernel", mismatched == 0, f"{rows} rows x {size} boxes, {mismatched} decisions "
                                           "differ from torchvision")
+
+
+def check_bias_kernels(device) -> None:
+    """bias + ReLU and the FPN's top-down merge on channels_last bf16 maps of the seed's P2 size:
+    each output the fp32 composition rounded once (to nearest), gradients as autograd's."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    cl = torch.channels_last
+    x = torch.randn(2, 256, 208, 336, generator=g).to(device, torch.bfloat16)
+    x = x.contiguous(memory_format=cl)
+    top = torch.randn(2, 256, 104, 168, generator=g).to(device, torch.bfloat16)
+    top = top.contiguous(memory_format=cl)
+    bias = torch.randn(256, generator=g).to(device)
+    for relu in (False, True):
+        out = bias_act_triton(x, bias, relu)
+        want = x.float() + bias.view(1, -1, 1, 1)
+        want = (want.relu() if relu else want).to(torch.bfloat16)
+        report(f"bias_act bf16 relu={relu}", torch.equal(out, want) and out.stride() == x.stride(),
+               f"{int((out != want).sum())} of {out.numel()} values differ from the fp32 "
+               "composition rounded once")
+    merged = top_down_triton(x, bias, top)
+    want = (x.float() + bias.view(1, -1, 1, 1)
+            + F.interpolate(top.float(), size=x.shape[-2:], mode="nearest")).to(torch.bfloat16)
+    leaves = [t.detach().float().requires_grad_(True) for t in (x, bias, top)]
+    ref = leaves[0] + leaves[1].view(1, -1, 1, 1) + F.interpolate(leaves[2], size=x.shape[-2:],
+                                                                  mode="nearest")
+    grad = torch.randn(ref.shape, generator=g).to(device)
+    ref.backward(grad)
+    mine = [t.detach().clone().requires_grad_(True) for t in (x, bias, top)]
+    top_down_triton(*mine).backward(grad.to(torch.bfloat16).contiguous(memory_format=cl))
+    errors = [((m.grad.float() - r.grad).norm() / r.grad.norm()).item()
+              for m, r in zip(mine, leaves)]
+    report("top-down merge bf16", torch.equal(merged, want) and max(errors) < 1e-2,
+           f"{int((merged != want).sum())} values differ from the fp32 composition rounded once; "
+           f"gradient relative errors lateral/bias/top {errors[0]:.1e}/{errors[1]:.1e}/"
+           f"{errors[2]:.1e}")
 
 
 def model_and_batch(device, size, spec_path=SPEC):
@@ -225,7 +262,7 @@ def main() -> int:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
-    for check in (check_roi_align, check_nms):
+    for check in (check_roi_align, check_nms, check_bias_kernels):
         check(device)
     check_no_syncs(device, args.size)
     check_graphs(device, args.size)

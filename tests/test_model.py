@@ -208,6 +208,24 @@ def test_target_class_mask_logits_equal_the_full_predictor_and_its_gradients():
     assert mine["mask_predictor.mask_fcn_logits.bias"][3] == 0
 
 
+def test_box_head_on_channels_last_maps_equals_torchvisions_and_its_gradients():
+    from mrcnn_helpers.model.roi_heads import RoIHeads
+
+    torch.manual_seed(0)
+    heads = RoIHeads(small_cfg(), num_classes=5, in_channels=8).double()
+    pooled = torch.randn(6, 8, 7, 7, dtype=torch.double)
+    mine_in = pooled.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    ref_in = pooled.clone().requires_grad_(True)
+    mine, ref = heads.box_features(mine_in), heads.box_head(ref_in)
+    weight = heads.box_head.fc6.weight
+    grad = torch.randn(mine.shape, dtype=torch.double)
+    mine_grads = torch.autograd.grad((mine * grad).sum(), [mine_in, weight])
+    ref_grads = torch.autograd.grad((ref * grad).sum(), [ref_in, weight])
+    assert torch.allclose(mine, ref, atol=1e-12)
+    for a, b in zip(mine_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_training_losses_finite_and_empty_image_gives_zero_mask_loss():
     torch.manual_seed(0)
     model = MaskRCNN(small_cfg(), num_classes=3).train()

@@ -19,7 +19,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from . import fused_conv
+from . import fused_conv, kernels
+from .bias_ops import bias_act, conv_without_bias, top_down_add
 from .fused_conv import compute_dtype
 
 RESNET_LAYOUTS = {
@@ -191,6 +192,29 @@ def fold_frozen_bn(resnet: ResNet) -> None:
                     type(block)]
 
 
+class FPN(FeaturePyramidNetwork):
+    """torchvision's FeaturePyramidNetwork (same modules and names) whose convolutions' biases,
+    and the top-down merge (lateral + nearest-upsampled coarser level), are single passes on
+    CUDA (bias_ops). Elsewhere it is torchvision's forward itself."""
+
+    def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        names, maps = list(x.keys()), list(x.values())
+        if not kernels.available(maps[0]):
+            return super().forward(x)
+        inner = [block[0] for block in self.inner_blocks]
+        layer = [block[0] for block in self.layer_blocks]
+        last_inner = bias_act(conv_without_bias(inner[-1], maps[-1]), inner[-1].bias)
+        results = [bias_act(conv_without_bias(layer[-1], last_inner), layer[-1].bias)]
+        for idx in range(len(maps) - 2, -1, -1):
+            last_inner = top_down_add(conv_without_bias(inner[idx], maps[idx]), inner[idx].bias,
+                                      last_inner)
+            results.insert(0, bias_act(conv_without_bias(layer[idx], last_inner),
+                                       layer[idx].bias))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, maps, names)
+        return OrderedDict(zip(names, results, strict=True))
+
+
 class ResNetFPN(nn.Module):
     """images (normalized float Tensor[B, 3, H, W]) -> list of FPN maps for min_level..max_level.
 
@@ -214,7 +238,7 @@ class ResNetFPN(nn.Module):
         expansion = block.expansion
         in_channels = [64 * 2 ** (lvl - 2) * expansion for lvl in stage_levels]
         extra = LastLevelMaxPool() if max_level > stage_levels[-1] else None
-        self.fpn = FeaturePyramidNetwork(in_channels, FPN_CHANNELS, extra_blocks=extra)
+        self.fpn = FPN(in_channels, FPN_CHANNELS, extra_blocks=extra)
         self.stage_levels = stage_levels
         self.num_levels = max_level - min_level + 1
         self.frozen_modules = self._freeze(freeze_blocks)
@@ -243,7 +267,14 @@ class ResNetFPN(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         x = images
         stages = OrderedDict()
+        # The folded stem's bias and ReLU in one pass (cuDNN has no fused engine for 3 channels).
+        fused_stem = type(self.body["conv1"]) is ConvWithFrozenBN and kernels.available(x)
         for name, module in self.body.items():
+            if fused_stem and name == "conv1":
+                x = bias_act(*module.unbiased(x), relu=True)
+                continue
+            if fused_stem and name == "relu":
+                continue
             x = module(x)
             if name.startswith("layer"):
                 level = int(name[-1]) + 1

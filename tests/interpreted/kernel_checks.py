@@ -19,6 +19,8 @@ from mrcnn_helpers.model import (
     kernels,
     nms,
 )
+from mrcnn_helpers.model.backbone import FPN
+from mrcnn_helpers.model.kernels.bias import bias_act_triton, top_down_triton
 from mrcnn_helpers.model.kernels.composite import composite_frames
 from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
@@ -161,6 +163,83 @@ def test_composite_kernel_matches_the_reference_blend():
         want = blend_masks_reference(frames, masks, drawn, colors, alpha)
         assert torch.equal(got, want), alpha
     assert torch.equal(got[1], frames[1]) and not torch.equal(got[0], frames[0])
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def test_bias_act_matches_add_and_relu_forward_and_backward():
+    g = torch.Generator().manual_seed(5)
+    shapes = [((2, 5, 7, 9), torch.channels_last), ((2, 5, 7, 9), torch.contiguous_format),
+              ((3, 5, 11), torch.contiguous_format), ((37, 5), torch.contiguous_format)]
+    for shape, memory_format in shapes:
+        for relu in (False, True):
+            x = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+            bias = torch.randn(shape[1], generator=g)
+            grad = torch.randn(shape, generator=g)
+            mine_x, mine_b, ref_x, ref_b = _leaf(x), _leaf(bias), _leaf(x), _leaf(bias)
+            out = bias_act_triton(mine_x, mine_b, relu)
+            ref = ref_x + ref_b.reshape((1, -1) + (1,) * (len(shape) - 2))
+            ref = torch.relu(ref) if relu else ref
+            assert out.stride() == x.stride()
+            assert (out - ref).abs().max() < 1e-6, (shape, relu)
+            out.backward(grad)
+            ref.backward(grad)
+            assert (mine_x.grad - ref_x.grad).abs().max() < 1e-6
+            assert (mine_b.grad - ref_b.grad).abs().max() < 1e-4
+    # bf16 maps with an fp32 bias: computed in fp32, rounded once (to nearest on the GPU; the
+    # interpreter's bf16 conversion truncates, so within one bf16 step here)
+    x = torch.randn(2, 4, 6, 8, generator=g).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    bias = torch.randn(4, generator=g)
+    out = bias_act_triton(x, bias, True)
+    ref = torch.relu(x.float() + bias.reshape(1, -1, 1, 1))
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -7).all()
+
+
+def test_top_down_merge_matches_upsample_and_add_forward_and_backward():
+    g = torch.Generator().manual_seed(6)
+    cl = torch.channels_last
+    lateral = torch.randn(2, 6, 10, 14, generator=g).contiguous(memory_format=cl)
+    top = torch.randn(2, 6, 5, 7, generator=g).contiguous(memory_format=cl)
+    bias = torch.randn(6, generator=g)
+    grad = torch.randn(2, 6, 10, 14, generator=g)
+    leaves = [_leaf(t) for t in (lateral, bias, top)]
+    refs = [_leaf(t) for t in (lateral, bias, top)]
+    out = top_down_triton(*leaves)
+    ref = (refs[0] + refs[1].reshape(1, -1, 1, 1)
+           + torch.nn.functional.interpolate(refs[2], size=(10, 14), mode="nearest"))
+    assert out.is_contiguous(memory_format=cl)
+    assert (out - ref).abs().max() < 1e-6
+    out.backward(grad)
+    ref.backward(grad)
+    for mine, theirs in zip(leaves, refs):
+        assert mine.grad.shape == theirs.grad.shape
+        assert (mine.grad - theirs.grad).abs().max() < 1e-4
+
+
+def test_fpn_with_the_kernels_equals_torchvisions_forward_and_gradients():
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    torch.manual_seed(7)
+    fpn = FPN([4, 8, 16], 8, extra_blocks=LastLevelMaxPool())
+    maps = {str(i): torch.randn(2, 4 * 2 ** i, 16 // 2 ** i, 24 // 2 ** i).contiguous(
+        memory_format=torch.channels_last) for i in range(3)}
+    assert kernels.available(maps["0"])
+    mine = fpn(maps)
+    theirs = FeaturePyramidNetwork.forward(fpn, maps)
+    assert list(mine) == list(theirs) == ["0", "1", "2", "pool"]
+    loss_mine = sum((v * (k + 1)).sum() for k, v in enumerate(mine.values()))
+    grads_mine = torch.autograd.grad(loss_mine, list(fpn.parameters()))
+    loss_theirs = sum((v * (k + 1)).sum() for k, v in enumerate(theirs.values()))
+    grads_theirs = torch.autograd.grad(loss_theirs, list(fpn.parameters()))
+    for name in mine:
+        assert (mine[name] - theirs[name]).abs().max() < 1e-5, name
+    for a, b in zip(grads_mine, grads_theirs):
+        assert (a - b).abs().max() < 1e-3 * max(1.0, float(b.abs().max()))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from), each on the spec's validation images (export.accuracy.measure_accuracy).
 
     # a trained model (results directory or checkpoint), e.g. the R50 synthetic run:
     python benchmarks/bench_export_accuracy.py --results results/r50 --workdir /tmp/acc \
-        --batches 100 --cal-method entropy
+        --batches 100 --cal-method max
     # or train one from a spec first (CPU is fine for a tiny spec):
     python benchmarks/bench_export_accuracy.py --spec spec.txt --train-steps 300 --workdir /tmp/acc
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--deviation-images", type=int, default=16)
     p.add_argument("--cal-image-dir", default=None)
     p.add_argument("--batches", type=int, default=10, help="calibration batches")
-    p.add_argument("--cal-method", default="entropy", choices=["entropy", "percentile", "max"])
+    p.add_argument("--cal-method", default="max", choices=["entropy", "percentile", "max"])
     p.add_argument("--cal-percentile", type=float, default=99.99)
     p.add_argument("--cal-cache-file", default=None)
     p.add_argument("--int8-exclude", action="append", default=[], metavar="PATTERN")

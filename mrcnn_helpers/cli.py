@@ -169,8 +169,8 @@ def _add_export(sub) -> None:
     p.add_argument("--batches", type=_positive, default=10, help="INT8 calibration batches")
     p.add_argument("--cal-batch-size", type=_positive, default=None,
                    help="images per calibration batch (default: --batch-size)")
-    p.add_argument("--cal-method", choices=CAL_METHODS, default="entropy",
-                   help="INT8 calibration method")
+    p.add_argument("--cal-method", choices=CAL_METHODS, default="max",
+                   help="INT8 calibration method (max: measured best here, docs/EXPORT.md)")
     p.add_argument("--cal-percentile", type=float, default=99.99,
                    help="with --cal-method percentile: the percentile of |activation| kept")
     p.add_argument("--cal-cache-file", default=None,

@@ -277,3 +277,35 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_from_then_on():
     assert eager == [0.1, 0.2] and step.failed and step.graph is None and param.grad is None
     assert notes == [("note: the training step cannot be captured in a CUDA graph (operation not "
                       "permitted when stream is capturing); training runs eagerly")]
+
+
+def test_a_step_that_synchronizes_with_the_host_is_never_captured(monkeypatch):
+    """The last warm-up step runs under CUDA's sync debug mode; a host sync there (torchvision's
+    Mask R-CNN indexes with boolean masks) means no capture is tried: eager, noted once."""
+    import torch
+
+    from mrcnn_helpers.engine import graphed_step
+
+    watched = []
+
+    def first_host_sync(fn):
+        watched.append(len(eager))
+        fn()
+        return "called a synchronizing CUDA operation"
+
+    monkeypatch.setattr(graphed_step, "first_host_sync", first_host_sync)
+    eager, notes = [], []
+    step = graphed_step.GraphedTrainStep(
+        model=None, amp_dtype=None, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))],
+                                                              lr=0.1),
+        meter=None, eager_step=lambda images, targets, lr: eager.append(lr),
+        device=torch.device("cpu"), note=notes.append)
+    step._on_side_stream = lambda fn: fn()
+    step._capture = lambda *args: pytest.fail("a step that syncs must not be captured")
+    for lr in range(graphed_step.WARMUP_STEPS + 2):
+        step(torch.zeros(1, 3, 4, 4), {"boxes": torch.zeros(1, 1, 4)}, float(lr))
+    assert eager == [float(lr) for lr in range(graphed_step.WARMUP_STEPS + 2)]
+    assert watched == [graphed_step.WARMUP_STEPS - 1] and step.failed and step.graph is None
+    assert notes == [("note: the training step cannot be captured in a CUDA graph (it "
+                      "synchronizes with the host: called a synchronizing CUDA operation); "
+                      "training runs eagerly")]

@@ -16,13 +16,16 @@ resume and the eager path see the same optimizer state.
 
 Not captured (the step stays eager, said once): off CUDA, without the Triton kernels, under
 DistributedDataParallel, with fp16 loss scaling, an optimizer other than plain-momentum SGD, or
-MRCNN_CUDA_GRAPHS=0; and any step whose shapes differ from the captured ones.
+MRCNN_CUDA_GRAPHS=0; a step that synchronizes with the host (CUDA's sync debug mode watches the
+last warm-up step: torchvision's own Mask R-CNN does); and any step whose shapes differ from the
+captured ones.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -79,6 +82,25 @@ def sgd_update(optimizer: torch.optim.SGD, lr: torch.Tensor) -> None:
         torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
 
 
+def first_host_sync(fn: Callable[[], None]) -> str:
+    """Run fn with CUDA's sync debug mode on; the first host synchronization it reported (the
+    warning's first line), or "" when there was none. Warnings of other kinds are shown."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs = [str(w.message).splitlines()[0] for w in caught
+             if "synchronizing CUDA operation" in str(w.message)]
+    for w in caught:
+        if "synchronizing CUDA operation" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return syncs[0] if syncs else ""
+
+
 class GraphedTrainStep:
     """Runs training steps from a CUDA graph once warmed up; see the module docstring.
 
@@ -109,7 +131,8 @@ class GraphedTrainStep:
         shapes = (tuple(images.shape), tuple((k, tuple(v.shape)) for k, v in targets.items()))
         if self.steps_seen < WARMUP_STEPS or (self.graph is not None and shapes != self.shapes):
             self.steps_seen += 1
-            self._on_side_stream(lambda: self.eager_step(images, targets, lr))
+            last_warm_up = self.steps_seen == WARMUP_STEPS and self.graph is None
+            self._warm_up(images, targets, lr, check_syncs=last_warm_up and not self.failed)
             return
         self.steps_seen += 1
         if self.failed:
@@ -132,6 +155,21 @@ class GraphedTrainStep:
         self.lr.fill_(float(lr))
         self.graph.replay()
         self.meter.count_step()
+
+    def _warm_up(self, images: torch.Tensor, targets: dict, lr: float, check_syncs: bool) -> None:
+        def run():
+            self._on_side_stream(lambda: self.eager_step(images, targets, lr))
+
+        if not check_syncs:
+            run()
+            return
+        # The last warm-up step looks for host syncs: a step that waits for the host cannot be
+        # captured, and a capture that fails leaves CUDA's random-number state unusable.
+        sync = first_host_sync(run)
+        if sync:
+            self.failed = True
+            self.note("note: the training step cannot be captured in a CUDA graph (it "
+                      f"synchronizes with the host: {sync}); training runs eagerly")
 
     def _on_side_stream(self, fn) -> None:
         if self._side is None:

@@ -184,7 +184,7 @@ def precision_warning(name: str, lost: float, tolerance: float, *, images: int =
 def measure_accuracy(model, spec, workdir, *, onnx_path=None, batch_size: int = 1,
                      max_images: int | None = None, deviation_images: int = 16,
                      calibration=None, cal_image_dir=None, batches: int = 10,
-                     cal_method: str = "entropy", percentile: float = DEFAULT_PERCENTILE,
+                     cal_method: str = "max", percentile: float = DEFAULT_PERCENTILE,
                      cal_cache_file=None, int8_exclude=(), fp16_exclude=(),
                      variants=VARIANTS, device=None, tolerance: float = DEFAULT_TOLERANCE,
                      threads: int | None = None, prebuilt: dict | None = None,

@@ -275,7 +275,7 @@ def _place_before_consumers(graph, added_nodes: dict) -> None:
     graph.node.extend(ordered)
 
 
-def quantize_int8(onnx_path, out_path, batches=None, *, method: str = "entropy",
+def quantize_int8(onnx_path, out_path, batches=None, *, method: str = "max",
                   percentile: float = DEFAULT_PERCENTILE, cache_file=None, exclude=(),
                   key: str | None = None, threads: int | None = None) -> QuantizeReport:
     """Write the INT8 Q/DQ variant of the fp32 export at `onnx_path` to `out_path`.

@@ -309,3 +309,33 @@ def test_a_step_that_synchronizes_with_the_host_is_never_captured(monkeypatch):
     assert notes == [("note: the training step cannot be captured in a CUDA graph (it "
                       "synchronizes with the host: called a synchronizing CUDA operation); "
                       "training runs eagerly")]
+
+
+def test_the_sync_check_names_the_line_and_ignores_other_threads():
+    """CUDA's sync debug mode is global: a sync warned by another thread (the loader's pin-memory
+    thread) says nothing of the step and is dropped; the step's own is reported with its line;
+    other warnings still reach the user."""
+    import threading
+    import warnings
+
+    from mrcnn_helpers.engine.graphed_step import first_sync_warning
+
+    sync = "called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:150.)"
+
+    def elsewhere():
+        worker = threading.Thread(target=lambda: warnings.warn(sync, UserWarning))
+        worker.start()
+        worker.join()
+
+    assert first_sync_warning(elsewhere) == ""
+
+    def step():
+        elsewhere()
+        warnings.warn("unrelated", DeprecationWarning)
+        warnings.warn(sync, UserWarning)  # the line reported
+        warnings.warn(sync, UserWarning)
+
+    with pytest.warns(DeprecationWarning, match="unrelated"):
+        found = first_sync_warning(step)
+    line = step.__code__.co_firstlineno + 3
+    assert found == f"called a synchronizing CUDA operation at {__file__}:{line}"

@@ -24,6 +24,7 @@ captured ones.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -82,23 +83,47 @@ def sgd_update(optimizer: torch.optim.SGD, lr: torch.Tensor) -> None:
         torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
 
 
+SYNC_WARNING = "synchronizing CUDA operation"  # what CUDA's sync debug mode warns
+_DEBUG_MODE_NOTICE = "Synchronization debug mode is a prototype feature"
+
+
 def first_host_sync(fn: Callable[[], None]) -> str:
-    """Run fn with CUDA's sync debug mode on; the first host synchronization it reported (the
-    warning's first line), or "" when there was none. Warnings of other kinds are shown."""
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    """Run fn with CUDA's sync debug mode on; where it first synchronized with the host (the
+    warning and the Python line that raised it), or "" when it did not."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEBUG_MODE_NOTICE)
+        previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    syncs = [str(w.message).splitlines()[0] for w in caught
-             if "synchronizing CUDA operation" in str(w.message)]
-    for w in caught:
-        if "synchronizing CUDA operation" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return syncs[0] if syncs else ""
+    try:
+        return first_sync_warning(fn)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def first_sync_warning(fn: Callable[[], None]) -> str:
+    """Run fn; the first sync warning raised on this thread as "<message> at <file>:<line>", or "".
+
+    The debug mode is global to the process: the loader's pin-memory thread, a deploy decoder
+    and the like warn too while fn runs. Their sync warnings say nothing of the step and are
+    dropped; warnings of other kinds, from any thread, are shown as usual.
+    """
+    me = threading.get_ident()
+    found: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        show = warnings.showwarning  # catch_warnings puts it back on exit
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if SYNC_WARNING not in text:
+                show(message, category, filename, lineno, file, line)
+            elif threading.get_ident() == me:
+                found.append(f"{text.splitlines()[0].split(' (Triggered')[0]} at "
+                             f"{filename}:{lineno}")
+
+        warnings.showwarning = record
+        fn()
+    return found[0] if found else ""
 
 
 class GraphedTrainStep:

@@ -180,7 +180,7 @@ def make_targets(batch, m=5, size=28, with_objects=True):
 
 
 def test_target_class_mask_logits_equal_the_full_predictor_and_its_gradients():
-    from mrcnn_helpers.model.roi_heads import RoIHeads
+    from mrcnn_helpers.model.roi_heads import RoIHeads, multilevel_roi_align
 
     torch.manual_seed(0)
     heads = RoIHeads(small_cfg(), num_classes=5, in_channels=8).double()
@@ -196,7 +196,8 @@ def test_target_class_mask_logits_equal_the_full_predictor_and_its_gradients():
         (logits * grad).sum().backward()
         return {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
 
-    selected = heads.target_class_mask_logits(features, boxes, classes)
+    pooled = multilevel_roi_align(features, boxes, heads.mask_pool_size, *heads.roi_levels)
+    selected = heads.target_class_mask_logits(pooled, classes)
     full = heads.mask_forward(features, boxes)[torch.arange(4), classes]
     assert selected.shape == (4, 8, 8)
     assert torch.allclose(selected, full, atol=1e-12)

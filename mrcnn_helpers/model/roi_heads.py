@@ -22,7 +22,7 @@ from .rpn import SMOOTH_L1_BETA
 from .sampling import FOREGROUND, IGNORE, label_proposals, sample_balanced
 
 if kernels.ENABLED:
-    from .kernels.roi_align import multilevel_roi_align_triton
+    from .kernels.roi_align import multilevel_roi_align_sets_triton
 
 BOX_POOL_SIZE = 7
 # RoIs are assigned to FPN levels 2..5 only (P6 feeds the RPN), by the FPN paper's rule.
@@ -52,23 +52,41 @@ def multilevel_roi_align(features: list[Tensor], boxes: Tensor, output_size: int
     those boxes are pooled, the others give zeros (and cost nothing, backward included): the
     fixed-size slots whose result no loss reads.
     """
+    return multilevel_roi_align_sets(features, [(boxes, output_size, active)], min_level,
+                                     max_level)[0]
+
+
+def multilevel_roi_align_sets(features: list[Tensor], sets: list[tuple[Tensor, int, Tensor | None]],
+                              min_level: int, max_level: int) -> list[Tensor]:
+    """multilevel_roi_align of each (boxes, output_size, active) set from the same features. On
+    the GPU path the sets share one autograd node, whose backward sums their gradients into
+    one map per level (kernels/roi_align.py says what that saves)."""
+    num_levels = max_level - min_level + 1
+    scales = [1.0 / 2 ** (min_level + i) for i in range(num_levels)]
+    prepared = [(*_rois_and_levels(boxes, active, min_level, max_level), size)
+                for boxes, size, active in sets]
+    if kernels.available(features[0]):
+        return multilevel_roi_align_sets_triton(
+            features[:num_levels], [(rois, torch.where(sampled, levels, -1), size)
+                                    for rois, levels, sampled, size in prepared],
+            scales, sampling_ratio=2)
+    return [_grouped_roi_align(features, rois, torch.where(sampled, levels, num_levels), scales,
+                               size) for rois, levels, sampled, size in prepared]
+
+
+def _rois_and_levels(boxes: Tensor, active: Tensor | None, min_level: int, max_level: int):
+    """(rois [B * K, 5] with the image index first, level offsets [B * K], whether each is
+    pooled [B * K]) for boxes Tensor[B, K, 4]."""
     batch, k = boxes.shape[:2]
     flat = boxes.reshape(-1, 4)
     image_index = torch.arange(batch, device=boxes.device).repeat_interleave(k).to(flat.dtype)
-    num_levels = max_level - min_level + 1
     sampled = torch.isfinite(flat).all(dim=1)
     if active is not None:
         sampled = sampled & active.reshape(-1)
     flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     rois = torch.cat((image_index[:, None], flat), dim=1)
     levels = assign_roi_levels(flat, min_level, max_level) - min_level
-    scales = [1.0 / 2 ** (min_level + i) for i in range(num_levels)]
-    if kernels.available(boxes):
-        levels = torch.where(sampled, levels, -1)
-        return multilevel_roi_align_triton(features[:num_levels], rois, levels, scales,
-                                           output_size, sampling_ratio=2)
-    return _grouped_roi_align(features, rois, torch.where(sampled, levels, num_levels), scales,
-                              output_size)
+    return rois, levels, sampled
 
 
 def _grouped_roi_align(features, rois, levels, scales, output_size) -> Tensor:
@@ -193,18 +211,16 @@ class RoIHeads(nn.Module):
             return conv_bias_act(deconv, x, relu=True)
         return self.mask_predictor.relu(deconv(x))
 
-    def target_class_mask_logits(self, features: list[Tensor], boxes: Tensor, classes: Tensor,
-                                 active: Tensor | None = None) -> Tensor:
-        """Mask logits Tensor[B * K, R, R] of one class per box (classes Tensor[B * K]): what
-        mask_forward(...)[arange, classes] gives, without computing the other classes.
+    def target_class_mask_logits(self, pooled: Tensor, classes: Tensor) -> Tensor:
+        """Mask logits Tensor[N, R, R] of one class per RoI (classes Tensor[N]) from the RoIs'
+        pooled maps Tensor[N, C, R / 2, R / 2]: what mask_forward(...)[arange, classes] gives,
+        without computing the other classes.
 
         The loss reads one class channel of each RoI's mask logits. The predictor's final 1 x 1
         convolution over every class (91 on COCO: [1024, 91, 28, 28] at the seed spec) and its
         backward are then mostly wasted work; here each RoI's 256 channels are dotted with its
         class's weight row (a batched matrix-vector product), and the gradient reaches the same
         parameters."""
-        pooled = multilevel_roi_align(features, boxes, self.mask_pool_size, *self.roi_levels,
-                                      active=active)
         x = self.mask_features(pooled)
         n, channels, r = x.shape[0], x.shape[1], x.shape[-1]
         conv = self.mask_predictor.mask_fcn_logits
@@ -244,7 +260,16 @@ class RoIHeads(nn.Module):
         valid = sampled >= 0
         positive = sampled == FOREGROUND
 
-        class_logits, box_deltas = self.box_forward(features, rois)
+        if cfg.include_mask:
+            # Both heads pool the same maps: one RoIAlign node (its backward sums the gradients).
+            q = self._mask_slots(positive)
+            box_pooled, mask_pooled = multilevel_roi_align_sets(
+                features, [(rois, BOX_POOL_SIZE, None),
+                           (rois[:, :q], self.mask_pool_size, positive[:, :q])],
+                *self.roi_levels)
+        else:
+            box_pooled = multilevel_roi_align(features, rois, BOX_POOL_SIZE, *self.roi_levels)
+        class_logits, box_deltas = self.box_predictor(self.box_features(box_pooled))
         target_classes = torch.where(positive, gt_classes.gather(1, roi_gt), 0)
         target_boxes = gt_boxes.gather(1, roi_gt[..., None].expand(-1, -1, 4))
         box_targets = box_ops.encode_boxes(target_boxes, rois, self.box_weights)
@@ -253,19 +278,24 @@ class RoIHeads(nn.Module):
         losses = {"fast_rcnn_class_loss": class_loss,
                   "fast_rcnn_box_loss": box_loss * cfg.fast_rcnn_box_loss_weight}
         if cfg.include_mask:
-            losses["mask_loss"] = self.mask_loss(features, rois, roi_gt, positive, targets)
+            losses["mask_loss"] = self.mask_loss(mask_pooled, rois[:, :q], roi_gt[:, :q],
+                                                 positive[:, :q], targets)
         return losses
 
-    def mask_loss(self, features, rois, roi_gt, positive, targets) -> Tensor:
-        # The sampler puts positives first, so a fixed prefix of the slots holds all of them.
+    def _mask_slots(self, positive: Tensor) -> int:
+        """How many of the first sampled slots the mask head takes: the sampler puts positives
+        first, so a fixed prefix holds all of them."""
         q = max(1, int(self.cfg.batch_size_per_im * self.cfg.fg_fraction))
-        if not torch.compiler.is_compiling() and rois.device.type == "cpu":
+        if not torch.compiler.is_compiling() and positive.device.type == "cpu":
             # On the CPU the mask head dominates: run it only on the slots some image fills.
             q = max(1, min(q, int(positive.sum(dim=1).max())))
-        rois, roi_gt, positive = rois[:, :q], roi_gt[:, :q], positive[:, :q]
-        # The slots that are not positive are in the loss with weight 0: not pooled at all.
+        return min(q, positive.shape[1])
+
+    def mask_loss(self, pooled, rois, roi_gt, positive, targets) -> Tensor:
+        """The mask loss of the mask slots' RoIs (pooled maps of the positive ones; the others,
+        in the loss with weight 0, are not pooled at all)."""
         classes = targets["classes"].gather(1, roi_gt).reshape(-1)
-        logits = self.target_class_mask_logits(features, rois, classes, active=positive)
+        logits = self.target_class_mask_logits(pooled, classes)
         mask_targets = project_masks_to_rois(targets["masks"], targets["boxes"], rois, roi_gt,
                                              logits.shape[-1]).reshape(logits.shape)
         return maskrcnn_loss(logits, mask_targets, positive) * self.cfg.mrcnn_weight_loss_mask

@@ -20,14 +20,14 @@ from mrcnn_helpers.model import (
     nms,
 )
 from mrcnn_helpers.model.backbone import FPN
-from mrcnn_helpers.model.kernels.bias import bias_act_triton, top_down_triton
+from mrcnn_helpers.model.kernels.bias import bias_act_triton, sum_2x2, top_down_triton
 from mrcnn_helpers.model.kernels.composite import composite_frames
 from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
 from mrcnn_helpers.model.kernels.paste import paste_binary_masks
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.model.masks import paste_masks_in_image
-from mrcnn_helpers.model.roi_heads import multilevel_roi_align
+from mrcnn_helpers.model.roi_heads import multilevel_roi_align, multilevel_roi_align_sets
 from mrcnn_helpers.model.sampling import label_rpn_anchors
 
 
@@ -89,6 +89,34 @@ def test_inactive_rois_pool_to_zeros_and_the_gradient_is_the_active_ones():
     assert torch.allclose(out[[0, 2]], ref)
     ref.backward(upstream[[0, 2]])
     assert torch.allclose(feats[0].grad, ref_feats[0].grad, atol=1e-6)
+
+
+def test_roi_align_sets_pool_as_separate_calls_and_sum_their_gradients():
+    """The box and mask heads' RoIs pooled in one node: each output as its own call's, the
+    feature gradient the sum of both calls' (a set nobody reads adds nothing)."""
+    g = torch.Generator().manual_seed(4)
+    boxes = torch.tensor([[[1.0, 1.0, 9.0, 9.0], [2.0, 3.0, 30.0, 28.0], [0.0, 0.0, 6.0, 5.0]],
+                          [[4.0, 2.0, 20.0, 11.0], [1.0, 1.0, 3.0, 3.0], [5.0, 6.0, 31.0, 31.0]]])
+    active = torch.tensor([[True, False], [True, True]])
+    feats = [torch.randn(2, 4, 32 // 2 ** i, 32 // 2 ** i, generator=g).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True) for i in range(2)]
+    box, mask = multilevel_roi_align_sets(feats, [(boxes, 3, None), (boxes[:, :2], 4, active)],
+                                          2, 3)
+    up_box, up_mask = torch.randn(box.shape, generator=g), torch.randn(mask.shape, generator=g)
+    (box * up_box).sum().backward(retain_graph=True)
+    only_box = [f.grad.clone() for f in feats]
+    (mask * up_mask).sum().backward()
+    ref_feats = [f.detach().clone().requires_grad_(True) for f in feats]
+    ref_box = multilevel_roi_align(ref_feats, boxes, 3, 2, 3)
+    ref_mask = multilevel_roi_align(ref_feats, boxes[:, :2], 4, 2, 3, active=active)
+    assert torch.equal(box, ref_box) and torch.equal(mask, ref_mask)
+    ((ref_box * up_box).sum() + (ref_mask * up_mask).sum()).backward()
+    for mine, ref in zip(feats, ref_feats):
+        assert torch.allclose(mine.grad, ref.grad, atol=1e-5)
+    ref_only = [f.detach().clone().requires_grad_(True) for f in feats]
+    (multilevel_roi_align(ref_only, boxes, 3, 2, 3) * up_box).sum().backward()
+    for mine, ref in zip(only_box, ref_only):
+        assert torch.allclose(mine, ref.grad, atol=1e-5)
 
 
 def test_greedy_nms_kernel_matches_torchvision():
@@ -218,6 +246,19 @@ def test_top_down_merge_matches_upsample_and_add_forward_and_backward():
     for mine, theirs in zip(leaves, refs):
         assert mine.grad.shape == theirs.grad.shape
         assert (mine.grad - theirs.grad).abs().max() < 1e-4
+
+
+def test_sum_2x2_is_the_gradient_of_a_nearest_upsample_in_any_layout():
+    g = torch.Generator().manual_seed(8)
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        grad = torch.randn(2, 6, 10, 14, generator=g).contiguous(memory_format=memory_format)
+        want = torch.nn.functional.avg_pool2d(grad, 2, divisor_override=1)
+        got = sum_2x2(grad)
+        assert got.shape == (2, 6, 5, 7) and got.is_contiguous(memory_format=torch.channels_last)
+        assert (got - want).abs().max() < 1e-5, memory_format
+    odd_view = torch.randn(2, 12, 10, 14, generator=g)[:, ::2]  # channel stride 2 * H * W
+    assert (sum_2x2(odd_view) - torch.nn.functional.avg_pool2d(
+        odd_view, 2, divisor_override=1)).abs().max() < 1e-5
 
 
 def test_fpn_with_the_kernels_equals_torchvisions_forward_and_gradients():

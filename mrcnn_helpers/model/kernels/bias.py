@@ -13,7 +13,6 @@ per-channel sum, and for the top-down merge its 2 x 2 sums).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -51,6 +50,40 @@ def _top_down(lateral_ptr, bias_ptr, top_ptr, out_ptr, numel, channels, height, 
     y += tl.load(bias_ptr + c, mask=inside, other=0).to(tl.float32)
     y += tl.load(top_ptr + top, mask=inside, other=0).to(tl.float32)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _sum_2x2(grad_ptr, out_ptr, numel, channels, height, width, stride_b, stride_c, stride_h,
+             stride_w, BLOCK: tl.constexpr):
+    """out[b, h, w, c] (channels_last, half size) = the sum of grad's 2 x 2 pixels above it
+    (grad any strides): the gradient of a nearest 2x upsample."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    c = offs % channels
+    pixel = offs // channels
+    w = pixel % width
+    row = pixel // width
+    h = row % height
+    b = row // height
+    src = grad_ptr + b * stride_b + c * stride_c + 2 * h * stride_h + 2 * w * stride_w
+    y = tl.load(src, mask=inside, other=0).to(tl.float32)
+    y += tl.load(src + stride_w, mask=inside, other=0).to(tl.float32)
+    y += tl.load(src + stride_h, mask=inside, other=0).to(tl.float32)
+    y += tl.load(src + stride_h + stride_w, mask=inside, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def sum_2x2(grad: Tensor) -> Tensor:
+    """[B, C, H/2, W/2] channels_last: each output pixel the sum of grad's 2 x 2 block (H, W
+    even). One read of grad: PyTorch's avg_pool2d on channels_last bf16 maps ran at about a
+    fifth of the memory bandwidth (0.38 ms for one [8, 256, 208, 336] map, 2026-12-03)."""
+    b, c, h, w = grad.shape
+    out = torch.empty((b, c, h // 2, w // 2), dtype=grad.dtype, device=grad.device,
+                      memory_format=torch.channels_last)
+    if out.numel():
+        _sum_2x2[(triton.cdiv(out.numel(), BLOCK),)](
+            grad, out, out.numel(), c, h // 2, w // 2, *grad.stride(), BLOCK=BLOCK)
+    return out
 
 
 def _layout(x: Tensor) -> int | None:
@@ -104,8 +137,7 @@ class _TopDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         # The gradient of a nearest 2x upsample: each top pixel's four copies summed.
-        grad_top = F.avg_pool2d(grad, 2, divisor_override=1)
-        return grad, _channel_sum(grad, ctx.bias_dtype), grad_top
+        return grad, _channel_sum(grad, ctx.bias_dtype), sum_2x2(grad)
 
 
 def bias_act_supported(x: Tensor, bias: Tensor) -> bool:

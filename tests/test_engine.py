@@ -552,3 +552,24 @@ def test_pretrained_weights_load_on_first_start_only(tmp_path, monkeypatch, caps
     assert torch.equal(weights(tmp_path, 3)["backbone.bias"], torch.full((16,), 0.5))
     run(spec, tmp_path, max_steps=5)  # resuming: the checkpoint's weights, not the pretrained
     assert calls == ["pretrained.pth"]
+
+
+def test_the_training_batches_stop_the_loaders_workers_when_closed():
+    """Closing the batch stream (the trainer does when training ends) stops the DataLoader's
+    persistent workers then, not at the interpreter's exit (5 s per worker there)."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from mrcnn_helpers.engine.trainer import _batches
+
+    loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+    batches = _batches(loader, start_step=0, seed=0)
+    assert next(batches).tolist() == [0, 1]
+    workers = list(loader._iterator._workers)
+    assert all(w.is_alive() for w in workers)
+    start = time.perf_counter()
+    batches.close()
+    assert loader._iterator is None
+    assert not any(w.is_alive() for w in workers)
+    assert time.perf_counter() - start < 4.0  # told to stop, not joined out by the 5 s timeout

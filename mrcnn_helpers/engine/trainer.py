@@ -106,18 +106,37 @@ def _batches(loader: Any, start_step: int, seed: int) -> Iterator[dict]:
     except TypeError:  # iterable-style loader without a length: epochs are counted from 0
         steps_per_epoch = 0
     epoch = start_step // steps_per_epoch if steps_per_epoch else 0
-    while True:
-        set_loader_epoch(loader, epoch, seed)
-        produced = 0
-        for batch in loader:
-            produced += 1
-            yield batch
-        if produced == 0:
-            raise DataError(
-                "the training loader yielded no batches: is the training set smaller than "
-                "train_batch_size (batches are dropped when incomplete)?"
-            )
-        epoch += 1
+    try:
+        while True:
+            set_loader_epoch(loader, epoch, seed)
+            produced = 0
+            for batch in loader:
+                produced += 1
+                yield batch
+            if produced == 0:
+                raise DataError(
+                    "the training loader yielded no batches: is the training set smaller than "
+                    "train_batch_size (batches are dropped when incomplete)?"
+                )
+            epoch += 1
+    finally:  # the trainer closes this generator when training ends, however it ends
+        release_workers(loader)
+
+
+def release_workers(loader: Any) -> None:
+    """Stop a DataLoader's persistent worker processes now.
+
+    Left to the interpreter's exit, torch joins each worker with a 5 s timeout before killing
+    it: a finished run with 8 workers stayed open for up to 40 s after its last line (H200,
+    torch 2.11, 2026-12-03: py-spy showed the main thread in the DataLoader's worker clean-up).
+    Shut down here, the workers are told to stop and exit at once. (`_iterator` is where
+    DataLoader keeps the iterator its persistent workers belong to.)
+    """
+    iterator = getattr(loader, "_iterator", None)
+    shutdown_workers = getattr(iterator, "_shutdown_workers", None)
+    if shutdown_workers is not None:
+        shutdown_workers()
+        loader._iterator = None
 
 
 

@@ -34,17 +34,22 @@ def _bias_act(x_ptr, bias_ptr, out_ptr, numel, channels, inner, RELU: tl.constex
 
 
 @triton.jit
+def _nhwc_position(offs, channels, height, width):
+    """(batch, row, column, channel) of flat offsets into a [B, H, W, C] map."""
+    c = offs % channels
+    pixel = offs // channels
+    w = pixel % width
+    row = pixel // width
+    return row // height, row % height, w, c
+
+
+@triton.jit
 def _top_down(lateral_ptr, bias_ptr, top_ptr, out_ptr, numel, channels, height, width,
               BLOCK: tl.constexpr):
     """out = lateral + bias + top[h // 2, w // 2], all [B, H, W, C] in memory (top half size)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
-    c = offs % channels
-    pixel = offs // channels
-    w = pixel % width
-    row = pixel // width
-    h = row % height
-    b = row // height
+    b, h, w, c = _nhwc_position(offs, channels, height, width)
     top = ((b * (height // 2) + h // 2) * (width // 2) + w // 2) * channels + c
     y = tl.load(lateral_ptr + offs, mask=inside, other=0).to(tl.float32)
     y += tl.load(bias_ptr + c, mask=inside, other=0).to(tl.float32)
@@ -59,12 +64,7 @@ def _sum_2x2(grad_ptr, out_ptr, numel, channels, height, width, stride_b, stride
     (grad any strides): the gradient of a nearest 2x upsample."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
-    c = offs % channels
-    pixel = offs // channels
-    w = pixel % width
-    row = pixel // width
-    h = row % height
-    b = row // height
+    b, h, w, c = _nhwc_position(offs, channels, height, width)
     src = grad_ptr + b * stride_b + c * stride_c + 2 * h * stride_h + 2 * w * stride_w
     y = tl.load(src, mask=inside, other=0).to(tl.float32)
     y += tl.load(src + stride_w, mask=inside, other=0).to(tl.float32)

@@ -379,8 +379,10 @@ def test_fp16_graph_is_float16_where_dense_and_matches_fp32(trained, fp32_detect
     assert [(o.name, o.type.tensor_type.elem_type) for o in graph.output] == [
         (o.name, onnx.TensorProto.FLOAT) for o in graph.output]
     tested = OnnxRuntimeModel(path, threads=1)(trained.images)
-    report = compare_detections(fp32_detections, tested, box_tolerance=0.25,
-                                score_tolerance=5e-3, mask_tolerance=2e-2)
+    # Paired by box, not rank: two detections whose scores differ by 4e-5 swapped places under
+    # fp16 rounding (onnxruntime 1.32, 2026-12-03): the same detections in another order.
+    report = compare_detections(fp32_detections, align_detections(fp32_detections, tested),
+                                box_tolerance=0.25, score_tolerance=5e-3, mask_tolerance=2e-2)
     print("fp16 vs fp32:", report.summary())
     assert report.ok, report.summary()
     assert report.detections >= 20
@@ -459,3 +461,4 @@ def test_accuracy_warnings_name_what_helps():
     with pytest.warns(AccuracyWarning):
         _add_warnings(table, table.rows[0], 0.01, method="entropy", batches=10, images=10)
     assert any("onnx fp16 loses 0.0500" in w and "--fp16-exclude" in w for w in table.warnings)
+

@@ -461,4 +461,3 @@ def test_accuracy_warnings_name_what_helps():
     with pytest.warns(AccuracyWarning):
         _add_warnings(table, table.rows[0], 0.01, method="entropy", batches=10, images=10)
     assert any("onnx fp16 loses 0.0500" in w and "--fp16-exclude" in w for w in table.warnings)
-

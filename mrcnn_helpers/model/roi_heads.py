@@ -289,7 +289,7 @@ class RoIHeads(nn.Module):
         if not torch.compiler.is_compiling() and positive.device.type == "cpu":
             # On the CPU the mask head dominates: run it only on the slots some image fills.
             q = max(1, min(q, int(positive.sum(dim=1).max())))
-        return min(q, positive.shape[1])
+        return q
 
     def mask_loss(self, pooled, rois, roi_gt, positive, targets) -> Tensor:
         """The mask loss of the mask slots' RoIs (pooled maps of the positive ones; the others,

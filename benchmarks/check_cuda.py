@@ -33,7 +33,11 @@ from train_step import make_train_step
 from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.inference.graphs import GraphedForward
 from mrcnn_helpers.model import build_model, fused_conv, place_model
-from mrcnn_helpers.model.kernels.bias import bias_act_triton, top_down_triton
+from mrcnn_helpers.model.kernels.bias import (
+    bias_act_triton,
+    relu_grad_channel_sum,
+    top_down_triton,
+)
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.spec import load_spec, replace_spec
@@ -136,6 +140,25 @@ def check_bias_kernels(device) -> None:
            f"{int((merged != want).sum())} values differ from the fp32 composition rounded once; "
            f"gradient relative errors lateral/bias/top {errors[0]:.1e}/{errors[1]:.1e}/"
            f"{errors[2]:.1e}")
+
+
+def check_relu_grad_channel_sum(device) -> None:
+    """The ReLU gradient's mask and its per-channel sum (the bias gradient) in one pass, on a
+    channels_last bf16 map of the seed's P2 size: the mask exactly threshold_backward's, the sums
+    against fp32 sums of the same masked values."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    cl = torch.channels_last
+    y = torch.randn(8, 256, 208, 336, generator=g).relu().to(device, torch.bfloat16)
+    y = y.contiguous(memory_format=cl)
+    grad = torch.randn(y.shape, generator=g).to(device, torch.bfloat16).contiguous(
+        memory_format=cl)
+    masked, sums = relu_grad_channel_sum(grad, y)
+    want = torch.ops.aten.threshold_backward(grad, y, 0)
+    want_sums = want.double().sum((0, 2, 3))
+    error = ((sums.double() - want_sums).abs().max() / want_sums.abs().max()).item()
+    report("ReLU gradient + channel sum bf16", torch.equal(masked, want) and error < 1e-5,
+           f"{int((masked != want).sum())} masked values differ from threshold_backward; "
+           f"channel sums relative error {error:.1e} (fp32 accumulation)")
 
 
 def model_and_batch(device, size, spec_path=SPEC):
@@ -262,7 +285,8 @@ def main() -> int:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
-    for check in (check_roi_align, check_nms, check_bias_kernels):
+    for check in (check_roi_align, check_nms, check_bias_kernels,
+                  check_relu_grad_channel_sum):
         check(device)
     check_no_syncs(device, args.size)
     check_graphs(device, args.size)

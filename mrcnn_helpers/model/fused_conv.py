@@ -11,7 +11,9 @@ which PyTorch exposes without autograd; `conv_bias_relu` gives them one:
 - forward: the fused kernel on CUDA (the reference composition on the CPU, for tests);
 - backward: ReLU's mask from the saved output (what autograd would do for torch.relu), then
   cuDNN's data and weight gradients (`aten.convolution_backward`), the bias gradient as the sum
-  of the masked gradient, and the residual's gradient as the masked gradient itself.
+  of the masked gradient, and the residual's gradient as the masked gradient itself. Where the
+  bias trains and the Triton kernels serve the (channels_last) output, the mask and the bias sum
+  are one pass (kernels/bias.relu_grad_channel_sum), not a mask pass and a sum pass.
 
 So the backward is the one autograd runs for the unfused composition, and the forward loses its
 separate passes. The ResNet blocks use it (backbone.py), and so do the RPN head's and the mask
@@ -25,6 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
+
+from . import kernels
+
+if kernels.ENABLED:
+    from .kernels.bias import channel_sum_supported, relu_grad_channel_sum
 
 ENABLED = os.environ.get("MRCNN_FUSED_CONV", "1") != "0"
 
@@ -57,7 +64,7 @@ class _ConvBiasReLU(torch.autograd.Function):
         y = _forward(x, weight, bias, residual, conf)
         ctx.save_for_backward(x, weight, y)
         ctx.conf = conf
-        ctx.bias_size = bias.shape[0]
+        ctx.bias_size, ctx.bias_dtype = bias.shape[0], bias.dtype
         ctx.has_residual = residual is not None
         return y
 
@@ -67,13 +74,20 @@ class _ConvBiasReLU(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conf
         memory_format = (torch.channels_last if y.is_contiguous(memory_format=torch.channels_last)
                          and not y.is_contiguous() else torch.contiguous_format)
-        g = torch.ops.aten.threshold_backward(grad.contiguous(memory_format=memory_format), y, 0)
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         gx = gw = gb = None
+        if need_b and kernels.available(y) and channel_sum_supported(y):
+            g, gb = relu_grad_channel_sum(grad, y)
+            gb, need_b = gb.to(ctx.bias_dtype), False  # cuDNN's backward need not sum it
+        else:
+            g = torch.ops.aten.threshold_backward(grad.contiguous(memory_format=memory_format),
+                                                  y, 0)
         if need_x or need_w or need_b:
-            gx, gw, gb = torch.ops.aten.convolution_backward(
+            gx, gw, gb_conv = torch.ops.aten.convolution_backward(
                 g, x, weight, [ctx.bias_size] if need_b else None, list(stride), list(padding),
                 list(dilation), False, [0] * len(stride), groups, [need_x, need_w, need_b])
+            if need_b:
+                gb = gb_conv
         gr = g if ctx.has_residual and need_r else None
         return gx, gw, gb, gr, None, None, None, None
 

@@ -20,7 +20,14 @@ from mrcnn_helpers.model import (
     nms,
 )
 from mrcnn_helpers.model.backbone import FPN
-from mrcnn_helpers.model.kernels.bias import bias_act_triton, sum_2x2, top_down_triton
+from mrcnn_helpers.model.fused_conv import conv_bias_relu
+from mrcnn_helpers.model.kernels.bias import (
+    bias_act_triton,
+    channel_sum,
+    relu_grad_channel_sum,
+    sum_2x2,
+    top_down_triton,
+)
 from mrcnn_helpers.model.kernels.composite import composite_frames
 from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
@@ -281,6 +288,52 @@ def test_fpn_with_the_kernels_equals_torchvisions_forward_and_gradients():
         assert (mine[name] - theirs[name]).abs().max() < 1e-5, name
     for a, b in zip(grads_mine, grads_theirs):
         assert (a - b).abs().max() < 1e-3 * max(1.0, float(b.abs().max()))
+
+
+def test_relu_grad_channel_sum_is_the_masked_gradient_and_its_channel_sums():
+    """70 channels (a second, partial channel block) x 429 pixel rows (several row blocks per
+    program, and a partial last one); the gradient arrives NCHW and is brought to y's layout."""
+    g = torch.Generator().manual_seed(9)
+    cl = torch.channels_last
+    y = torch.relu(torch.randn(3, 70, 13, 11, generator=g)).contiguous(memory_format=cl)
+    grad = torch.randn(3, 70, 13, 11, generator=g)
+    want = torch.ops.aten.threshold_backward(grad, y, 0)
+    assert 0.3 < (want == 0).float().mean() < 0.7  # the mask matters
+    masked, sums = relu_grad_channel_sum(grad, y)
+    assert masked.is_contiguous(memory_format=cl) and torch.equal(masked, want)
+    assert sums.dtype == torch.float32 and sums.shape == (70,)
+    assert (sums - want.sum((0, 2, 3))).abs().max() < 1e-4
+    assert (channel_sum(grad.contiguous(memory_format=cl)) - grad.sum((0, 2, 3))).abs().max() < 1e-4
+    # bf16: the masked gradient exactly, the sums accumulated in fp32
+    grad16, y16 = grad.to(torch.bfloat16), y.to(torch.bfloat16)
+    masked, sums = relu_grad_channel_sum(grad16, y16)
+    assert masked.dtype == torch.bfloat16
+    assert torch.equal(masked, torch.ops.aten.threshold_backward(grad16, y16, 0))
+    assert (sums - masked.float().sum((0, 2, 3))).abs().max() < 1e-3
+
+
+def test_conv_bias_relu_backward_with_the_kernel_is_autograds():
+    """fused_conv's backward on channels_last maps, where the mask and the bias sum are the
+    kernel's one pass, against autograd of conv + bias (+ residual) + ReLU; a bias that does
+    not train takes the threshold path (no sum)."""
+    torch.manual_seed(10)
+    cl = torch.channels_last
+    for residual, bias_trains in ((False, True), (True, True), (True, False)):
+        x = torch.randn(2, 5, 9, 12).contiguous(memory_format=cl).requires_grad_(True)
+        w = torch.randn(66, 5, 3, 3).contiguous(memory_format=cl).requires_grad_(True)
+        b = torch.randn(66).requires_grad_(bias_trains)
+        r = torch.randn(2, 66, 9, 12).contiguous(memory_format=cl).requires_grad_(True)
+        leaves = [x, w] + ([b] if bias_trains else []) + ([r] if residual else [])
+        upstream = torch.randn(2, 66, 9, 12)
+        out = conv_bias_relu(x, w, b, r if residual else None, padding=(1, 1))
+        assert out.is_contiguous(memory_format=cl) and kernels.available(out)
+        got = torch.autograd.grad(out, leaves, upstream)
+        ref = torch.nn.functional.conv2d(x, w, b, padding=1)
+        ref = torch.relu(ref + r if residual else ref)
+        want = torch.autograd.grad(ref, leaves, upstream)
+        for mine, theirs in zip(got, want, strict=True):
+            assert mine.shape == theirs.shape
+            assert (mine - theirs).abs().max() < 1e-3 * max(1.0, float(theirs.abs().max()))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ tensors that pass is its generic broadcast kernel (about a third of the memory b
 for one [8, 256, 208, 336] bf16 map on the H200, `docs/runs/profile_train_h200_where_2026-12-03.txt`);
 a following ReLU, nearest upsample or add are further passes over the same map. Here each
 composition is one read of the inputs and one write, computed in fp32 and rounded once to the
-input's dtype. The backward is PyTorch ops (the gradients are the masked gradient itself, its
-per-channel sum, and for the top-down merge its 2 x 2 sums).
+input's dtype. In the backward, the gradients are the (ReLU-masked) gradient itself, its
+per-channel sum and, for the top-down merge, its 2 x 2 sums: the mask and the sum are one
+Triton pass over a channels_last gradient (`relu_grad_channel_sum`, also the bias gradient of
+fused_conv's conv + bias + ReLU), the 2 x 2 sums another.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -18,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK = 1024
+SUM_ROWS, SUM_CHANNELS = 32, 64  # tile of the channel sums: rows (pixels) x channels
 
 
 @triton.jit
@@ -73,6 +78,29 @@ def _sum_2x2(grad_ptr, out_ptr, numel, channels, height, width, stride_b, stride
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _masked_channel_sum(grad_ptr, y_ptr, out_ptr, sum_ptr, rows, channels, rows_per_program,
+                        MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad (and y) [rows, channels] row-major. MASK: out = grad where y > 0, else 0 (ReLU's
+    gradient). sum[c] += the fp32 column sums of (masked) grad over this program's rows."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_inside = c < channels
+    start = tl.program_id(0).to(tl.int64) * rows_per_program
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, rows_per_program, BLOCK_R):
+        r = start + r0 + tl.arange(0, BLOCK_R)
+        inside = (r < rows)[:, None] & c_inside[None, :]
+        offs = r[:, None] * channels + c[None, :]
+        g = tl.load(grad_ptr + offs, mask=inside, other=0)
+        if MASK:
+            y = tl.load(y_ptr + offs, mask=inside, other=0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+            tl.store(out_ptr + offs, g, mask=inside)
+        acc += g.to(tl.float32)
+    # Relaxed: the sums only accumulate (one atomic per channel and program).
+    tl.atomic_add(sum_ptr + c, tl.sum(acc, axis=0), mask=c_inside, sem="relaxed")
+
+
 def sum_2x2(grad: Tensor) -> Tensor:
     """[B, C, H/2, W/2] channels_last: each output pixel the sum of grad's 2 x 2 block (H, W
     even). One read of grad: PyTorch's avg_pool2d on channels_last bf16 maps ran at about a
@@ -86,6 +114,50 @@ def sum_2x2(grad: Tensor) -> Tensor:
     return out
 
 
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per multiprocessor fill the GPU (a few in the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def channel_sum_supported(x: Tensor) -> bool:
+    """Whether relu_grad_channel_sum / channel_sum take x: a dense channels_last 4-D map."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _channel_sums(grad: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    channels = grad.shape[1]
+    rows = grad.numel() // max(channels, 1)
+    out = torch.empty_like(grad) if y is not None else grad
+    sums = torch.zeros(channels, dtype=torch.float32, device=grad.device)
+    if grad.numel():
+        channel_programs = triton.cdiv(channels, SUM_CHANNELS)
+        row_programs = max(1, _programs_wanted(grad.device) // channel_programs)
+        per_program = triton.cdiv(triton.cdiv(rows, row_programs), SUM_ROWS) * SUM_ROWS
+        grid = (triton.cdiv(rows, per_program), channel_programs)
+        _masked_channel_sum[grid](grad, grad if y is None else y, out, sums, rows, channels,
+                                  per_program, MASK=y is not None, BLOCK_R=SUM_ROWS,
+                                  BLOCK_C=SUM_CHANNELS)
+    return out, sums
+
+
+def relu_grad_channel_sum(grad: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad where y > 0 else 0, its fp32 sum per channel) in one pass: the gradient through a
+    ReLU whose output is y, and the gradient of the bias added before it. y channels_last
+    (channel_sum_supported); grad is brought to y's layout."""
+    return _channel_sums(grad.contiguous(memory_format=torch.channels_last), y)
+
+
+def channel_sum(grad: Tensor) -> Tensor:
+    """grad's fp32 sum per channel (dim 1), channel_sum_supported. PyTorch's sum over dims
+    (0, 2, 3) of channels_last bf16 maps ran at about a sixth of the memory bandwidth: 1.9 ms
+    of the 38.3 ms training step at 832x1344
+    (docs/runs/profile_train_h200_roi_sets_2026-12-03.txt)."""
+    return _channel_sums(grad, None)[1]
+
+
 def _layout(x: Tensor) -> int | None:
     """The channel stride's meaning for the kernels: 1 (channels_last), H * W (contiguous NCHW),
     None for any other layout."""
@@ -97,6 +169,8 @@ def _layout(x: Tensor) -> int | None:
 
 
 def _channel_sum(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    if channel_sum_supported(grad):
+        return channel_sum(grad).to(dtype)
     dims = [d for d in range(grad.dim()) if d != 1]
     return grad.sum(dims, dtype=torch.float32).to(dtype)
 
@@ -117,10 +191,14 @@ class _BiasAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        need_bias = ctx.needs_input_grad[1]
         if ctx.relu:
             (out,) = ctx.saved_tensors
+            if need_bias and channel_sum_supported(out):
+                grad, sums = relu_grad_channel_sum(grad, out)
+                return grad, sums.to(ctx.bias_dtype), None
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        return grad, _channel_sum(grad, ctx.bias_dtype), None
+        return grad, _channel_sum(grad, ctx.bias_dtype) if need_bias else None, None
 
 
 class _TopDown(torch.autograd.Function):
@@ -137,7 +215,8 @@ class _TopDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         # The gradient of a nearest 2x upsample: each top pixel's four copies summed.
-        return grad, _channel_sum(grad, ctx.bias_dtype), sum_2x2(grad)
+        bias_grad = _channel_sum(grad, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return grad, bias_grad, sum_2x2(grad) if ctx.needs_input_grad[2] else None
 
 
 def bias_act_supported(x: Tensor, bias: Tensor) -> bool:

@@ -19,7 +19,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from . import fused_conv, kernels
+from . import fused_conv, kernels, stem
 from .bias_ops import bias_act, conv_without_bias, top_down_add
 from .fused_conv import compute_dtype
 
@@ -75,6 +75,9 @@ class ConvWithFrozenBN(nn.Conv2d):
         return self.weight * scale.view(-1, 1, 1, 1), shift
 
     def forward(self, x: Tensor) -> Tensor:
+        if stem.applies(self, x):
+            out, bias = self.unbiased(x)
+            return out + bias.view(1, -1, 1, 1)
         weight, bias = self._weights(x)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -106,6 +109,8 @@ class ConvWithFrozenBN(nn.Conv2d):
         """(conv(x) without its bias, the bias): a shortcut convolution whose bias the block's
         last convolution adds in its own fused kernel."""
         weight, bias = self._weights(x)
+        if stem.applies(self, x):  # the 7 x 7 stem on 2 x 2 blocks (stem.py; opt-in)
+            return stem.conv7x7_stride2_space_to_depth(x.to(weight.dtype), weight), bias
         out = F.conv2d(x.to(weight.dtype), weight, None, self.stride, self.padding, self.dilation,
                        self.groups)
         return out, bias

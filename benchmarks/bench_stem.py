@@ -1,0 +1,59 @@
+"""The stem's 7 x 7 stride-2 convolution of 3-channel images (what stock torchvision runs)
+against its space-to-depth rewrite (model/stem.py: a 4 x 4 convolution of 12-channel 2 x 2
+blocks), forward, in bf16 channels_last, each replayed from a CUDA graph.
+
+    python benchmarks/bench_stem.py [--batch 8] [--height 832 --width 1344] [--iters 50]
+
+Rows: the plain convolution; the rewrite whole (pad + pixel_unshuffle + layout + convolution);
+its convolution alone. Prints ms per call, the effective TFLOP/s of the 7 x 7 convolution and the
+largest difference from the plain output, with device, date and versions. Needs a CUDA GPU.
+"""
+
+import argparse
+import datetime
+
+import torch
+import torch.nn.functional as F
+from bench_conv_fusion import graphed, time_graph
+
+from mrcnn_helpers.model import stem
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--height", type=int, default=832)
+    ap.add_argument("--width", type=int, default=1344)
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    cl, dtype = torch.channels_last, torch.bfloat16
+    x = torch.randn(args.batch, 3, args.height, args.width, device="cuda", dtype=dtype)
+    x = x.contiguous(memory_format=cl)
+    weight = (torch.randn(64, 3, 7, 7, device="cuda") * 0.05).to(dtype).contiguous(
+        memory_format=cl)
+    blocks = F.pixel_unshuffle(F.pad(x, (3, 3, 3, 3)), 2).contiguous(memory_format=cl)
+    moved = stem.space_to_depth_weight(weight).contiguous(memory_format=cl)
+    jobs = {
+        "7x7 stride 2, 3 channels (plain)": (lambda t: F.conv2d(t, weight, stride=2, padding=3),
+                                             x),
+        "space-to-depth, whole": (lambda t: stem.conv7x7_stride2_space_to_depth(t, weight), x),
+        "space-to-depth, convolution only": (lambda t: F.conv2d(t, moved), blocks),
+    }
+    flop = 2 * args.batch * 64 * 3 * 49 * (args.height // 2) * (args.width // 2)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"{datetime.date.today()}, batch {args.batch}, {args.height}x{args.width}, bf16 "
+          "channels_last, CUDA graphs")
+    print("| stem convolution | ms | TFLOP/s (7x7 work) | max abs difference |")
+    print("|---|---|---|---|")
+    reference = None
+    for name, (fn, inp) in jobs.items():
+        g, out = graphed(fn, inp)
+        ms = time_graph(g, args.iters)
+        reference = out.float() if reference is None else reference
+        diff = (out.float() - reference).abs().max().item()
+        print(f"| {name} | {ms:.3f} | {flop / ms / 1e9:.1f} | {diff:.3g} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from mrcnn_helpers.model.fused_conv import conv_bias_relu
 from mrcnn_helpers.model.kernels.bias import (
     bias_act_triton,
     channel_sum,
+    channel_sums,
     relu_grad_channel_sum,
     sum_2x2,
     top_down_triton,
@@ -304,6 +305,10 @@ def test_relu_grad_channel_sum_is_the_masked_gradient_and_its_channel_sums():
     assert sums.dtype == torch.float32 and sums.shape == (70,)
     assert (sums - want.sum((0, 2, 3))).abs().max() < 1e-4
     assert (channel_sum(grad.contiguous(memory_format=cl)) - grad.sum((0, 2, 3))).abs().max() < 1e-4
+    # other launch configurations (what benchmarks/bench_channel_sum.py compares): same result
+    for tile in ((16, 128, 1), (64, 32, 3), (8, 256, 2)):
+        other, other_sums = channel_sums(grad.contiguous(memory_format=cl), y, *tile)
+        assert torch.equal(other, want) and (other_sums - sums).abs().max() < 1e-4, tile
     # bf16: the masked gradient exactly, the sums accumulated in fp32
     grad16, y16 = grad.to(torch.bfloat16), y.to(torch.bfloat16)
     masked, sums = relu_grad_channel_sum(grad16, y16)

@@ -115,11 +115,10 @@ def sum_2x2(grad: Tensor) -> Tensor:
 
 
 @functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    """About four programs per multiprocessor fill the GPU (a few in the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (1 in the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if (
+        device.type == "cuda") else 1
 
 
 def channel_sum_supported(x: Tensor) -> bool:
@@ -127,19 +126,26 @@ def channel_sum_supported(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _channel_sums(grad: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+def channel_sums(grad: Tensor, y: Tensor | None, block_rows: int = SUM_ROWS,
+                 block_channels: int = SUM_CHANNELS, programs_per_sm: int = 4,
+                 num_warps: int = 4) -> tuple[Tensor, Tensor]:
+    """(grad masked by y > 0, or grad itself where y is None; its fp32 sum per channel) for
+    channels_last grad and y. The tile (block_rows pixels x block_channels channels, powers of
+    two), programs per multiprocessor and warps per program are the kernel's launch
+    configuration (benchmarks/bench_channel_sum.py compares them)."""
     channels = grad.shape[1]
     rows = grad.numel() // max(channels, 1)
     out = torch.empty_like(grad) if y is not None else grad
     sums = torch.zeros(channels, dtype=torch.float32, device=grad.device)
     if grad.numel():
-        channel_programs = triton.cdiv(channels, SUM_CHANNELS)
-        row_programs = max(1, _programs_wanted(grad.device) // channel_programs)
-        per_program = triton.cdiv(triton.cdiv(rows, row_programs), SUM_ROWS) * SUM_ROWS
+        channel_programs = triton.cdiv(channels, block_channels)
+        wanted = programs_per_sm * _multiprocessors(grad.device)
+        row_programs = max(1, wanted // channel_programs)
+        per_program = triton.cdiv(triton.cdiv(rows, row_programs), block_rows) * block_rows
         grid = (triton.cdiv(rows, per_program), channel_programs)
         _masked_channel_sum[grid](grad, grad if y is None else y, out, sums, rows, channels,
-                                  per_program, MASK=y is not None, BLOCK_R=SUM_ROWS,
-                                  BLOCK_C=SUM_CHANNELS)
+                                  per_program, MASK=y is not None, BLOCK_R=block_rows,
+                                  BLOCK_C=block_channels, num_warps=num_warps)
     return out, sums
 
 
@@ -147,7 +153,7 @@ def relu_grad_channel_sum(grad: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(grad where y > 0 else 0, its fp32 sum per channel) in one pass: the gradient through a
     ReLU whose output is y, and the gradient of the bias added before it. y channels_last
     (channel_sum_supported); grad is brought to y's layout."""
-    return _channel_sums(grad.contiguous(memory_format=torch.channels_last), y)
+    return channel_sums(grad.contiguous(memory_format=torch.channels_last), y)
 
 
 def channel_sum(grad: Tensor) -> Tensor:
@@ -155,7 +161,7 @@ def channel_sum(grad: Tensor) -> Tensor:
     (0, 2, 3) of channels_last bf16 maps ran at about a sixth of the memory bandwidth: 1.9 ms
     of the 38.3 ms training step at 832x1344
     (docs/runs/profile_train_h200_roi_sets_2026-12-03.txt)."""
-    return _channel_sums(grad, None)[1]
+    return channel_sums(grad, None)[1]
 
 
 def _layout(x: Tensor) -> int | None:

@@ -14,8 +14,9 @@ CUDA-graph replays against eager runs. Prints one line per check and exits non-z
    stream, not the chaotic growth of atomics' rounding differences), and moves the weights
    exactly as eager SGD does over one step at a learning rate.
 5. The seed spec's training step (frozen BN folded into the convolutions) in bf16 with the
-   fused conv + bias + ReLU (+ add) kernels (fused_conv.py) and without, each against the fp32
-   step: the fused path's losses and gradients are no further from fp32 than the unfused ones.
+   fused conv + bias + ReLU (+ add) kernels (fused_conv.py), with the ResNet stages as single
+   nodes on top (fused_stage.py, opt-in) and without either, each against the fp32 step: the
+   fused paths' losses and gradients are no further from fp32 than the unfused ones.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from train_step import make_train_step
 
 from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.inference.graphs import GraphedForward
-from mrcnn_helpers.model import build_model, fused_conv, place_model
+from mrcnn_helpers.model import build_model, fused_conv, fused_stage, place_model
 from mrcnn_helpers.model.kernels.bias import (
     bias_act_triton,
     relu_grad_channel_sum,
@@ -247,8 +248,10 @@ def check_fused_training(device, size) -> None:
     results = {}
     try:
         for name, enabled, dtype in (("fp32", False, None), ("bf16 unfused", False, torch.bfloat16),
-                                     ("bf16 fused", True, torch.bfloat16)):
+                                     ("bf16 fused", True, torch.bfloat16),
+                                     ("bf16 fused stages", True, torch.bfloat16)):
             fused_conv.ENABLED = enabled
+            fused_stage.ENABLED = name == "bf16 fused stages"
             # The reference in true fp32 (no TF32 convolutions or matrix products).
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = dtype is not None
             model.zero_grad(set_to_none=True)
@@ -260,11 +263,11 @@ def check_fused_training(device, size) -> None:
             results[name] = total.item(), {n: p.grad.float().clone()
                                            for n, p in model.named_parameters() if p.grad is not None}
     finally:
-        fused_conv.ENABLED = True
+        fused_conv.ENABLED, fused_stage.ENABLED = True, False
         torch.backends.cudnn.allow_tf32 = True
     ref_loss, ref = results["fp32"]
     errors = {}
-    for name in ("bf16 unfused", "bf16 fused"):
+    for name in ("bf16 unfused", "bf16 fused", "bf16 fused stages"):
         loss, grads = results[name]
         errors[name] = (abs(loss - ref_loss) / abs(ref_loss), sum(
             ((grads[n] - g).norm() / g.norm().clamp(min=1e-12)).item() for n, g in ref.items())
@@ -276,6 +279,10 @@ def check_fused_training(device, size) -> None:
            f"relative loss error unfused {loss_u:.2e}, fused {loss_f:.2e}; mean relative "
            f"gradient error over {len(ref)} parameters unfused {grad_u:.2e}, fused {grad_f:.2e}; "
            f"{fallback} convolutions without a fused engine")
+    loss_s, grad_s = errors["bf16 fused stages"]
+    report("fused stages (MRCNN_FUSED_STAGE=1) vs unfused (both against fp32)",
+           grad_s <= 1.25 * grad_u + 1e-3 and loss_s <= 1.25 * loss_u + 1e-4,
+           f"relative loss error {loss_s:.2e}, mean relative gradient error {grad_s:.2e}")
 
 
 def main() -> int:

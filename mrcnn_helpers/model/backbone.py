@@ -19,7 +19,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from . import fused_conv, kernels, stem
+from . import fused_conv, fused_stage, kernels, stem
 from .bias_ops import bias_act, conv_without_bias, top_down_add
 from .fused_conv import compute_dtype
 
@@ -280,7 +280,10 @@ class ResNetFPN(nn.Module):
                 continue
             if fused_stem and name == "relu":
                 continue
-            x = module(x)
+            if name.startswith("layer") and fused_stage.applies(module, x):
+                x = fused_stage.stage_forward(module, x)  # opt-in (fused_stage.py)
+            else:
+                x = module(x)
             if name.startswith("layer"):
                 level = int(name[-1]) + 1
                 if level in self.stage_levels:

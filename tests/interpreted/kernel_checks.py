@@ -19,7 +19,9 @@ from mrcnn_helpers.model import (
     kernels,
     nms,
 )
-from mrcnn_helpers.model.backbone import FPN
+from mrcnn_helpers.model import backbone as backbone_module
+from mrcnn_helpers.model import fused_stage
+from mrcnn_helpers.model.backbone import FPN, ResNetFPN
 from mrcnn_helpers.model.fused_conv import conv_bias_relu
 from mrcnn_helpers.model.kernels.bias import (
     bias_act_triton,
@@ -33,6 +35,7 @@ from mrcnn_helpers.model.kernels.composite import composite_frames
 from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
 from mrcnn_helpers.model.kernels.paste import paste_binary_masks
+from mrcnn_helpers.model.kernels.residual import relu_grad_of_sum
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.model.masks import paste_masks_in_image
 from mrcnn_helpers.model.roi_heads import multilevel_roi_align, multilevel_roi_align_sets
@@ -339,6 +342,62 @@ def test_conv_bias_relu_backward_with_the_kernel_is_autograds():
         for mine, theirs in zip(got, want, strict=True):
             assert mine.shape == theirs.shape
             assert (mine - theirs).abs().max() < 1e-3 * max(1.0, float(theirs.abs().max()))
+
+
+def test_relu_grad_of_sum_is_the_masked_sum():
+    g = torch.Generator().manual_seed(11)
+    cl = torch.channels_last
+    y = torch.relu(torch.randn(2, 6, 5, 7, generator=g)).contiguous(memory_format=cl)
+    a = torch.randn(2, 6, 5, 7, generator=g)  # NCHW: brought to y's layout
+    b = torch.randn(2, 6, 5, 7, generator=g).contiguous(memory_format=cl)
+    got = relu_grad_of_sum(a, b, y)
+    assert got.is_contiguous(memory_format=cl)
+    assert torch.equal(got, torch.ops.aten.threshold_backward(a + b, y, 0))
+    assert 0.3 < (got == 0).float().mean() < 0.7
+
+
+def _stage_run(nlayers, freeze_blocks, fused):
+    torch.manual_seed(12)
+    backbone = ResNetFPN(nlayers, 2, 6, freeze_bn=True, freeze_blocks=freeze_blocks)
+    for m in backbone.modules():
+        if hasattr(m, "running_mean"):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    calls = []
+    old_enabled, old_forward = fused_stage.ENABLED, fused_stage.stage_forward
+    old_use_fused = backbone_module._use_fused
+    fused_stage.ENABLED = fused
+    fused_stage.stage_forward = lambda stage, x: calls.append(stage) or old_forward(stage, x)
+    # The reference is the block-by-block fused path that CUDA runs (the same roundings: the
+    # downsample's bias added in the last convolution); torchvision's blocks round that sum
+    # differently, and near ReLU's kink such differences flip gradient mask entries.
+    backbone_module._use_fused = lambda x, block: True
+    try:
+        features = backbone(images)
+    finally:
+        fused_stage.ENABLED, fused_stage.stage_forward = old_enabled, old_forward
+        backbone_module._use_fused = old_use_fused
+    loss = sum((f * (i + 1)).square().mean() for i, f in enumerate(features))
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    return features, torch.autograd.grad(loss, params), len(calls)
+
+
+def test_fused_stage_gives_the_block_by_block_features_and_gradients():
+    """A stage of folded blocks as one node (fused_stage.py) against the blocks run one by one
+    (each convolution its own fused node): Bottleneck and BasicBlock stages, with the stage
+    inputs needing gradients (nothing frozen: the stem and layer1 train) and not
+    (freeze_blocks 0, 1)."""
+    for nlayers, freeze in ((50, (0, 1)), (50, ()), (18, ())):
+        want_maps, want_grads, _ = _stage_run(nlayers, freeze, False)
+        got_maps, got_grads, calls = _stage_run(nlayers, freeze, True)
+        assert calls == 4 - len([b for b in freeze if b > 0]), (nlayers, freeze, calls)
+        for a, b in zip(got_maps, want_maps, strict=True):
+            assert (a - b).abs().max() < 1e-4 * max(1.0, float(b.abs().max()))
+        assert len(got_grads) == len(want_grads)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            assert b.abs().max() > 0
+            assert (a - b).abs().max() < 1e-5 * float(b.abs().max()), (nlayers, freeze)
 
 
 if __name__ == "__main__":

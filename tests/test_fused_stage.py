@@ -5,7 +5,7 @@ block-by-block path in tests/interpreted/kernel_checks.py (Triton's interpreter)
 import torch
 
 from mrcnn_helpers.model import fused_stage, kernels
-from mrcnn_helpers.model.backbone import ResNetFPN
+from mrcnn_helpers.model.backbone import ResNetFPN, stage_is_folded
 
 
 def _backbone():
@@ -33,5 +33,7 @@ def test_not_for_inference_nchw_or_a_frozen_stage_without_input_gradient(monkeyp
     assert fused_stage.applies(backbone.body["layer1"], x.requires_grad_(True))
     with torch.no_grad():
         assert not fused_stage.applies(backbone.body["layer2"], x)
-    unfolded = ResNetFPN(18, 2, 6, freeze_bn=False, freeze_blocks=())  # BatchNorm2d: not folded
-    assert not fused_stage.applies(unfolded.body["layer2"], x)
+    # The backbone asks for a stage of folded convolutions only (trainable BatchNorm2d is not).
+    assert stage_is_folded(backbone.body["layer2"]) and stage_is_folded(backbone.body["layer1"])
+    unfolded = ResNetFPN(18, 2, 6, freeze_bn=False, freeze_blocks=())
+    assert not stage_is_folded(unfolded.body["layer2"])

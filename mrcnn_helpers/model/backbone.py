@@ -144,6 +144,12 @@ def _shortcut(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     return block.downsample(x), None
 
 
+def stage_is_folded(stage: nn.Module) -> bool:
+    """Whether every convolution of a ResNet stage applies its frozen BN (fold_frozen_bn)."""
+    return all(type(conv) is ConvWithFrozenBN for block in stage
+               for conv in fused_stage.block_convs(block))
+
+
 class FoldedBottleneck(Bottleneck):
     """torchvision's Bottleneck whose convolutions apply their frozen BN (fold_frozen_bn); on CUDA
     each conv + bias + ReLU, and the last one's residual add, is one kernel, in training too."""
@@ -280,7 +286,8 @@ class ResNetFPN(nn.Module):
                 continue
             if fused_stem and name == "relu":
                 continue
-            if name.startswith("layer") and fused_stage.applies(module, x):
+            if (name.startswith("layer") and stage_is_folded(module)
+                    and fused_stage.applies(module, x)):
                 x = fused_stage.stage_forward(module, x)  # opt-in (fused_stage.py)
             else:
                 x = module(x)

@@ -46,7 +46,10 @@ def unfused(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, co
     return torch.relu(out if residual is None else out + residual)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, conf) -> Tensor:
+def fused_forward(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
+                  conf) -> Tensor:
+    """The fused kernel's output, without autograd (the composition on the CPU); raises
+    NoFusedEngine where cuDNN has none for this convolution."""
     if not x.is_cuda:
         return unfused(x, weight, bias, residual, conf)
     try:
@@ -61,7 +64,7 @@ class _ConvBiasReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
         conf = (stride, padding, dilation, groups)
-        y = _forward(x, weight, bias, residual, conf)
+        y = fused_forward(x, weight, bias, residual, conf)
         ctx.save_for_backward(x, weight, y)
         ctx.conf = conf
         ctx.bias_size, ctx.bias_dtype = bias.shape[0], bias.dtype

@@ -40,7 +40,7 @@ def _forward(owner: nn.Module, x: Tensor, weight: Tensor, bias: Tensor,
     engine for (learnt at the first, eager call, as fused_conv.conv_bias_relu_where_possible)."""
     if not owner.__dict__.get("_no_fused_engine", False):
         try:
-            return fused_conv._forward(x, weight, bias, residual, conf)
+            return fused_conv.fused_forward(x, weight, bias, residual, conf)
         except fused_conv.NoFusedEngine:
             owner.__dict__["_no_fused_engine"] = True
     return fused_conv.unfused(x, weight, bias, residual, conf)
@@ -120,30 +120,27 @@ class _Stage(torch.autograd.Function):
         return (grad_x, None, *grads)
 
 
-def _block_convs(block: nn.Module) -> list[nn.Module]:
-    return [getattr(block, f"conv{k}") for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
-
-
 def applies(stage: nn.Module, x: Tensor) -> bool:
-    """Whether `stage` (a ResNet layer) runs as one node: switched on, gradients wanted (of x
-    or of the stage's weights), the Triton kernels and fused convolutions serve x
-    (channels_last), and every block is a folded one (backbone.fold_frozen_bn)."""
-    from .backbone import ConvWithFrozenBN  # backbone imports this module
-
+    """Whether `stage` (a ResNet layer of folded blocks, backbone.stage_is_folded) runs as one
+    node: switched on, gradients wanted (of x or of the stage's weights), and the Triton
+    kernels and fused convolutions serve x (channels_last)."""
     if not (ENABLED and torch.is_grad_enabled() and kernels.available(x)
             and (fused_conv.ENABLED or not x.is_cuda)
             and x.is_contiguous(memory_format=torch.channels_last)):
         return False
-    for block in stage:
-        convs = _block_convs(block) + ([block.downsample[0]] if block.downsample else [])
-        if not all(type(c) is ConvWithFrozenBN for c in convs):
-            return False
     # A frozen stage on an input without gradient has no backward: run it block by block.
     return x.requires_grad or any(p.requires_grad for p in stage.parameters())
 
 
+def block_convs(block: nn.Module) -> list[nn.Module]:
+    """A ResNet block's convolutions: conv1..conv3, then the downsample's, if any."""
+    convs = [getattr(block, f"conv{k}") for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
+    return convs + ([block.downsample[0]] if block.downsample is not None else [])
+
+
 def stage_forward(stage: nn.Module, x: Tensor) -> Tensor:
-    """The stage's output (as `stage(x)` computes it), as one autograd node (`applies`)."""
+    """The stage's output (as `stage(x)` computes it), as one autograd node (`applies`); its
+    convolutions are backbone.ConvWithFrozenBN (their `_weights` give the folded weights)."""
     weights, plan = [], []
 
     def add(conv, for_x):
@@ -154,8 +151,8 @@ def stage_forward(stage: nn.Module, x: Tensor) -> Tensor:
         return len(weights) - 1, bias.detach(), _conf(conv), conv
 
     for block in stage:
-        convs = [add(conv, x) for conv in _block_convs(block)]
-        downsample = add(block.downsample[0], x) if block.downsample else None
+        convs = [add(conv, x) for conv in block_convs(block)]
+        downsample = convs.pop() if block.downsample is not None else None
         plan.append((convs, downsample))
     dtype = weights[0].dtype
     return _Stage.apply(x.to(dtype), plan, *weights)

@@ -382,6 +382,34 @@ def test_folded_convolution_inference_cache_follows_weight_changes():
     assert conv(x).requires_grad  # training computes the fold in the graph
 
 
+def test_folded_convolution_training_keeps_bn_constants_until_they_change(monkeypatch):
+    """In training the frozen BN's scale and shift are computed once (not per step) and follow
+    in-place changes of the BN tensors; the weight keeps its gradient through the scaling."""
+    from mrcnn_helpers.model import backbone
+    from mrcnn_helpers.model.backbone import ConvWithFrozenBN, FrozenBatchNorm2d
+
+    torch.manual_seed(3)
+    conv, bn = torch.nn.Conv2d(2, 3, 1, bias=False), FrozenBatchNorm2d(3)
+    bn.running_var.uniform_(0.5, 2.0), bn.running_mean.uniform_(-0.5, 0.5)
+    conv.__class__, conv.folded_bn = ConvWithFrozenBN, [bn]
+    x = torch.rand(1, 2, 4, 4)
+    calls = []
+    original = backbone.frozen_bn_scale_shift
+    monkeypatch.setattr(backbone, "frozen_bn_scale_shift",
+                        lambda m: calls.append(m) or original(m))
+    for _ in range(3):
+        weight, bias = conv._weights(x)
+        want_weight, want_bias = conv.folded()
+        assert torch.equal(weight, want_weight) and torch.equal(bias, want_bias)
+    assert len(calls) == 1 + 3  # one for the cache, three by folded() above
+    (grad,) = torch.autograd.grad(weight.sum(), conv.weight)
+    assert torch.equal(grad, original(bn)[0].view(-1, 1, 1, 1).expand_as(grad))
+    with torch.no_grad():
+        bn.running_var.fill_(4.0)  # load_state_dict: in place
+    weight, bias = conv._weights(x)
+    assert torch.equal(weight, conv.folded()[0]) and torch.equal(bias, conv.folded()[1])
+
+
 def test_losses_are_free_functions_with_hand_computed_values():
     import math
 

@@ -85,19 +85,37 @@ class ConvWithFrozenBN(nn.Conv2d):
         """The folded (weight, bias): through autograd where the weights train, else the cached
         ones, in the dtype the convolution runs in."""
         if torch.is_grad_enabled() and self.weight.requires_grad:
-            weight, bias = self.folded()
-            dtype = compute_dtype(x, weight)
-            return weight.to(dtype), bias.to(dtype)
+            dtype = compute_dtype(x, self.weight)
+            scale, shift = self._scale_shift(dtype)
+            return (self.weight * scale).to(dtype), shift
         return self._inference_weights(x)
+
+    def _bn_key(self, dtype: torch.dtype) -> tuple:
+        """What the folded constants depend on: the dtype and the BN tensors' storage and
+        version (an in-place change, e.g. load_state_dict, bumps the version)."""
+        bn = self.folded_bn[0]
+        return (dtype,) + tuple((t.data_ptr(), t._version) for t in (
+            bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+    def _scale_shift(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(scale [K, 1, 1, 1] in fp32, shift in dtype) of the frozen BN, computed once and kept
+        while the BN tensors stay the same: in training each step otherwise spends five small
+        kernels per convolution on these constants (scale, shift) and one on the bias cast."""
+        key = self._bn_key(dtype)
+        cache = self.__dict__.get("_scale_shift_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                scale, shift = frozen_bn_scale_shift(self.folded_bn[0])
+            cache = (key, scale.view(-1, 1, 1, 1), shift.to(dtype))
+            self.__dict__["_scale_shift_cache"] = cache
+        return cache[1], cache[2]
 
     def _inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The folded weights, computed once and kept (in autocast's dtype) while neither they nor
         the BN statistics change: at batch 1 the five small kernels per convolution otherwise cost
         as much launch time as the convolution itself."""
-        bn = self.folded_bn[0]
         dtype = compute_dtype(x, self.weight)
-        key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (
-            self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+        key = self._bn_key(dtype) + ((self.weight.data_ptr(), self.weight._version),)
         cache = self.__dict__.get("_inference_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():

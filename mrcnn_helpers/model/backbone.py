@@ -118,9 +118,10 @@ class ConvWithFrozenBN(nn.Conv2d):
         key = self._bn_key(dtype) + ((self.weight.data_ptr(), self.weight._version),)
         cache = self.__dict__.get("_inference_cache")
         if cache is None or cache[0] != key:
+            scale, shift = self._scale_shift(dtype)
             with torch.no_grad():
-                weight, bias = self.folded()
-            cache = self.__dict__["_inference_cache"] = (key, weight.to(dtype), bias.to(dtype))
+                weight = (self.weight * scale).to(dtype)
+            cache = self.__dict__["_inference_cache"] = (key, weight, shift)
         return cache[1], cache[2]
 
     def unbiased(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,8 +305,8 @@ class ResNetFPN(nn.Module):
                 continue
             if fused_stem and name == "relu":
                 continue
-            if (name.startswith("layer") and stage_is_folded(module)
-                    and fused_stage.applies(module, x)):
+            if (name.startswith("layer") and fused_stage.applies(module, x)
+                    and stage_is_folded(module)):
                 x = fused_stage.stage_forward(module, x)  # opt-in (fused_stage.py)
             else:
                 x = module(x)

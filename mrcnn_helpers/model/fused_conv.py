@@ -75,16 +75,13 @@ class _ConvBiasReLU(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, y = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        memory_format = (torch.channels_last if y.is_contiguous(memory_format=torch.channels_last)
-                         and not y.is_contiguous() else torch.contiguous_format)
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         gx = gw = gb = None
         if need_b and kernels.available(y) and channel_sum_supported(y):
             g, gb = relu_grad_channel_sum(grad, y)
             gb, need_b = gb.to(ctx.bias_dtype), False  # cuDNN's backward need not sum it
         else:
-            g = torch.ops.aten.threshold_backward(grad.contiguous(memory_format=memory_format),
-                                                  y, 0)
+            g = relu_backward(grad, y)
         if need_x or need_w or need_b:
             gx, gw, gb_conv = torch.ops.aten.convolution_backward(
                 g, x, weight, [ctx.bias_size] if need_b else None, list(stride), list(padding),
@@ -106,16 +103,26 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | N
 
 
 def conv_bias_relu_where_possible(owner: nn.Module, x: Tensor, weight: Tensor, bias: Tensor,
-                                  residual: Tensor | None, conf) -> Tensor:
-    """conv_bias_relu, or the unfused composition for a convolution (`owner`) that cuDNN was
-    found to have no fused engine for. That is learnt at the first, eager call: a CUDA graph
-    capture replays whichever path that call took."""
+                                  residual: Tensor | None, conf, autograd: bool = True) -> Tensor:
+    """conv_bias_relu (fused_forward where `autograd` is False: a caller that writes its own
+    backward), or the unfused composition for a convolution (`owner`) that cuDNN was found to
+    have no fused engine for. That is learnt at the first, eager call: a CUDA graph capture
+    replays whichever path that call took."""
     if not owner.__dict__.get("_no_fused_engine", False):
         try:
-            return conv_bias_relu(x, weight, bias, residual, *conf)
+            if autograd:
+                return conv_bias_relu(x, weight, bias, residual, *conf)
+            return fused_forward(x, weight, bias, residual, conf)
         except NoFusedEngine:
             owner.__dict__["_no_fused_engine"] = True
     return unfused(x, weight, bias, residual, conf)
+
+
+def relu_backward(grad: Tensor, y: Tensor) -> Tensor:
+    """grad where y > 0, else 0 (the gradient through a ReLU whose output is y), in y's layout."""
+    memory_format = (torch.channels_last if y.is_contiguous(memory_format=torch.channels_last)
+                     and not y.is_contiguous() else torch.contiguous_format)
+    return torch.ops.aten.threshold_backward(grad.contiguous(memory_format=memory_format), y, 0)
 
 
 def enabled_for(x: Tensor) -> bool:

@@ -34,26 +34,12 @@ def _conf(conv: nn.Conv2d) -> tuple:
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
 
-def _forward(owner: nn.Module, x: Tensor, weight: Tensor, bias: Tensor,
-             residual: Tensor | None, conf) -> Tensor:
-    """The fused kernel, or the composition for a convolution (`owner`) cuDNN has no fused
-    engine for (learnt at the first, eager call, as fused_conv.conv_bias_relu_where_possible)."""
-    if not owner.__dict__.get("_no_fused_engine", False):
-        try:
-            return fused_conv.fused_forward(x, weight, bias, residual, conf)
-        except fused_conv.NoFusedEngine:
-            owner.__dict__["_no_fused_engine"] = True
-    return fused_conv.unfused(x, weight, bias, residual, conf)
-
-
 def _relu_grad(a: Tensor, b: Tensor | None, y: Tensor) -> Tensor:
     """(a [+ b]) where y > 0, else 0: the gradient through the ReLU whose output is y."""
     cl = torch.channels_last
     if b is not None and kernels.available(y) and y.is_contiguous(memory_format=cl):
         return relu_grad_of_sum(a, b, y)
-    grad = a if b is None else a + b
-    layout = cl if y.is_contiguous(memory_format=cl) else torch.contiguous_format
-    return torch.ops.aten.threshold_backward(grad.contiguous(memory_format=layout), y, 0)
+    return fused_conv.relu_backward(a if b is None else a + b, y)
 
 
 def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, conf, need_x: bool, need_w: bool):
@@ -84,7 +70,8 @@ class _Stage(torch.autograd.Function):
                         wd, bias_d, conf_d, _ = downsample
                         residual = F.conv2d(block_in, weights[wd], None, *conf_d)
                         bias = bias + bias_d
-                y = _forward(module, y, weights[w], bias, residual, conf)
+                y = fused_conv.conv_bias_relu_where_possible(module, y, weights[w], bias,
+                                                             residual, conf, autograd=False)
                 saved.append(y)
             x = y
         ctx.save_for_backward(*saved, *weights)

@@ -309,9 +309,9 @@ def test_relu_grad_channel_sum_is_the_masked_gradient_and_its_channel_sums():
     assert (sums - want.sum((0, 2, 3))).abs().max() < 1e-4
     assert (channel_sum(grad.contiguous(memory_format=cl)) - grad.sum((0, 2, 3))).abs().max() < 1e-4
     # other launch configurations (what benchmarks/bench_channel_sum.py compares): same result
-    for tile in ((16, 128, 1), (64, 32, 3), (8, 256, 2)):
-        other, other_sums = channel_sums(grad.contiguous(memory_format=cl), y, *tile)
-        assert torch.equal(other, want) and (other_sums - sums).abs().max() < 1e-4, tile
+    for config in ((16, 128, 1, 4), (64, 32, 3, 8), (8, 256, 2, 4)):
+        other, other_sums = channel_sums(grad.contiguous(memory_format=cl), y, config)
+        assert torch.equal(other, want) and (other_sums - sums).abs().max() < 1e-4, config
     # bf16: the masked gradient exactly, the sums accumulated in fp32
     grad16, y16 = grad.to(torch.bfloat16), y.to(torch.bfloat16)
     masked, sums = relu_grad_channel_sum(grad16, y16)

@@ -22,7 +22,16 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK = 1024
-SUM_ROWS, SUM_CHANNELS = 32, 64  # tile of the channel sums: rows (pixels) x channels
+# Launch configurations of the channel sums (tile rows x channels, programs per multiprocessor,
+# warps), measured on the H200 (benchmarks/bench_channel_sum.py, 2026-12-04,
+# docs/runs/bench_channel_sum_h200_2026-12-04.txt): on maps of 16384 pixels or more the masked
+# pass ran fastest with 64 x 128 tiles and 8 warps (P2 at 832x1344: 214 us against 281 us with
+# 32 x 64 and 4 warps, 4.0 of the 4.8 TB/s), the plain sum with 128 x 64 tiles (69 us against
+# 131); on smaller maps (P5, 8736 pixels) the small tile stays fastest.
+SMALL_MAP_ROWS = 16384
+SUM_SMALL = (32, 64, 4, 4)
+SUM_LARGE_MASKED = (64, 128, 4, 8)
+SUM_LARGE = (128, 64, 4, 8)
 
 
 @triton.jit
@@ -126,15 +135,24 @@ def channel_sum_supported(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def channel_sums(grad: Tensor, y: Tensor | None, block_rows: int = SUM_ROWS,
-                 block_channels: int = SUM_CHANNELS, programs_per_sm: int = 4,
-                 num_warps: int = 4) -> tuple[Tensor, Tensor]:
+def sum_config(rows: int, masked: bool) -> tuple[int, int, int, int]:
+    """The measured launch configuration (tile rows, tile channels, programs per multiprocessor,
+    warps) of the channel sums over `rows` pixels, masked (ReLU gradient) or plain."""
+    if rows < SMALL_MAP_ROWS:
+        return SUM_SMALL
+    return SUM_LARGE_MASKED if masked else SUM_LARGE
+
+
+def channel_sums(grad: Tensor, y: Tensor | None,
+                 config: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
     """(grad masked by y > 0, or grad itself where y is None; its fp32 sum per channel) for
-    channels_last grad and y. The tile (block_rows pixels x block_channels channels, powers of
-    two), programs per multiprocessor and warps per program are the kernel's launch
-    configuration (benchmarks/bench_channel_sum.py compares them)."""
+    channels_last grad and y. config: the kernel's launch configuration (tile rows x tile
+    channels, powers of two; programs per multiprocessor; warps per program), by default
+    sum_config's (benchmarks/bench_channel_sum.py compares them)."""
     channels = grad.shape[1]
     rows = grad.numel() // max(channels, 1)
+    block_rows, block_channels, programs_per_sm, num_warps = config or sum_config(
+        rows, y is not None)
     out = torch.empty_like(grad) if y is not None else grad
     sums = torch.zeros(channels, dtype=torch.float32, device=grad.device)
     if grad.numel():

@@ -12,12 +12,12 @@ def _backbone():
     return ResNetFPN(18, 2, 6, freeze_bn=True, freeze_blocks=(0,))
 
 
-def test_off_by_default_and_on_the_cpu(monkeypatch):
+def test_switch_and_the_cpu(monkeypatch):
     backbone = _backbone()
     x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
-    assert not fused_stage.ENABLED
+    monkeypatch.setattr(fused_stage, "ENABLED", False)  # MRCNN_FUSED_STAGE=0
     assert not fused_stage.applies(backbone.body["layer2"], x)
-    monkeypatch.setattr(fused_stage, "ENABLED", True)
+    monkeypatch.setattr(fused_stage, "ENABLED", True)  # the default
     assert kernels.available(x) == kernels.INTERPRET
     assert fused_stage.applies(backbone.body["layer2"], x) == kernels.INTERPRET
 

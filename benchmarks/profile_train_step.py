@@ -4,10 +4,14 @@ the same for inference (score threshold 0: 100 detections per image, all masks p
 
     python benchmarks/profile_train_step.py [--batch 8] [--objects 8] [--infer] [--shapes]
                                             [--height 832 --width 1344] [--where aten::add_,...]
+                                            [--kernels]
 
 --where lists, for each named operator, its calls grouped by input shapes (full shapes, self
 CUDA ms per step) and the Python lines that called it (forward operators; a backward operator
 shows the autograd engine, its shapes say which layer it belongs to).
+
+--kernels lists the CUDA kernels by the operator that launched them and its input shapes (calls
+and ms per step): which layer a generic kernel (an elementwise loop, a copy) belongs to.
 
 Stages are marked with forward hooks on the model's top-level modules, so the model code carries
 no profiling calls. Needs a CUDA GPU.
@@ -51,6 +55,8 @@ def main():
     ap.add_argument("--where", default="",
                     help="comma-separated operators (e.g. aten::add_,aten::copy_) whose calls are "
                          "listed by input shape and by calling Python line")
+    ap.add_argument("--kernels", action="store_true",
+                    help="list the CUDA kernels by launching operator and its input shapes")
     ap.add_argument("--height", type=int, default=832)
     ap.add_argument("--width", type=int, default=1344)
     args = ap.parse_args()
@@ -93,7 +99,8 @@ def main():
     torch.cuda.synchronize()
     where = [op for op in args.where.split(",") if op]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                 record_shapes=args.shapes or bool(where), with_stack=bool(where)) as prof:
+                 record_shapes=args.shapes or args.kernels or bool(where),
+                 with_stack=bool(where)) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -113,6 +120,23 @@ def main():
                              max_name_column_width=30, max_shapes_column_width=70))
     for op in where:
         print_callers(prof, op)
+    if args.kernels:
+        print_kernels(prof)
+
+
+def print_kernels(prof, rows: int = 40) -> None:
+    """CUDA kernels grouped by (kernel, the operator that launched it, its input shapes)."""
+    groups = {}
+    for event in prof.events():
+        for kernel in event.kernels:
+            key = (kernel.name[:70], event.name, str(event.input_shapes)[:90])
+            count, total = groups.get(key, (0, 0.0))
+            groups[key] = count + 1, total + kernel.duration
+    print("\nCUDA kernels by launching operator and its input shapes (per step)")
+    print("| ms/step | calls/step | kernel | operator | input shapes |\n|---|---|---|---|---|")
+    for (kernel, op, shapes), (count, total) in sorted(groups.items(), key=lambda kv: -kv[1][1])[
+            :rows]:
+        print(f"| {total / 3e3:.3f} | {count / 3:.0f} | {kernel} | {op} | {shapes} |")
 
 
 def print_callers(prof, op: str, rows: int = 12) -> None:

@@ -31,6 +31,9 @@ if kernels.ENABLED:
     from .kernels.residual import relu_grad_of_sum
 
 ENABLED = os.environ.get("MRCNN_FUSED_STAGE", "1") != "0"
+# The trainable convolutions' folded weights computed together (fold_weights): opt-in with
+# MRCNN_BATCHED_FOLD=1 until its speed has been measured on the GPU machine.
+BATCHED_FOLD = os.environ.get("MRCNN_BATCHED_FOLD", "0") == "1"
 
 
 def _conf(conv: nn.Conv2d) -> tuple:
@@ -128,13 +131,97 @@ def block_convs(block: nn.Module) -> list[nn.Module]:
     return convs + ([block.downsample[0]] if block.downsample is not None else [])
 
 
+def _memory_order(t: Tensor) -> list[int]:
+    """t's dimensions from the largest stride to the smallest (ties keep their order): permuted
+    so, a dense t is contiguous (channels_last [K, C, kh, kw] -> [K, kh, kw, C])."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
+def _flat(t: Tensor, order: list[int]) -> Tensor:
+    return t.permute(order).reshape(-1)
+
+
+def _unflat(flat: Tensor, likes: list[tuple[torch.Size, list[int]]]) -> list[Tensor]:
+    """Views of flat shaped and strided as the tensors `likes` describes (shape, memory order)."""
+    out, start = [], 0
+    for shape, order in likes:
+        n = shape.numel()
+        view = flat[start:start + n].view([shape[d] for d in order])
+        out.append(view.permute(sorted(range(len(order)), key=order.__getitem__)))
+        start += n
+    return out
+
+
+class _FoldWeights(torch.autograd.Function):
+    """forward(scale, dtype, *weights): each weight times its frozen-BN scale per output
+    channel, in dtype, as one multiplication over the weights' concatenation (scale: the
+    per-element scales of that concatenation, fp32). Forward and backward are two kernels each
+    (a concatenation, a multiplication) instead of two per convolution (the product, the
+    cast; their backward: the cast back, the product). The values are the per-convolution
+    path's exactly: the product in fp32, rounded once to dtype; its gradient in fp32. The
+    outputs and the weights' gradients keep each weight's layout (channels_last)."""
+
+    @staticmethod
+    def forward(ctx, scale, dtype, *weights):
+        likes = [(w.shape, _memory_order(w)) for w in weights]
+        flat = torch.cat([_flat(w, order) for w, (_, order) in zip(weights, likes)])
+        out = torch.empty(flat.shape, dtype=dtype, device=flat.device)
+        torch.mul(flat, scale, out=out)
+        ctx.save_for_backward(scale)
+        ctx.likes = likes
+        return tuple(_unflat(out, likes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (scale,) = ctx.saved_tensors
+        flat = torch.cat([_flat(g, order) if g is not None else scale.new_zeros(shape.numel())
+                          for g, (shape, order) in zip(grads, ctx.likes)])
+        # bf16 gradients times the fp32 scales: promoted, the products and result in fp32
+        return (None, None, *_unflat(flat * scale, ctx.likes))
+
+
+def _fold_scale(stage: nn.Module, convs: list[nn.Module], dtype: torch.dtype) -> Tensor:
+    """The per-element frozen-BN scales of the convolutions' concatenated weights (in their
+    memory order, the output channel first), kept on the stage while the BN tensors, the
+    weights' storage and layouts stay the same."""
+    key = tuple(conv._bn_key(dtype) + (conv.weight.data_ptr(), conv.weight.stride())
+                for conv in convs)
+    cache = stage.__dict__.get("_fold_scale_cache")
+    if cache is None or cache[0] != key:
+        parts = []
+        for conv in convs:
+            if _memory_order(conv.weight)[0] != 0:
+                raise ValueError("fused_stage: a weight's output channels must be outermost")
+            scale = conv._scale_shift(dtype)[0].view(-1)
+            parts.append(scale.repeat_interleave(conv.weight[0].numel()))
+        cache = stage.__dict__["_fold_scale_cache"] = (key, torch.cat(parts))
+    return cache[1]
+
+
+def fold_weights(stage: nn.Module, convs: list[nn.Module], dtype: torch.dtype) -> list[Tensor]:
+    """The folded weights of trainable ConvWithFrozenBN convolutions of a stage (what each
+    one's `_weights` gives), through autograd, computed together (_FoldWeights)."""
+    scale = _fold_scale(stage, convs, dtype)
+    return list(_FoldWeights.apply(scale, dtype, *[conv.weight for conv in convs]))
+
+
 def stage_forward(stage: nn.Module, x: Tensor) -> Tensor:
     """The stage's output (as `stage(x)` computes it), as one autograd node (`applies`); its
-    convolutions are backbone.ConvWithFrozenBN (their `_weights` give the folded weights)."""
+    convolutions are backbone.ConvWithFrozenBN (their `_weights` give the folded weights, or,
+    with BATCHED_FOLD, fold_weights for the trainable ones together)."""
+    every = [conv for block in stage for conv in block_convs(block)]
+    folded = {}
+    trainable = [conv for conv in every if conv.weight.requires_grad]
+    if BATCHED_FOLD and trainable and torch.is_grad_enabled():
+        dtype = fused_conv.compute_dtype(x, trainable[0].weight)
+        folded = dict(zip(trainable, fold_weights(stage, trainable, dtype)))
     weights, plan = [], []
 
     def add(conv, for_x):
-        weight, bias = conv._weights(for_x)
+        if conv in folded:
+            weight, bias = folded[conv], conv._scale_shift(folded[conv].dtype)[1]
+        else:
+            weight, bias = conv._weights(for_x)
         if bias.requires_grad:
             raise ValueError("fused_stage: a folded bias must not train")
         weights.append(weight)

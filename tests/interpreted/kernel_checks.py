@@ -356,7 +356,7 @@ def test_relu_grad_of_sum_is_the_masked_sum():
     assert 0.3 < (got == 0).float().mean() < 0.7
 
 
-def _stage_run(nlayers, freeze_blocks, fused):
+def _stage_run(nlayers, freeze_blocks, fused, batched_fold=False):
     torch.manual_seed(12)
     backbone = ResNetFPN(nlayers, 2, 6, freeze_bn=True, freeze_blocks=freeze_blocks)
     for m in backbone.modules():
@@ -366,8 +366,8 @@ def _stage_run(nlayers, freeze_blocks, fused):
     images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
     calls = []
     old_enabled, old_forward = fused_stage.ENABLED, fused_stage.stage_forward
-    old_use_fused = backbone_module._use_fused
-    fused_stage.ENABLED = fused
+    old_use_fused, old_batched = backbone_module._use_fused, fused_stage.BATCHED_FOLD
+    fused_stage.ENABLED, fused_stage.BATCHED_FOLD = fused, batched_fold
     fused_stage.stage_forward = lambda stage, x: calls.append(stage) or old_forward(stage, x)
     # The reference is the block-by-block fused path that CUDA runs (the same roundings: the
     # downsample's bias added in the last convolution); torchvision's blocks round that sum
@@ -377,7 +377,7 @@ def _stage_run(nlayers, freeze_blocks, fused):
         features = backbone(images)
     finally:
         fused_stage.ENABLED, fused_stage.stage_forward = old_enabled, old_forward
-        backbone_module._use_fused = old_use_fused
+        backbone_module._use_fused, fused_stage.BATCHED_FOLD = old_use_fused, old_batched
     loss = sum((f * (i + 1)).square().mean() for i, f in enumerate(features))
     params = [p for p in backbone.parameters() if p.requires_grad]
     return features, torch.autograd.grad(loss, params), len(calls)
@@ -398,6 +398,11 @@ def test_fused_stage_gives_the_block_by_block_features_and_gradients():
         for a, b in zip(got_grads, want_grads, strict=True):
             assert b.abs().max() > 0
             assert (a - b).abs().max() < 1e-5 * float(b.abs().max()), (nlayers, freeze)
+        if nlayers == 50 and freeze:
+            # the trainable weights folded together (MRCNN_BATCHED_FOLD=1): the same, exactly
+            batched_maps, batched_grads, _ = _stage_run(nlayers, freeze, True, batched_fold=True)
+            assert all(torch.equal(a, b) for a, b in zip(batched_maps, got_maps, strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(batched_grads, got_grads, strict=True))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ CUDA-graph replays against eager runs. Prints one line per check and exits non-z
 
 1. RoIAlign kernel vs torchvision's roi_align (fp32 NCHW features, and bf16 channels_last as
    the model feeds it), forward and backward, relative error.
-2. NMS kernel vs torchvision's batched_nms, row by row: the same kept sets, exactly.
+2. NMS kernels (the walk and the suppression bits) vs torchvision's batched_nms, row by row:
+   the same kept sets, exactly.
 3. The model's training step and eval forward under torch.cuda.set_sync_debug_mode("error"):
    any host synchronization raises.
 4. The eval forward replayed from a CUDA graph equals the eager forward; the training step
@@ -42,7 +43,7 @@ from mrcnn_helpers.model.kernels.bias import (
     relu_grad_channel_sum,
     top_down_triton,
 )
-from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
+from mrcnn_helpers.model.kernels.nms import bitmask_nms_rows, walk_nms_rows
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.spec import load_spec, replace_spec
 
@@ -99,16 +100,15 @@ def check_nms(device) -> None:
     boxes, groups = boxes.gather(1, order[..., None].expand(-1, -1, 4)), groups.gather(1, order)
     scores = scores.gather(1, order)
     candidate = torch.rand(rows, size, generator=g) > 0.1
-    keep = greedy_nms_rows(boxes.to(device), groups.to(device), candidate.to(device), 0.7).cpu()
-    mismatched = 0
+    expected = torch.zeros(rows, size, dtype=torch.bool)
     for r in range(rows):
         sel = candidate[r].nonzero().squeeze(1)
-        kept = sel[batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.7)]
-        expected = torch.zeros(size, dtype=torch.bool)
-        expected[kept] = True
-        mismatched += int((expected != keep[r]).sum())
-    report("nms kernel", mismatched == 0, f"{rows} rows x {size} boxes, {mismatched} decisions "
-                                          "differ from torchvision")
+        expected[r, sel[batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.7)]] = True
+    for name, fn in (("walk", walk_nms_rows), ("bitmask", bitmask_nms_rows)):
+        keep = fn(boxes.to(device), groups.to(device), candidate.to(device), 0.7).cpu()
+        mismatched = int((expected != keep).sum())
+        report(f"nms kernel ({name})", mismatched == 0,
+               f"{rows} rows x {size} boxes, {mismatched} decisions differ from torchvision")
 
 
 def check_bias_kernels(device) -> None:

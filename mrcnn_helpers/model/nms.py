@@ -9,7 +9,8 @@ RPN's ~70k candidates at batch 8.
 
 On CUDA with Triton (model/kernels/nms.py) one program per row walks the row's boxes in score
 order, exactly as greedy NMS is defined, with no host sync and no K x K matrix: the path a CUDA
-graph captures. Without Triton, CUDA computes the same greedy result for all rows at once as a
+graph captures (MRCNN_NMS_BITMASK=1: the same result from a K x K bit matrix built in parallel
+and scanned 32 boxes at a time). Without Triton, CUDA computes the same greedy result for all rows at once as a
 fixed point: with M[i, j]
 "box i suppresses box j if i is kept" (same group, higher score, IoU above the threshold),
 keep[j] = candidate[j] and no i with keep[i] and M[i, j]. Greedy NMS is the unique solution (by

@@ -8,6 +8,7 @@ boxes under one pixel, non-finite boxes, ties in score, several groups per row).
 
 import os
 
+import pytest
 import torch
 from torchvision.ops import batched_nms, roi_align
 
@@ -33,7 +34,8 @@ from mrcnn_helpers.model.kernels.bias import (
 )
 from mrcnn_helpers.model.kernels.composite import composite_frames
 from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
-from mrcnn_helpers.model.kernels.nms import greedy_nms_rows
+from mrcnn_helpers.model.kernels import nms as nms_kernels
+from mrcnn_helpers.model.kernels.nms import bitmask_nms_rows, greedy_nms_rows, walk_nms_rows
 from mrcnn_helpers.model.kernels.paste import paste_binary_masks
 from mrcnn_helpers.model.kernels.residual import relu_grad_of_sum
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
@@ -149,6 +151,49 @@ def test_greedy_nms_kernel_matches_torchvision():
     # The kernel alone, on rows already sorted: nothing but candidates can be kept.
     keep = greedy_nms_rows(boxes, groups, candidate, 0.5)
     assert not (keep & ~candidate).any() and keep[:, 0].eq(candidate[:, 0]).all()
+
+
+def test_bitmask_nms_is_the_walk_and_torchvision():
+    """The suppression-bits path against the walking kernel and torchvision, on rows sorted by
+    score with interleaved non-candidates, three groups and long suppression chains (boxes
+    crowded into a small area): sizes around the 32-box words (1, 31, 32, 33, 70)."""
+    g = torch.Generator().manual_seed(3)
+    for size in (1, 31, 32, 33, 70):
+        rows = 3
+        xy = torch.rand(rows, size, 2, generator=g) * 15
+        boxes = torch.cat([xy, xy + torch.rand(rows, size, 2, generator=g) * 20 + 8], dim=-1)
+        scores = torch.rand(rows, size, generator=g).sort(dim=1, descending=True).values
+        candidate = torch.rand(rows, size, generator=g) > 0.2
+        groups = torch.randint(0, 3, (rows, size), generator=g)
+        expected = torch.zeros_like(candidate)
+        for r in range(rows):
+            sel = candidate[r].nonzero().squeeze(1)
+            kept = batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.4)
+            expected[r, sel[kept]] = True
+        got = bitmask_nms_rows(boxes, groups, candidate, 0.4)
+        assert torch.equal(got, expected), size
+        assert torch.equal(walk_nms_rows(boxes, groups, candidate, 0.4), expected), size
+        if size == 70:  # the case is not trivial: suppression happens, also across words
+            assert 0.3 < (candidate & ~expected).float().mean() < 0.9
+    with pytest.raises(ValueError, match="at most 2048"):
+        bitmask_nms_rows(torch.zeros(1, 2049, 4), torch.zeros(1, 2049, dtype=torch.long),
+                         torch.ones(1, 2049, dtype=torch.bool), 0.5)
+
+
+def test_nms_keep_mask_with_the_bitmask_path_switched_on(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    boxes = torch.rand(2, 45, 4, generator=g) * 10
+    boxes[..., 2:] += boxes[..., :2] + 1
+    scores = torch.rand(2, 45, generator=g)
+    candidate = torch.rand(2, 45, generator=g) > 0.1
+    groups = torch.randint(0, 2, (2, 45), generator=g)
+    walked = nms.nms_keep_mask(boxes, scores, candidate, 0.5, groups)
+    monkeypatch.setattr(nms_kernels, "BITMASK", True)
+    calls = []
+    monkeypatch.setattr(nms_kernels, "bitmask_nms_rows",
+                        lambda *a: calls.append(1) or bitmask_nms_rows(*a))
+    assert torch.equal(nms.nms_keep_mask(boxes, scores, candidate, 0.5, groups), walked)
+    assert calls == [1]
 
 
 def test_paste_kernel_matches_the_matrix_product_paste():
@@ -407,7 +452,5 @@ def test_fused_stage_gives_the_block_by_block_features_and_gradients():
 
 if __name__ == "__main__":
     import sys
-
-    import pytest
 
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))

@@ -5,8 +5,11 @@ blocks), forward, in bf16 channels_last, each replayed from a CUDA graph.
     python benchmarks/bench_stem.py [--batch 8] [--height 832 --width 1344] [--iters 50]
 
 Rows: the plain convolution; the rewrite whole (pad + pixel_unshuffle + layout + convolution);
-its convolution alone. Prints ms per call, the effective TFLOP/s of the 7 x 7 convolution and the
-largest difference from the plain output, with device, date and versions. Needs a CUDA GPU.
+its convolution alone. Then what follows it in the frozen stem: bias + ReLU and PyTorch's max
+pool (which also writes int64 indices) against the one pass of kernels/pool.py. Prints ms per
+call, the effective TFLOP/s of the 7 x 7 convolution and the largest difference from the plain
+output (then the number of pooled values that differ), with device, date and versions. Needs a
+CUDA GPU.
 """
 
 import argparse
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from bench_conv_fusion import graphed, time_graph
 
 from mrcnn_helpers.model import stem
+from mrcnn_helpers.model.kernels.bias import bias_act_triton
+from mrcnn_helpers.model.kernels.pool import bias_relu_maxpool_triton
 
 
 def main():
@@ -53,6 +58,27 @@ def main():
         reference = out.float() if reference is None else reference
         diff = (out.float() - reference).abs().max().item()
         print(f"| {name} | {ms:.3f} | {flop / ms / 1e9:.1f} | {diff:.3g} |")
+
+    # What follows the convolution: its bias, the ReLU and the 3 x 3 stride-2 max pool.
+    conv_out = F.conv2d(x, weight, stride=2, padding=3)
+    bias = torch.randn(64, device="cuda", dtype=dtype)
+    pool_jobs = {
+        "bias + ReLU (bias_act), then max_pool2d": lambda t: F.max_pool2d(
+            bias_act_triton(t, bias, True), 3, 2, 1),
+        "one pass (kernels/pool.py, MRCNN_STEM_POOL=1)": lambda t: bias_relu_maxpool_triton(
+            t, bias),
+    }
+    moved_bytes = conv_out.numel() * conv_out.element_size() * 5 / 4  # read the map, write 1/4
+    print("\n| after the stem convolution | ms | GB/s (one read, one pooled write) | "
+          "values that differ |")
+    print("|---|---|---|---|")
+    reference = None
+    for name, fn in pool_jobs.items():
+        g, out = graphed(fn, conv_out)
+        ms = time_graph(g, args.iters)
+        reference = out if reference is None else reference
+        print(f"| {name} | {ms:.3f} | {moved_bytes / ms / 1e6:.0f} | "
+              f"{int((out != reference).sum())} |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from mrcnn_helpers.model.kernels.bias import (
     top_down_triton,
 )
 from mrcnn_helpers.model.kernels.nms import bitmask_nms_rows, walk_nms_rows
+from mrcnn_helpers.model.kernels.pool import bias_relu_maxpool_triton
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.spec import load_spec, replace_spec
 
@@ -144,6 +145,20 @@ def check_bias_kernels(device) -> None:
            f"{int((merged != want).sum())} values differ from the fp32 composition rounded once; "
            f"gradient relative errors lateral/bias/top {errors[0]:.1e}/{errors[1]:.1e}/"
            f"{errors[2]:.1e}")
+
+
+def check_stem_pool(device) -> None:
+    """The stem's bias + ReLU + 3 x 3 stride-2 max pool in one pass on a channels_last bf16 map
+    of the seed's stem size against PyTorch's bias + ReLU, then max_pool2d: exactly equal."""
+    g = torch.Generator(device="cpu").manual_seed(4)
+    x = torch.randn(8, 64, 416, 672, generator=g).to(device, torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(64, generator=g).to(device, torch.bfloat16)
+    got = bias_relu_maxpool_triton(x, bias)
+    want = F.max_pool2d(F.relu(x + bias.view(1, -1, 1, 1)), 3, 2, 1)
+    differ = int((got != want).sum())
+    report("stem bias + ReLU + max pool bf16", differ == 0 and got.shape == want.shape,
+           f"{differ} of {want.numel()} values differ from PyTorch's two steps")
 
 
 def check_relu_grad_channel_sum(device) -> None:
@@ -299,7 +314,7 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     for check in (check_roi_align, check_nms, check_bias_kernels,
-                  check_relu_grad_channel_sum):
+                  check_relu_grad_channel_sum, check_stem_pool):
         check(device)
     check_no_syncs(device, args.size)
     check_graphs(device, args.size)

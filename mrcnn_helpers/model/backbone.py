@@ -20,7 +20,7 @@ from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from . import fused_conv, fused_stage, kernels, stem
-from .bias_ops import bias_act, conv_without_bias, top_down_add
+from .bias_ops import bias_act, bias_relu_maxpool, conv_without_bias, top_down_add
 from .fused_conv import compute_dtype
 
 RESNET_LAYOUTS = {
@@ -297,13 +297,14 @@ class ResNetFPN(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         x = images
         stages = OrderedDict()
-        # The folded stem's bias and ReLU in one pass (cuDNN has no fused engine for 3 channels).
+        # The folded stem's bias and ReLU in one pass (cuDNN has no fused engine for 3 channels),
+        # and the max pool with them where nothing needs their gradient (bias_ops).
         fused_stem = type(self.body["conv1"]) is ConvWithFrozenBN and kernels.available(x)
         for name, module in self.body.items():
             if fused_stem and name == "conv1":
-                x = bias_act(*module.unbiased(x), relu=True)
+                x = bias_relu_maxpool(*module.unbiased(x), self.body["maxpool"])
                 continue
-            if fused_stem and name == "relu":
+            if fused_stem and name in ("relu", "maxpool"):
                 continue
             if (name.startswith("layer") and fused_stage.applies(module, x)
                     and stage_is_folded(module)):

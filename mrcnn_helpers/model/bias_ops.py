@@ -1,5 +1,6 @@
-"""Bias adds after a convolution, fused with what follows them: `bias_act` (+ ReLU) and
-`top_down_add` (the FPN's merge of a lateral map with the upsampled coarser level).
+"""Bias adds after a convolution, fused with what follows them: `bias_act` (+ ReLU),
+`top_down_add` (the FPN's merge of a lateral map with the upsampled coarser level) and
+`bias_relu_maxpool` (the ResNet stem's bias, ReLU and max pool).
 
 On CUDA with Triton each is one pass (model/kernels/bias.py says why that matters); elsewhere,
 and for layouts the kernels do not take, the PyTorch composition they replace, so CPU results,
@@ -8,6 +9,9 @@ tests and ONNX export see plain operators.
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,6 +24,11 @@ if kernels.ENABLED:
         top_down_supported,
         top_down_triton,
     )
+    from .kernels.pool import bias_relu_maxpool_supported, bias_relu_maxpool_triton
+
+# The stem's bias + ReLU + max pool as one pass where no gradient is needed (kernels/pool.py):
+# opt-in with MRCNN_STEM_POOL=1 until its speed has been measured on the GPU machine.
+STEM_POOL = os.environ.get("MRCNN_STEM_POOL", "0") == "1"
 
 
 def bias_act(x: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
@@ -52,3 +61,20 @@ def conv_bias_act(conv: nn.Conv2d | nn.ConvTranspose2d, x: Tensor, relu: bool = 
     if conv.bias is None:
         return F.relu(out) if relu else out
     return bias_act(out, conv.bias, relu)
+
+
+def _is_stem_pool(pool: nn.Module) -> bool:
+    return (isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (3, (3, 3))
+            and pool.stride in (2, (2, 2)) and pool.padding in (1, (1, 1))
+            and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+            and not pool.return_indices)
+
+
+def bias_relu_maxpool(x: Tensor, bias: Tensor, pool: nn.Module) -> Tensor:
+    """pool(relu(x + bias)): one pass (kernels/pool.py) where STEM_POOL is on, pool is the
+    stem's 3 x 3 stride-2 max pool and no gradient is needed; else bias_act, then pool."""
+    if (STEM_POOL and kernels.available(x) and _is_stem_pool(pool)
+            and not (torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad))
+            and bias_relu_maxpool_supported(x, bias)):
+        return bias_relu_maxpool_triton(x, bias)
+    return pool(bias_act(x, bias, relu=True))

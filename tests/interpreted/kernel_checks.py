@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import batched_nms, roi_align
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels.py"
@@ -21,6 +22,7 @@ from mrcnn_helpers.model import (
     nms,
 )
 from mrcnn_helpers.model import backbone as backbone_module
+from mrcnn_helpers.model import bias_ops
 from mrcnn_helpers.model import fused_stage
 from mrcnn_helpers.model.backbone import FPN, ResNetFPN
 from mrcnn_helpers.model.fused_conv import conv_bias_relu
@@ -37,6 +39,7 @@ from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels import nms as nms_kernels
 from mrcnn_helpers.model.kernels.nms import bitmask_nms_rows, greedy_nms_rows, walk_nms_rows
 from mrcnn_helpers.model.kernels.paste import paste_binary_masks
+from mrcnn_helpers.model.kernels.pool import bias_relu_maxpool_triton
 from mrcnn_helpers.model.kernels.residual import relu_grad_of_sum
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.model.masks import paste_masks_in_image
@@ -194,6 +197,49 @@ def test_nms_keep_mask_with_the_bitmask_path_switched_on(monkeypatch):
                         lambda *a: calls.append(1) or bitmask_nms_rows(*a))
     assert torch.equal(nms.nms_keep_mask(boxes, scores, candidate, 0.5, groups), walked)
     assert calls == [1]
+
+
+def test_stem_bias_relu_maxpool_is_bias_act_then_the_pool():
+    """One pass of bias + ReLU + 3 x 3 stride-2 max pool against the two PyTorch steps,
+    exactly, in fp32 and bf16, on odd and even sizes (the padded border) and channel counts
+    that are and are not powers of two; the dispatcher takes the pass only when switched on and
+    no gradient is needed."""
+    g = torch.Generator().manual_seed(6)
+    cl = torch.channels_last
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    for dtype, shape in ((torch.float32, (2, 64, 9, 12)), (torch.bfloat16, (1, 3, 10, 7)),
+                         (torch.bfloat16, (2, 64, 16, 16))):
+        x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=cl)
+        bias = torch.randn(shape[1], generator=g).to(dtype)
+        # The interpreter rounds fp32 to bf16 its own way (not to nearest), so in bf16 the
+        # reference is the bias_act kernel's rounding, then the pool (benchmarks/check_cuda.py
+        # compares with PyTorch's composition on the GPU).
+        want = pool(bias_act_triton(x, bias, True))
+        got = bias_relu_maxpool_triton(x, bias)
+        assert got.dtype == dtype and got.shape == want.shape, (got.shape, want.shape)
+        assert got.is_contiguous(memory_format=cl) and torch.equal(got, want), shape
+        torch_way = pool(F.relu(x + bias.view(1, -1, 1, 1)))
+        assert (got.float() - torch_way.float()).abs().max() <= (
+            0 if dtype == torch.float32 else 2 ** -6 * torch_way.float().abs().max())
+        if shape[1] == 64:  # the ReLU and the maxima both matter (some biases are negative)
+            assert (want == 0).any() and (want > 0).any()
+    x = torch.randn(1, 8, 6, 6, generator=g).contiguous(memory_format=cl)
+    bias = torch.randn(8, generator=g)
+    calls = []
+    old = bias_ops.STEM_POOL, bias_ops.bias_relu_maxpool_triton
+    bias_ops.bias_relu_maxpool_triton = lambda *a: calls.append(1) or old[1](*a)
+    try:
+        for on, grad, expected_calls in ((False, False, 0), (True, True, 0), (True, False, 1)):
+            bias_ops.STEM_POOL = on
+            calls.clear()
+            out = bias_ops.bias_relu_maxpool(x.clone().requires_grad_(grad), bias, pool)
+            assert len(calls) == expected_calls, (on, grad)
+            assert torch.equal(out, pool(F.relu(x + bias.view(1, -1, 1, 1))))
+        calls.clear()  # another pool (no padding): PyTorch's
+        bias_ops.bias_relu_maxpool(x, bias, torch.nn.MaxPool2d(3, 2, 0))
+        assert not calls
+    finally:
+        bias_ops.STEM_POOL, bias_ops.bias_relu_maxpool_triton = old
 
 
 def test_paste_kernel_matches_the_matrix_product_paste():

@@ -6,7 +6,9 @@ CUDA-graph replays against eager runs. Prints one line per check and exits non-z
 1. RoIAlign kernel vs torchvision's roi_align (fp32 NCHW features, and bf16 channels_last as
    the model feeds it), forward and backward, relative error.
 2. NMS kernels (the walk and the suppression bits) vs torchvision's batched_nms, row by row:
-   the same kept sets, exactly.
+   the same kept sets, exactly; bias + ReLU, the top-down merge, the ReLU gradient with its
+   channel sums, the stem's bias + ReLU + max pool and the RPN anchor matching against their
+   PyTorch compositions.
 3. The model's training step and eval forward under torch.cuda.set_sync_debug_mode("error"):
    any host synchronization raises.
 4. The eval forward replayed from a CUDA graph equals the eager forward; the training step
@@ -38,14 +40,17 @@ from train_step import make_train_step
 from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.inference.graphs import GraphedForward
 from mrcnn_helpers.model import build_model, fused_conv, fused_stage, place_model
+from mrcnn_helpers.model.box_ops import box_iou
 from mrcnn_helpers.model.kernels.bias import (
     bias_act_triton,
     relu_grad_channel_sum,
     top_down_triton,
 )
+from mrcnn_helpers.model.kernels.matching import match_rpn_anchors
 from mrcnn_helpers.model.kernels.nms import bitmask_nms_rows, walk_nms_rows
 from mrcnn_helpers.model.kernels.pool import bias_relu_maxpool_triton
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
+from mrcnn_helpers.model.sampling import label_rpn_anchors
 from mrcnn_helpers.spec import load_spec, replace_spec
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "specs", "synthetic_gpu_r50.txt")
@@ -145,6 +150,29 @@ def check_bias_kernels(device) -> None:
            f"{int((merged != want).sum())} values differ from the fp32 composition rounded once; "
            f"gradient relative errors lateral/bias/top {errors[0]:.1e}/{errors[1]:.1e}/"
            f"{errors[2]:.1e}")
+
+
+def check_anchor_matching(device) -> None:
+    """RPN anchor labels and matches of the kernel (which skips padding rows of the ground
+    truth) against the IoU-matrix path, at the seed's scale: 8 images, 200k anchors, 100 rows
+    of which 8 are valid, padding first, in the middle and last."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    a, b, m = 200_000, 8, 100
+    xy = torch.rand(a, 2, generator=g) * 1300
+    anchors = torch.cat([xy, xy + torch.rand(a, 2, generator=g) * 300 + 4], 1).to(device)
+    gxy = torch.rand(b, m, 2, generator=g) * 1200
+    gt = torch.cat([gxy, gxy + torch.rand(b, m, 2, generator=g) * 400 + 8], -1).to(device)
+    valid = torch.zeros(b, m, dtype=torch.bool)
+    for i in range(b):
+        valid[i, torch.randperm(m, generator=g)[:8]] = True
+    valid = valid.to(device)
+    want_labels, want_matched = label_rpn_anchors(
+        box_iou(anchors[None].expand(b, -1, -1), gt), valid, 0.7, 0.3)
+    labels, matched = match_rpn_anchors(anchors, gt, valid, 0.7, 0.3)
+    differ = int((labels != want_labels).sum()) + int((matched != want_matched).sum())
+    report("RPN anchor matching kernel", differ == 0,
+           f"{b} x {a} anchors, {int((labels == 1).sum())} positive; {differ} labels or matches "
+           "differ from the IoU-matrix path")
 
 
 def check_stem_pool(device) -> None:
@@ -314,7 +342,7 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     for check in (check_roi_align, check_nms, check_bias_kernels,
-                  check_relu_grad_channel_sum, check_stem_pool):
+                  check_relu_grad_channel_sum, check_stem_pool, check_anchor_matching):
         check(device)
     check_no_syncs(device, args.size)
     check_graphs(device, args.size)

@@ -135,6 +135,15 @@ def test_roi_align_sets_pool_as_separate_calls_and_sum_their_gradients():
         assert torch.allclose(mine, ref.grad, atol=1e-5)
 
 
+def _torchvision_keep(boxes, scores, candidate, groups, iou):
+    """Which boxes torchvision's batched_nms keeps, row by row, among the candidates."""
+    expected = torch.zeros_like(candidate)
+    for r in range(candidate.shape[0]):
+        sel = candidate[r].nonzero().squeeze(1)
+        expected[r, sel[batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], iou)]] = True
+    return expected
+
+
 def test_greedy_nms_kernel_matches_torchvision():
     g = torch.Generator().manual_seed(1)
     rows, size = 4, 37
@@ -144,11 +153,7 @@ def test_greedy_nms_kernel_matches_torchvision():
     scores[:, 5:9] = 0.5  # ties
     candidate = torch.rand(rows, size, generator=g) > 0.25
     groups = torch.randint(0, 3, (rows, size), generator=g)
-    expected = torch.zeros_like(candidate)
-    for r in range(rows):
-        sel = candidate[r].nonzero().squeeze(1)
-        kept = batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.5)
-        expected[r, sel[kept]] = True
+    expected = _torchvision_keep(boxes, scores, candidate, groups, 0.5)
     got = nms.nms_keep_mask(boxes, scores, candidate, 0.5, groups)
     assert torch.equal(got, expected)
     # The kernel alone, on rows already sorted: nothing but candidates can be kept.
@@ -168,11 +173,7 @@ def test_bitmask_nms_is_the_walk_and_torchvision():
         scores = torch.rand(rows, size, generator=g).sort(dim=1, descending=True).values
         candidate = torch.rand(rows, size, generator=g) > 0.2
         groups = torch.randint(0, 3, (rows, size), generator=g)
-        expected = torch.zeros_like(candidate)
-        for r in range(rows):
-            sel = candidate[r].nonzero().squeeze(1)
-            kept = batched_nms(boxes[r, sel], scores[r, sel], groups[r, sel], 0.4)
-            expected[r, sel[kept]] = True
+        expected = _torchvision_keep(boxes, scores, candidate, groups, 0.4)
         got = bitmask_nms_rows(boxes, groups, candidate, 0.4)
         assert torch.equal(got, expected), size
         assert torch.equal(walk_nms_rows(boxes, groups, candidate, 0.4), expected), size

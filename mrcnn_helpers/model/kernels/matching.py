@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .boxes import load_xyxy
+
 BLOCK = 256
 
 
@@ -38,10 +40,7 @@ def _iou(ax1, ay1, ax2, ay2, area_a, gt_ptr):
 
 @triton.jit
 def _load_anchors(anchors_ptr, offs, inside):
-    ax1 = tl.load(anchors_ptr + offs * 4 + 0, mask=inside, other=0.0)
-    ay1 = tl.load(anchors_ptr + offs * 4 + 1, mask=inside, other=0.0)
-    ax2 = tl.load(anchors_ptr + offs * 4 + 2, mask=inside, other=0.0)
-    ay2 = tl.load(anchors_ptr + offs * 4 + 3, mask=inside, other=0.0)
+    ax1, ay1, ax2, ay2 = load_xyxy(anchors_ptr, offs, inside)
     area = tl.maximum(ax2 - ax1, 0.0) * tl.maximum(ay2 - ay1, 0.0)
     return ax1, ay1, ax2, ay2, area
 

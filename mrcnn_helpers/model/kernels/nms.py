@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .boxes import load_xyxy
+
 # Rows longer than this take the PyTorch path (registers hold a whole row).
 MAX_ROW = 8192
 BITMASK = os.environ.get("MRCNN_NMS_BITMASK", "0") == "1"
@@ -43,10 +45,7 @@ def _greedy_nms_rows(boxes_ptr, groups_ptr, candidate_ptr, keep_ptr, size, iou_t
     offs = tl.arange(0, BLOCK)
     inside = offs < size
     base = boxes_ptr + row.to(tl.int64) * size * 4
-    x1 = tl.load(base + offs * 4 + 0, mask=inside, other=0.0)
-    y1 = tl.load(base + offs * 4 + 1, mask=inside, other=0.0)
-    x2 = tl.load(base + offs * 4 + 2, mask=inside, other=0.0)
-    y2 = tl.load(base + offs * 4 + 3, mask=inside, other=0.0)
+    x1, y1, x2, y2 = load_xyxy(base, offs, inside)
     area = (x2 - x1) * (y2 - y1)
     group = tl.load(groups_ptr + row.to(tl.int64) * size + offs, mask=inside, other=0)
     candidate = tl.load(candidate_ptr + row.to(tl.int64) * size + offs, mask=inside, other=0) != 0
@@ -80,20 +79,14 @@ def _suppression_bits(boxes_ptr, groups_ptr, bits_ptr, size, words, iou_threshol
     i_in = i < size
     row_start = row.to(tl.int64) * size
     base = boxes_ptr + row_start * 4
-    ax1 = tl.load(base + i * 4 + 0, mask=i_in, other=0.0)
-    ay1 = tl.load(base + i * 4 + 1, mask=i_in, other=0.0)
-    ax2 = tl.load(base + i * 4 + 2, mask=i_in, other=0.0)
-    ay2 = tl.load(base + i * 4 + 3, mask=i_in, other=0.0)
+    ax1, ay1, ax2, ay2 = load_xyxy(base, i, i_in)
     a_area = (ax2 - ax1) * (ay2 - ay1)
     a_group = tl.load(groups_ptr + row_start + i, mask=i_in, other=0)
     lanes = tl.arange(0, 32)
     for w in range(start // 32, words):
         j = w * 32 + lanes
         j_in = j < size
-        bx1 = tl.load(base + j * 4 + 0, mask=j_in, other=0.0)
-        by1 = tl.load(base + j * 4 + 1, mask=j_in, other=0.0)
-        bx2 = tl.load(base + j * 4 + 2, mask=j_in, other=0.0)
-        by2 = tl.load(base + j * 4 + 3, mask=j_in, other=0.0)
+        bx1, by1, bx2, by2 = load_xyxy(base, j, j_in)
         b_area = (bx2 - bx1) * (by2 - by1)
         b_group = tl.load(groups_ptr + row_start + j, mask=j_in, other=0)
         w_ = tl.maximum(tl.minimum(ax2[:, None], bx2[None, :])

@@ -4,8 +4,13 @@ Triton's interpreter (tests/test_kernels.py) checks what the kernels compute, bu
 code that the compiler rejects or builds differently. Here each kernel wrapper is called on
 small CPU tensors with Triton's launch replaced by a recorder, so the launches are the real
 ones (arguments, dtypes, constexprs, warps); each recorded launch is then compiled to a cubin
-for sm_90 with the ptxas that ships with Triton. Nothing runs on a GPU.
+for sm_90 with the ptxas that ships with Triton, and must not spill registers (cuobjdump's
+resource usage). Nothing runs on a GPU.
 """
+
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,13 +41,19 @@ POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
            torch.bool: "*i1"}
 
 
-def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    values = dict(zip([p.name for p in fn.params], args))
-    values.update({k: v for k, v in kwargs.items() if k in values or k in
-                   {p.name for p in fn.params}})
-    signature, constexprs = {}, {}
-    for param in fn.params:
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) of a launch; like a real launch, the pointers and
+    the integers divisible by 16 are marked so (what lets Triton vectorize the loads)."""
+    names = [p.name for p in fn.params]
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
         value = values[param.name]
+        if isinstance(value, torch.Tensor) or (
+                isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0):
+            if not param.is_constexpr:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
@@ -55,25 +66,36 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
             signature[param.name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}.{param.name}: {type(value).__name__}")
-    return signature, constexprs
+    return signature, constexprs, attrs
 
 
 @pytest.fixture()
 def launches(monkeypatch):
     """The launches the code makes, recorded instead of run: (kernel, signature, constexprs,
-    num_warps)."""
+    attributes, num_warps)."""
     seen = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        signature, constexprs = _signature(self, args, kwargs)
-        seen.append((self, signature, constexprs, kwargs.get("num_warps", 4)))
+        seen.append((self, *_signature(self, args, kwargs), kwargs.get("num_warps", 4)))
 
     monkeypatch.setattr(JITFunction, "run", record)
     return seen
 
 
+def _resource_usage(cubin: bytes) -> str:
+    """cuobjdump's resource line for a cubin (registers, stack, shared memory)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)],
+                             capture_output=True, text=True).stdout
+    return next((line.strip() for line in out.splitlines() if "REG:" in line), "")
+
+
 def _every_kernel_launch():
-    """Each wrapper once, on small CPU tensors laid out as on the GPU (bf16, channels_last)."""
+    """Each wrapper once, on small CPU tensors laid out as on the GPU (bf16, channels_last),
+    with the model's channel counts and row lengths (they set the kernels' block sizes)."""
     cl = torch.channels_last
     x = torch.randn(2, 8, 6, 4).to(torch.bfloat16).contiguous(memory_format=cl)
     bias = torch.randn(8)
@@ -83,8 +105,9 @@ def _every_kernel_launch():
                     bias, torch.randn(2, 8, 3, 2).to(torch.bfloat16).contiguous(
                         memory_format=cl))
     sum_2x2(x)
-    big = torch.randn(1, 8, 160, 128).to(torch.bfloat16).contiguous(memory_format=cl)
-    for grad in (x, big):  # the small and the large maps' launch configurations
+    small = torch.randn(1, 256, 4, 6).to(torch.bfloat16).contiguous(memory_format=cl)
+    big = torch.randn(1, 256, 128, 128).to(torch.bfloat16).contiguous(memory_format=cl)
+    for grad in (small, big):  # the small and the large maps' launch configurations
         channel_sums(grad, grad)
         channel_sums(grad, None)
     relu_grad_of_sum(x, x, x)
@@ -94,14 +117,15 @@ def _every_kernel_launch():
     paste_binary_masks(torch.rand(3, 28, 28), torch.tensor([[1.0, 1, 9, 9]] * 3), 20, 30, 0.5)
     match_rpn_anchors(torch.tensor([[0.0, 0, 10, 10]] * 5), torch.tensor([[[0.0, 0, 8, 8]]]),
                       torch.ones(1, 1, dtype=torch.bool), 0.7, 0.3)
-    boxes = torch.tensor([[[0.0, 0, 10, 10]] * 40])
-    groups, candidate = torch.zeros(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.bool)
+    boxes = torch.tensor([[[0.0, 0, 10, 10]] * 2000])  # the RPN's rows in training
+    groups = torch.zeros(1, 2000, dtype=torch.long)
+    candidate = torch.ones(1, 2000, dtype=torch.bool)
     walk_nms_rows(boxes, groups, candidate, 0.5)
     bitmask_nms_rows(boxes, groups, candidate, 0.5)
     bias_relu_maxpool_triton(torch.randn(2, 64, 9, 8).to(torch.bfloat16).contiguous(
         memory_format=cl), torch.randn(64).to(torch.bfloat16))
-    features = [torch.randn(2, 8, 16, 16).to(torch.bfloat16).contiguous(memory_format=cl)
-                .requires_grad_(True), torch.randn(2, 8, 8, 8).to(torch.bfloat16).contiguous(
+    features = [torch.randn(2, 256, 16, 16).to(torch.bfloat16).contiguous(memory_format=cl)
+                .requires_grad_(True), torch.randn(2, 256, 8, 8).to(torch.bfloat16).contiguous(
                     memory_format=cl).requires_grad_(True)]
     rois = torch.tensor([[0.0, 1, 1, 9, 9], [1.0, 2, 2, 30, 30]])
     levels = torch.tensor([0, 1], dtype=torch.int32)
@@ -113,21 +137,26 @@ def _every_kernel_launch():
 def test_every_kernel_compiles_for_sm90(launches):
     _every_kernel_launch()
     unique = {}
-    for fn, signature, constexprs, num_warps in launches:
-        key = (fn.__name__, tuple(signature.items()), tuple(constexprs.items()), num_warps)
-        unique[key] = (fn, signature, constexprs, num_warps)
+    for fn, signature, constexprs, attrs, num_warps in launches:
+        key = (fn.__name__, tuple(signature.items()), tuple(constexprs.items()),
+               tuple(attrs), num_warps)
+        unique[key] = (fn, signature, constexprs, attrs, num_warps)
     names = {key[0] for key in unique}
     assert {"_bias_act", "_top_down", "_sum_2x2", "_masked_channel_sum", "_relu_grad_of_sum",
             "_composite", "_paste_binary", "_best_gt_pass", "_label_pass", "_greedy_nms_rows",
             "_suppression_bits", "_scan_bits", "_bias_relu_maxpool", "_roi_align_forward",
             "_roi_align_backward"} <= names, names
     failed = []
-    for (name, *_), (fn, signature, constexprs, num_warps) in unique.items():
+    for (name, *_), (fn, signature, constexprs, attrs, num_warps) in unique.items():
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature,
-                                                constexprs=constexprs),
+                                                constexprs=constexprs, attrs=attrs),
                                       target=TARGET, options={"num_warps": num_warps})
             assert compiled.asm["cubin"], name
+            usage = _resource_usage(compiled.asm["cubin"])
+            print(name, constexprs, num_warps, usage)
+            # Registers spilled to the stack would make a memory-bound kernel slower still.
+            assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
         except Exception as exc:  # noqa: BLE001 - report every kernel that fails, then fail
             failed.append(f"{name} {constexprs}: {type(exc).__name__}: {str(exc)[:300]}")
     assert not failed, "\n".join(failed)

@@ -69,6 +69,11 @@ def _greedy_nms_rows(boxes_ptr, groups_ptr, candidate_ptr, keep_ptr, size, iou_t
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
 def _suppression_bits(boxes_ptr, groups_ptr, bits_ptr, size, words, iou_threshold,
                       BLOCK_I: tl.constexpr):
     """bits[r, i, w], bit k: box i suppresses box j = 32 w + k if kept (j > i, same group,
@@ -97,14 +102,8 @@ def _suppression_bits(boxes_ptr, groups_ptr, bits_ptr, size, words, iou_threshol
         union = (a_area[:, None] + b_area[None, :]) - inter
         hit = ((inter > union * iou_threshold) & (j[None, :] > i[:, None])
                & (a_group[:, None] == b_group[None, :]) & j_in[None, :])
-        # Distinct powers of two: their sum is their OR (bit 31 wraps to the sign bit).
-        word = tl.sum(hit.to(tl.int32) << lanes[None, :], axis=1)
+        word = tl.reduce(hit.to(tl.int32) << lanes[None, :], 1, _bit_or)  # bit 31: the sign
         tl.store(bits_ptr + (row_start + i) * words + w, word, mask=i_in)
-
-
-@triton.jit
-def _bit_or(a, b):
-    return a | b
 
 
 @triton.jit
@@ -122,7 +121,7 @@ def _scan_bits(bits_ptr, candidate_ptr, keep_ptr, size, words, WORDS: tl.constex
         tile = tl.load(bits_ptr + (row_start + i)[:, None] * words + widx[None, :],
                        mask=i_in[:, None] & later[None, :], other=0)  # the 32 boxes' bit rows
         candidate = tl.load(candidate_ptr + row_start + i, mask=i_in, other=0) != 0
-        candidates = tl.sum(candidate.to(tl.int32) << lanes, axis=0)
+        candidates = tl.reduce(candidate.to(tl.int32) << lanes, 0, _bit_or)
         current = tl.sum(tl.where(widx == w, removed, 0), axis=0)  # these boxes' bits so far
         kept = current * 0
         for k in tl.static_range(32):

@@ -16,10 +16,21 @@ a CUDA graph.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+# Warps per program (one RoI row of bins, all channels). With 256 channels, 4 warps give each
+# thread 2 channels: the backward's atomics compile to 2-float vector atomics; 2 warps give
+# 4-float ones, half the atomic instructions (the backward took 1.38 ms per training step at
+# 832x1344, 2026-12-04 morning profile), and the forward's loads get twice as wide.
+# MRCNN_ROI_FORWARD_WARPS / MRCNN_ROI_BACKWARD_WARPS try other counts until measured
+# (benchmarks/bench_roi_align.py).
+FORWARD_WARPS = int(os.environ.get("MRCNN_ROI_FORWARD_WARPS", "4"))
+BACKWARD_WARPS = int(os.environ.get("MRCNN_ROI_BACKWARD_WARPS", "4"))
 
 
 @triton.jit
@@ -155,7 +166,7 @@ class MultilevelRoIAlign(torch.autograd.Function):
                     _roi_align_forward[(n, size)](
                         feat, rois, levels, out, channels, feat.shape[2], feat.shape[3],
                         *feat.stride(), float(scale), LEVEL=level, P=size, S=sampling_ratio,
-                        BLOCK_C=_block(channels))
+                        BLOCK_C=_block(channels), num_warps=FORWARD_WARPS)
             outs.append(out)
         ctx.save_for_backward(*sets)
         ctx.meta = (scales, output_sizes, sampling_ratio,
@@ -176,7 +187,8 @@ class MultilevelRoIAlign(torch.autograd.Function):
                     continue
                 _roi_align_backward[(rois.shape[0], size)](
                     grad_outs[i], rois, levels, grad, c, h, w, float(scales[level]),
-                    LEVEL=level, P=size, S=sampling_ratio, BLOCK_C=_block(c))
+                    LEVEL=level, P=size, S=sampling_ratio, BLOCK_C=_block(c),
+                    num_warps=BACKWARD_WARPS)
             # [B, H, W, C] viewed as [B, C, H, W]: the channels_last layout of the features.
             grads.append(grad.to(dtype).permute(0, 3, 1, 2))
         return (None, None, None, *[None] * len(sets), *grads)

@@ -5,7 +5,7 @@ the seed spec's 832x1344, batch 8, bf16, CUDA graphs.
     python benchmarks/bench_options.py [--jobs train,infer] [--only NAME,...] [--iters 10]
 
 Settings: the defaults, each switch alone (MRCNN_BATCHED_FOLD, MRCNN_NMS_BITMASK,
-MRCNN_STEM_POOL = 1), the RoIAlign kernels with 2 warps (backward only, and both), and all of
+MRCNN_STEM_POOL, MRCNN_ROI_MERGE_BACKWARD = 1), the RoIAlign kernels with 2 warps (backward only, and both), and all of
 them (the RoIAlign backward with 2 warps). Prints one table row per setting: training img/s and ms
 per step, inference batch 8 img/s, batch 1 p50 / p99 ms, and the training step's change from
 the defaults, with device, date and versions. A switch that pays is made the default in its
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-SWITCHES = ("MRCNN_BATCHED_FOLD", "MRCNN_NMS_BITMASK", "MRCNN_STEM_POOL")
+SWITCHES = ("MRCNN_BATCHED_FOLD", "MRCNN_NMS_BITMASK", "MRCNN_STEM_POOL",
+            "MRCNN_ROI_MERGE_BACKWARD")
 ROI_BACKWARD_2 = {"MRCNN_ROI_BACKWARD_WARPS": "2"}
 SETTINGS = {"defaults": {}, **{name[6:].lower(): {name: "1"} for name in SWITCHES},
             "roi_backward_warps_2": ROI_BACKWARD_2,

@@ -1,6 +1,8 @@
 """The multi-level RoIAlign kernels (model/kernels/roi_align.py) forward and backward at the
 seed spec's training shapes, by warps per program (kernels.roi_align.FORWARD_WARPS and
-BACKWARD_WARPS; MRCNN_ROI_FORWARD_WARPS, MRCNN_ROI_BACKWARD_WARPS), replayed from a CUDA graph.
+BACKWARD_WARPS; MRCNN_ROI_FORWARD_WARPS, MRCNN_ROI_BACKWARD_WARPS) and with the backward's
+small bins merged per pixel (MERGE_BACKWARD, MRCNN_ROI_MERGE_BACKWARD=1) or not, replayed from
+a CUDA graph.
 
     python benchmarks/bench_roi_align.py [--iters 30]
 
@@ -57,11 +59,14 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {datetime.date.today()}, 832x1344 batch 8, 256 channels bf16 "
           "channels_last, 4096 RoIs 7x7 + 1024 RoIs 14x14, CUDA graphs")
-    print("| warps forward / backward | forward ms | forward + backward ms | same as 4 / 4 |")
+    print("| warps forward / backward, backward | forward ms | forward + backward ms | "
+          "same as 4 / 4 |")
     print("|---|---|---|---|")
     reference = None
-    for warps in ((4, 4), (4, 2), (2, 2), (4, 1)):
+    for *warps, merge in ((4, 4, False), (4, 2, False), (2, 2, False), (4, 1, False),
+                          (4, 4, True), (4, 2, True)):
         roi_align.FORWARD_WARPS, roi_align.BACKWARD_WARPS = warps
+        roi_align.MERGE_BACKWARD = merge
         g_f, _ = graphed(forward, None)
         g_fb, out = graphed(forward_backward, None)
         ms_f, ms_fb = time_graph(g_f, args.iters), time_graph(g_fb, args.iters)
@@ -71,7 +76,7 @@ def main():
         # The atomics add in a different order: gradients within fp32 rounding, not equal.
         grad_error = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
                          for a, b in zip(out[1], reference[1]))
-        print(f"| {warps[0]} / {warps[1]} | {ms_f:.3f} | {ms_fb:.3f} | pooled "
+        print(f"| {warps[0]} / {warps[1]}, {'merged' if merge else 'per sample'} | {ms_f:.3f} | {ms_fb:.3f} | pooled "
               f"{'yes' if pooled_same else 'NO'}, gradients within {grad_error:.1e} |")
 
 

@@ -130,15 +130,17 @@ def _every_kernel_launch():
                     memory_format=cl).requires_grad_(True)]
     rois = torch.tensor([[0.0, 1, 1, 9, 9], [1.0, 2, 2, 30, 30]])
     levels = torch.tensor([0, 1], dtype=torch.int32)
-    for warps in (4, 2):  # the default and the candidate of bench_roi_align.py
+    # the default, and the candidates of bench_roi_align.py (2 warps, the merged backward)
+    for warps, merge in ((4, False), (2, False), (4, True), (2, True)):
         roi_align.FORWARD_WARPS = roi_align.BACKWARD_WARPS = warps
+        roi_align.MERGE_BACKWARD = merge
         pooled = multilevel_roi_align_sets_triton(
             features, [(rois, levels, 7), (rois, levels, 14)], [0.25, 0.125], 2)
         torch.autograd.grad(sum(p.float().sum() for p in pooled), features)
 
 
 def test_every_kernel_compiles_for_sm90(launches, monkeypatch):
-    for name in ("FORWARD_WARPS", "BACKWARD_WARPS"):  # restored afterwards
+    for name in ("FORWARD_WARPS", "BACKWARD_WARPS", "MERGE_BACKWARD"):  # restored afterwards
         monkeypatch.setattr(roi_align, name, getattr(roi_align, name))
     _every_kernel_launch()
     unique = {}

@@ -40,6 +40,7 @@ from mrcnn_helpers.model.kernels import nms as nms_kernels
 from mrcnn_helpers.model.kernels.nms import bitmask_nms_rows, greedy_nms_rows, walk_nms_rows
 from mrcnn_helpers.model.kernels.paste import paste_binary_masks
 from mrcnn_helpers.model.kernels.pool import bias_relu_maxpool_triton
+from mrcnn_helpers.model.kernels import roi_align as roi_align_kernels
 from mrcnn_helpers.model.kernels.residual import relu_grad_of_sum
 from mrcnn_helpers.model.kernels.roi_align import multilevel_roi_align_triton
 from mrcnn_helpers.model.masks import paste_masks_in_image
@@ -77,6 +78,42 @@ def test_roi_align_matches_torchvision_forward_and_backward():
     for mine, theirs in zip(feats, ref_feats):
         assert mine.grad.shape == theirs.grad.shape
         assert (mine.grad.double() - theirs.grad).abs().max() < 1e-5 * theirs.grad.abs().max()
+
+
+def test_roi_align_backward_with_merged_small_bins_is_torchvisions():
+    """MRCNN_ROI_MERGE_BACKWARD: a small bin's 16 corner contributions summed per pixel before
+    the atomics; the gradient still torchvision's, for RoIs that take the merged path (bins of
+    at most 2 pixels, some partly outside the map) and RoIs that do not."""
+    g = torch.Generator().manual_seed(7)
+    batch, channels, scales = 2, 6, [1 / 4, 1 / 8, 1 / 16]
+    ref_feats = [torch.randn(batch, channels, 64 // 2 ** i, 80 // 2 ** i, generator=g,
+                             dtype=torch.float64, requires_grad=True) for i in range(3)]
+    rois = _random_rois(12, batch, g)
+    rois[:3, 3:] = rois[:3, 1:3] + 120  # large RoIs: bins over 2 pixels
+    levels = torch.randint(0, 3, (12,), generator=g)
+    old = roi_align_kernels.MERGE_BACKWARD
+    try:
+        for size in (3, 5):
+            ref = torch.cat([roi_align(ref_feats[int(lv)], rois[i:i + 1], (size, size),
+                                       spatial_scale=scales[int(lv)], sampling_ratio=2,
+                                       aligned=False) for i, lv in enumerate(levels)])
+            grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+            want = torch.autograd.grad(ref, ref_feats, grad)
+            scale = torch.tensor(scales, dtype=torch.float64)[levels]
+            wh = (rois[:, 3:] - rois[:, 1:3]) * scale[:, None]
+            small = (wh.clamp(min=1) / size <= 2).all(1)
+            assert 0 < int(small.sum()) < 12, size
+            for merge in (False, True):
+                roi_align_kernels.MERGE_BACKWARD = merge
+                feats = [f.detach().float().contiguous(memory_format=torch.channels_last)
+                         .requires_grad_(True) for f in ref_feats]
+                out = multilevel_roi_align_triton(feats, rois.float(), levels, scales, size)
+                got = torch.autograd.grad(out, feats, grad.float())
+                for mine, theirs in zip(got, want):
+                    error = (mine.double() - theirs).abs().max() / theirs.abs().max()
+                    assert error < 1e-5, (size, merge, float(error))
+    finally:
+        roi_align_kernels.MERGE_BACKWARD = old
 
 
 def test_non_finite_rois_pool_to_zeros_and_take_no_gradient():

@@ -31,6 +31,9 @@ from torch import Tensor
 # (benchmarks/bench_roi_align.py).
 FORWARD_WARPS = int(os.environ.get("MRCNN_ROI_FORWARD_WARPS", "4"))
 BACKWARD_WARPS = int(os.environ.get("MRCNN_ROI_BACKWARD_WARPS", "4"))
+# The backward's per-pixel merge of a small bin's samples (_roi_align_backward, MERGE): opt-in
+# with MRCNN_ROI_MERGE_BACKWARD=1 until measured.
+MERGE_BACKWARD = os.environ.get("MRCNN_ROI_MERGE_BACKWARD", "0") == "1"
 
 
 @triton.jit
@@ -54,6 +57,30 @@ def _sample_weights(y, x, height, width):
     scale = tl.where(valid, 1.0, 0.0)
     return (y_low, y_high, x_low, x_high, hy * hx * scale, hy * lx * scale, ly * hx * scale,
             ly * lx * scale)
+
+
+@triton.jit
+def _axis_weights(v, size):
+    """One axis of _sample_weights: (low, high, weight of low, weight of high), the weights
+    zero where the coordinate is outside [-1, size]. A sample's corner weights are the
+    products of its two axes' weights."""
+    valid = (v >= -1.0) & (v <= size)
+    v = tl.maximum(v, 0.0)
+    low = tl.minimum(v.to(tl.int32), size - 1)
+    edge = low >= size - 1
+    high = tl.where(edge, low, low + 1)
+    v = tl.where(edge, low.to(tl.float32), v)
+    frac = v - low.to(tl.float32)
+    scale = tl.where(valid, 1.0, 0.0)
+    return low, high, (1.0 - frac) * scale, frac * scale
+
+
+@triton.jit
+def _merged_axis(a_low, a_high, a_wl, a_wh, b_low, b_high, b_wl, b_wh, first, k):
+    """The weight of line first + k along one axis, summed over a bin's two samples."""
+    line = first + k
+    return (tl.where(a_low == line, a_wl, 0.0) + tl.where(a_high == line, a_wh, 0.0)
+            + tl.where(b_low == line, b_wl, 0.0) + tl.where(b_high == line, b_wh, 0.0))
 
 
 @triton.jit
@@ -101,11 +128,17 @@ def _roi_align_forward(feat_ptr, rois_ptr, levels_ptr, out_ptr, channels, height
 @triton.jit
 def _roi_align_backward(grad_ptr, rois_ptr, levels_ptr, grad_feat_ptr, channels, height, width,
                         spatial_scale, LEVEL: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_C: tl.constexpr, MERGE: tl.constexpr):
     """grad_feat (fp32, [B, H, W, C] contiguous) += the adjoint of the forward's samples.
 
     The atomics are relaxed: they only accumulate, nothing in the kernel reads them back, and the
-    kernel's end orders them before any reader; acq_rel (Triton's default) fences each one."""
+    kernel's end orders them before any reader; acq_rel (Triton's default) fences each one.
+
+    MERGE (with S == 2): in a RoI whose bins are at most 2 pixels on a side, a bin's 2 x 2
+    samples fall within 3 x 3 pixels, so their 16 corner contributions are summed per pixel
+    first (the weights are separable: row weight times column weight) and at most 9 atomics
+    are issued, none for a zero weight. The mask head's RoIs (14 x 14 bins over ~14-28 pixels
+    of their level) take that path."""
     n = tl.program_id(0)
     ph = tl.program_id(1)
     if tl.load(levels_ptr + n) != LEVEL:
@@ -115,22 +148,46 @@ def _roi_align_backward(grad_ptr, rois_ptr, levels_ptr, grad_feat_ptr, channels,
     cmask = offs < channels
     row = width * channels
     base = grad_feat_ptr + batch.to(tl.int64) * height * row + offs
-    for pw in tl.static_range(P):
-        g = tl.load(grad_ptr + ((n * P + ph) * P + pw).to(tl.int64) * channels + offs,
-                    mask=cmask, other=0.0).to(tl.float32) / (S * S)
-        for iy in tl.static_range(S):
-            y = y1 + ph * bin_h + (iy + 0.5) * bin_h / S
-            for ix in tl.static_range(S):
-                x = x1 + pw * bin_w + (ix + 0.5) * bin_w / S
-                y0, yh, x0, xh, w1, w2, w3, w4 = _sample_weights(y, x, height, width)
-                tl.atomic_add(base + y0 * row + x0 * channels, g * w1, mask=cmask,
-                              sem="relaxed")
-                tl.atomic_add(base + y0 * row + xh * channels, g * w2, mask=cmask,
-                              sem="relaxed")
-                tl.atomic_add(base + yh * row + x0 * channels, g * w3, mask=cmask,
-                              sem="relaxed")
-                tl.atomic_add(base + yh * row + xh * channels, g * w4, mask=cmask,
-                              sem="relaxed")
+    merged = False
+    if MERGE and S == 2:
+        merged = (bin_h <= 2.0) & (bin_w <= 2.0)
+    if merged:
+        ya_low, ya_high, ya_wl, ya_wh = _axis_weights(y1 + ph * bin_h + 0.25 * bin_h, height)
+        yb_low, yb_high, yb_wl, yb_wh = _axis_weights(y1 + ph * bin_h + 0.75 * bin_h, height)
+        for pw in tl.static_range(P):
+            g = tl.load(grad_ptr + ((n * P + ph) * P + pw).to(tl.int64) * channels + offs,
+                        mask=cmask, other=0.0).to(tl.float32) / (S * S)
+            xa_low, xa_high, xa_wl, xa_wh = _axis_weights(x1 + pw * bin_w + 0.25 * bin_w, width)
+            xb_low, xb_high, xb_wl, xb_wh = _axis_weights(x1 + pw * bin_w + 0.75 * bin_w, width)
+            for k in tl.static_range(3):
+                wy = _merged_axis(ya_low, ya_high, ya_wl, ya_wh, yb_low, yb_high, yb_wl, yb_wh,
+                                  ya_low, k)
+                for m in tl.static_range(3):
+                    wx = _merged_axis(xa_low, xa_high, xa_wl, xa_wh, xb_low, xb_high, xb_wl,
+                                      xb_wh, xa_low, m)
+                    w = wy * wx
+                    # w spread over the channels: (Triton's interpreter cannot AND a vector
+                    # mask with a scalar condition)
+                    live = cmask & (tl.zeros((BLOCK_C,), tl.float32) + w != 0.0)
+                    tl.atomic_add(base + (ya_low + k) * row + (xa_low + m) * channels, g * w,
+                                  mask=live, sem="relaxed")
+    else:
+        for pw in tl.static_range(P):
+            g = tl.load(grad_ptr + ((n * P + ph) * P + pw).to(tl.int64) * channels + offs,
+                        mask=cmask, other=0.0).to(tl.float32) / (S * S)
+            for iy in tl.static_range(S):
+                y = y1 + ph * bin_h + (iy + 0.5) * bin_h / S
+                for ix in tl.static_range(S):
+                    x = x1 + pw * bin_w + (ix + 0.5) * bin_w / S
+                    y0, yh, x0, xh, w1, w2, w3, w4 = _sample_weights(y, x, height, width)
+                    tl.atomic_add(base + y0 * row + x0 * channels, g * w1, mask=cmask,
+                                  sem="relaxed")
+                    tl.atomic_add(base + y0 * row + xh * channels, g * w2, mask=cmask,
+                                  sem="relaxed")
+                    tl.atomic_add(base + yh * row + x0 * channels, g * w3, mask=cmask,
+                                  sem="relaxed")
+                    tl.atomic_add(base + yh * row + xh * channels, g * w4, mask=cmask,
+                                  sem="relaxed")
 
 
 def _block(channels: int) -> int:
@@ -188,7 +245,7 @@ class MultilevelRoIAlign(torch.autograd.Function):
                 _roi_align_backward[(rois.shape[0], size)](
                     grad_outs[i], rois, levels, grad, c, h, w, float(scales[level]),
                     LEVEL=level, P=size, S=sampling_ratio, BLOCK_C=_block(c),
-                    num_warps=BACKWARD_WARPS)
+                    MERGE=MERGE_BACKWARD, num_warps=BACKWARD_WARPS)
             # [B, H, W, C] viewed as [B, C, H, W]: the channels_last layout of the features.
             grads.append(grad.to(dtype).permute(0, 3, 1, 2))
         return (None, None, None, *[None] * len(sets), *grads)

@@ -76,7 +76,8 @@ def main():
         # The atomics add in a different order: gradients within fp32 rounding, not equal.
         grad_error = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
                          for a, b in zip(out[1], reference[1]))
-        print(f"| {warps[0]} / {warps[1]}, {'merged' if merge else 'per sample'} | {ms_f:.3f} | {ms_fb:.3f} | pooled "
+        label = f"{warps[0]} / {warps[1]}, {'merged' if merge else 'per sample'}"
+        print(f"| {label} | {ms_f:.3f} | {ms_fb:.3f} | pooled "
               f"{'yes' if pooled_same else 'NO'}, gradients within {grad_error:.1e} |")
 
 

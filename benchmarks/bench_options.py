@@ -6,10 +6,10 @@ the seed spec's 832x1344, batch 8, bf16, CUDA graphs.
 
 Settings: the defaults, each switch alone (MRCNN_BATCHED_FOLD, MRCNN_NMS_BITMASK,
 MRCNN_STEM_POOL, MRCNN_ROI_MERGE_BACKWARD = 1), the RoIAlign kernels with 2 warps (backward
-only, and both), and all of them (the RoIAlign backward with 2 warps). Prints one table row per setting: training img/s and ms
-per step, inference batch 8 img/s, batch 1 p50 / p99 ms, and the training step's change from
-the defaults, with device, date and versions. A switch that pays is made the default in its
-module. Needs a CUDA GPU.
+only, and both), and all of them (the RoIAlign backward with 2 warps). Prints one table row
+per setting: training img/s and ms per step, inference batch 8 img/s, batch 1 p50 / p99 ms,
+and the training step's change from the defaults, with device, date and versions. A switch
+that pays is made the default in its module. Needs a CUDA GPU.
 """
 
 import argparse

@@ -41,7 +41,8 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {datetime.date.today()}, bf16 channels_last, CUDA graphs; "
           "config = tile rows x channels / programs per SM / warps")
-    names = ["PyTorch", "default"] + ["x".join(map(str, c[:2])) + f"/{c[2]}/{c[3]}" for c in CONFIGS]
+    names = ["PyTorch", "default"] + ["x".join(map(str, c[:2])) + f"/{c[2]}/{c[3]}"
+                                      for c in CONFIGS]
     print("| map | mode | " + " | ".join(f"{n} us (GB/s)" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
     for label, shape in SHAPES.items():

@@ -41,6 +41,7 @@ from mrcnn_helpers.engine.distributed import DistContext
 from mrcnn_helpers.inference.graphs import GraphedForward
 from mrcnn_helpers.model import build_model, fused_conv, fused_stage, place_model
 from mrcnn_helpers.model.box_ops import box_iou
+from mrcnn_helpers.model.kernels import roi_align as roi_align_kernels
 from mrcnn_helpers.model.kernels.bias import (
     bias_act_triton,
     relu_grad_channel_sum,
@@ -67,8 +68,12 @@ def report(name: str, ok: bool, detail: str) -> None:
 def check_roi_align(device) -> None:
     g = torch.Generator(device="cpu").manual_seed(0)
     batch, channels, scales = 4, 256, [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-    for dtype, layout in ((torch.float32, torch.contiguous_format),
-                          (torch.bfloat16, torch.channels_last)):
+    # the third case: 14 x 14 (the mask head's size) with the backward's small bins merged
+    # per pixel (roi_align.MERGE_BACKWARD, opt-in)
+    for dtype, layout, size, merge in ((torch.float32, torch.contiguous_format, 7, False),
+                                       (torch.bfloat16, torch.channels_last, 7, False),
+                                       (torch.float32, torch.contiguous_format, 14, True)):
+        roi_align_kernels.MERGE_BACKWARD = merge
         ref = [torch.randn(batch, channels, 256 // 2 ** i, 320 // 2 ** i, generator=g).to(device)
                .requires_grad_(True) for i in range(4)]
         feats = [f.detach().to(dtype).contiguous(memory_format=layout).requires_grad_(True)
@@ -78,20 +83,22 @@ def check_roi_align(device) -> None:
         wh = torch.rand(n, 2, generator=g) * 400 + 0.5
         rois = torch.cat([torch.randint(0, batch, (n, 1), generator=g).float(), xy, xy + wh], 1)
         rois, levels = rois.to(device), torch.randint(0, 4, (n,), generator=g).to(device)
-        out = multilevel_roi_align_triton(feats, rois, levels, scales, 7)
-        expected = torch.empty(n, channels, 7, 7, device=device)
+        out = multilevel_roi_align_triton(feats, rois, levels, scales, size)
+        expected = torch.empty(n, channels, size, size, device=device)
         for lv in range(4):
             idx = (levels == lv).nonzero().squeeze(1)
-            expected[idx] = roi_align(ref[lv], rois[idx], (7, 7), spatial_scale=scales[lv],
-                                      sampling_ratio=2, aligned=False)
+            expected[idx] = roi_align(ref[lv], rois[idx], (size, size),
+                                      spatial_scale=scales[lv], sampling_ratio=2, aligned=False)
         fwd = ((out.float() - expected).norm() / expected.norm()).item()
         grad = torch.randn(expected.shape, generator=g).to(device)
         expected.backward(grad)
         out.backward(grad.to(dtype))
         bwd = max(((f.grad.float() - r.grad).norm() / r.grad.norm()).item()
                   for f, r in zip(feats, ref))
+        roi_align_kernels.MERGE_BACKWARD = False
         limit = 1e-5 if dtype == torch.float32 else 1e-2
-        report(f"roi_align {dtype} {'channels_last' if layout != torch.contiguous_format else 'NCHW'}",
+        name = "channels_last" if layout != torch.contiguous_format else "NCHW"
+        report(f"roi_align {dtype} {name} {size}x{size}{', merged backward' if merge else ''}",
                fwd < limit and bwd < limit, f"relative error forward {fwd:.2e}, backward {bwd:.2e}")
 
 

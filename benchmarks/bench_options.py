@@ -7,12 +7,15 @@ the seed spec's 832x1344, batch 8, bf16, CUDA graphs.
 Settings: the defaults, each switch alone (MRCNN_BATCHED_FOLD, MRCNN_NMS_BITMASK,
 MRCNN_STEM_POOL, MRCNN_ROI_MERGE_BACKWARD = 1), the RoIAlign kernels with 2 warps (backward
 only, and both), and all of them (the RoIAlign backward with 2 warps). Prints one table row
-per setting: training img/s and ms per step, inference batch 8 img/s, batch 1 p50 / p99 ms,
-and the training step's change from the defaults, with device, date and versions. A switch
-that pays is made the default in its module. Needs a CUDA GPU.
+per setting: training img/s and ms per step, the step's change from the defaults, the sum of
+the losses bench_maskrcnn prints (averaged over its steps at learning rate 0 on one batch: the
+switches are exact or change only rounding, so it must stay put), inference batch 8 img/s and
+batch 1 p50 / p99 ms, with device, date and versions. A switch that pays is made the default
+in its module. Needs a CUDA GPU.
 """
 
 import argparse
+import ast
 import datetime
 import os
 import re
@@ -31,6 +34,7 @@ SETTINGS = {"defaults": {}, **{name[6:].lower(): {name: "1"} for name in SWITCHE
             "all": {**{name: "1" for name in SWITCHES}, **ROI_BACKWARD_2}}
 ROW = re.compile(r"^\| (train step|inference[^|]*?)\s*\|\s*(\d+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)")
 LATENCY = re.compile(r"batch-1 latency over \d+ calls, ours: p50 ([\d.]+) ms, p99 ([\d.]+) ms")
+LOSSES = re.compile(r"^losses ours: (\{.*\})")
 
 
 def run(setting: dict, job: str, iters: int) -> dict:
@@ -47,6 +51,8 @@ def run(setting: dict, job: str, iters: int) -> dict:
             found[(match[1].split()[0], int(match[2]))] = float(match[3]), float(match[4])
         if match := LATENCY.search(line):
             found["latency"] = float(match[1]), float(match[2])
+        if match := LOSSES.match(line):  # the same batch and seed: a switch must not move them
+            found["loss"] = sum(ast.literal_eval(match[1]).values())
     return found
 
 
@@ -61,15 +67,16 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"{datetime.date.today()}, seed spec 832x1344, batch 8, bf16, ours only, one process "
           "per setting")
-    print("| setting | train img/s (ms) | change ms | infer b8 img/s | b1 p50 / p99 ms |")
-    print("|---|---|---|---|---|")
+    print("| setting | train img/s (ms) | change ms | loss (lr 0) | infer b8 img/s | "
+          "b1 p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
     base = None
     for name in names:
         found = {}
         for job in jobs:
             found.update(run(SETTINGS[name], job, args.iters))
         if "error" in found:
-            print(f"| {name} | failed: {found['error']} | | | |", flush=True)
+            print(f"| {name} | failed: {found['error']} | | | | |", flush=True)
             continue
         train = found.get(("train", 8))
         infer = found.get(("inference", 8))
@@ -78,7 +85,8 @@ def main():
         if name == "defaults":
             base = ms
         change = f"{ms - base:+.2f}" if ms is not None and base is not None else ""
-        print(f"| {name} | {f'{train[0]:.1f} ({ms:.2f})' if train else ''} | {change} | "
+        loss = f"{found['loss']:.4f}" if "loss" in found else ""
+        print(f"| {name} | {f'{train[0]:.1f} ({ms:.2f})' if train else ''} | {change} | {loss} | "
               f"{f'{infer[0]:.1f}' if infer else ''} | "
               f"{f'{latency[0]:.2f} / {latency[1]:.2f}' if latency else ''} |", flush=True)
 

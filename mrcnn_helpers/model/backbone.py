@@ -124,12 +124,25 @@ class ConvWithFrozenBN(nn.Conv2d):
             cache = self.__dict__["_inference_cache"] = (key, weight, shift)
         return cache[1], cache[2]
 
+    def _space_to_depth_weight(self, weight: Tensor) -> Tensor:
+        """stem.space_to_depth_weight(weight), kept while `weight` is the same unchanged tensor
+        without gradient (the cached weights of a frozen stem or of inference)."""
+        if weight.requires_grad:
+            return stem.space_to_depth_weight(weight)
+        # The cache holds `weight` itself: compared by identity, its storage cannot be reused.
+        cache = self.__dict__.get("_space_to_depth_cache")
+        if cache is None or cache[0] is not weight or cache[1] != weight._version:
+            cache = self.__dict__["_space_to_depth_cache"] = (
+                weight, weight._version, stem.space_to_depth_weight(weight))
+        return cache[2]
+
     def unbiased(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(conv(x) without its bias, the bias): a shortcut convolution whose bias the block's
         last convolution adds in its own fused kernel."""
         weight, bias = self._weights(x)
-        if stem.applies(self, x):  # the 7 x 7 stem on 2 x 2 blocks (stem.py; opt-in)
-            return stem.conv7x7_stride2_space_to_depth(x.to(weight.dtype), weight), bias
+        if stem.applies(self, x):  # the 7 x 7 stem on 2 x 2 blocks (stem.py)
+            blocks = stem.space_to_depth_blocks(x.to(weight.dtype))
+            return F.conv2d(blocks, self._space_to_depth_weight(weight)), bias
         out = F.conv2d(x.to(weight.dtype), weight, None, self.stride, self.padding, self.dilation,
                        self.groups)
         return out, bias

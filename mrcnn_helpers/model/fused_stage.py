@@ -209,9 +209,9 @@ def stage_forward(stage: nn.Module, x: Tensor) -> Tensor:
     """The stage's output (as `stage(x)` computes it), as one autograd node (`applies`); its
     convolutions are backbone.ConvWithFrozenBN (their `_weights` give the folded weights, or,
     with BATCHED_FOLD, fold_weights for the trainable ones together)."""
-    every = [conv for block in stage for conv in block_convs(block)]
     folded = {}
-    trainable = [conv for conv in every if conv.weight.requires_grad]
+    trainable = [conv for block in stage for conv in block_convs(block)
+                 if conv.weight.requires_grad]
     if BATCHED_FOLD and trainable and torch.is_grad_enabled():
         dtype = fused_conv.compute_dtype(x, trainable[0].weight)
         folded = dict(zip(trainable, fold_weights(stage, trainable, dtype)))

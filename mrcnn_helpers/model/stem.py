@@ -40,13 +40,19 @@ def space_to_depth_weight(weight: Tensor) -> Tensor:
     return w8.permute(0, 1, 3, 5, 2, 4).reshape(k, 4 * c, 4, 4)
 
 
-def conv7x7_stride2_space_to_depth(x: Tensor, weight: Tensor) -> Tensor:
-    """F.conv2d(x, weight, stride=2, padding=3) for a 7 x 7 weight and even H, W, computed as a
-    4 x 4 stride-1 convolution of x's 2 x 2 space-to-depth blocks."""
+def space_to_depth_blocks(x: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, 4C, H/2 + 3, W/2 + 3]: the 2 x 2 blocks of x padded by 3, in x's
+    memory format."""
     blocks = F.pixel_unshuffle(F.pad(x, (3, 3, 3, 3)), 2)
     if x.is_contiguous(memory_format=torch.channels_last):
         blocks = blocks.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(blocks, space_to_depth_weight(weight))
+    return blocks
+
+
+def conv7x7_stride2_space_to_depth(x: Tensor, weight: Tensor) -> Tensor:
+    """F.conv2d(x, weight, stride=2, padding=3) for a 7 x 7 weight and even H, W, computed as a
+    4 x 4 stride-1 convolution of x's 2 x 2 space-to-depth blocks."""
+    return F.conv2d(space_to_depth_blocks(x), space_to_depth_weight(weight))
 
 
 def applies(conv: nn.Conv2d, x: Tensor) -> bool:
